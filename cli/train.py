@@ -1,0 +1,87 @@
+"""`landscape train`: train a tiny model on a built-in suite with AdamW or Nexus, writing checkpoints."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from nexus_opt.train import TrainConfig, resume, train
+
+from .app import command
+from .common import console, out, parse_kv
+
+
+class _Bar:
+    """A rich progress bar fed by the trainer's events; shows a running loss per domain."""
+
+    def __init__(self, progress: Progress):
+        self.p, self.task, self.ema = progress, None, {}
+
+    def __call__(self, ev: dict) -> None:
+        if ev["event"] == "step":
+            if self.task is None:
+                self.task = self.p.add_task("train", total=ev["steps"], completed=ev["step"] - 1, doms="")
+            for d, v in ev["micro"]:
+                self.ema[d] = v if d not in self.ema else 0.9 * self.ema[d] + 0.1 * v
+            doms = " ".join(f"{d}={v:.3f}" for d, v in sorted(self.ema.items()))
+            self.p.update(self.task, completed=ev["step"], doms=doms)
+        elif ev["event"] == "eval":
+            ls = " ".join(f"{d}={v:.3f}" for d, v in ev["losses"].items())
+            self.p.console.print(f"[dim]step {ev['step']:>5}[/dim] eval {ls}")
+
+
+@command("train")
+def train_cmd(
+    out_dir: str = typer.Option("runs/default", "--out", help="Run directory (checkpoints + metrics.jsonl)."),
+    suite: str = typer.Option("text", help="Built-in suite: text, mix or bowls."),
+    suite_options: Optional[str] = typer.Option(None, help="Suite options, e.g. 'block_size=64' or 'dim=2,preset=fig2-sum'."),
+    weights: Optional[str] = typer.Option(None, help="Mixture weights, e.g. 'code=1,prose=1,math=2' (default uniform)."),
+    model: Optional[str] = typer.Option(None, help="Model: gpt, mlp or point (default: the suite's)."),
+    model_config: Optional[str] = typer.Option(None, help="Model config overrides, e.g. 'n_embd=128,n_layer=4'."),
+    model_factory: Optional[str] = typer.Option(None, help="A user model 'module:function' (needs --trust-remote-code)."),
+    optimizer: str = typer.Option("adamw", help="adamw, nexus or sgd."),
+    lr: float = typer.Option(3e-3, help="Peak (outer) learning rate."),
+    eps: Optional[float] = typer.Option(None, help="Adam eps (default 1e-8; 1e-10 for Nexus's outer AdamW)."),
+    weight_decay: float = typer.Option(0.1, help="Weight decay on matrices (the outer optimizer's)."),
+    inner_lr: float = typer.Option(0.01, help="Nexus inner (normalized SGD) learning rate gamma."),
+    inner_steps: Optional[int] = typer.Option(None, help="Nexus inner steps K (sets --accum)."),
+    steps: int = typer.Option(200, help="Optimizer steps."),
+    batch_size: int = typer.Option(16, help="Micro-batch size."),
+    accum: int = typer.Option(4, help="Micro-batches per step K (gradient accumulation)."),
+    warmup: int = typer.Option(20, help="Linear warmup steps."),
+    min_lr_ratio: float = typer.Option(0.1, help="Final lr as a fraction of the peak (cosine)."),
+    seed: int = typer.Option(0, help="Seed of the model init, the data and the domain sampler."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    eval_every: int = typer.Option(50, help="Evaluate every N steps."),
+    ckpt_every: int = typer.Option(100, help="Checkpoint every N steps (and at the end)."),
+    resume_run: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
+    trust_remote_code: bool = typer.Option(False, help="Allow --model-factory to import code."),
+):
+    """Train on source-pure micro-batches; per-domain eval (OOD included); atomic checkpoints; --resume."""
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[doms]}"),
+                  console=console, transient=False) as p:
+        bar = _Bar(p)
+        if resume_run:
+            res = resume(out_dir, steps=steps if steps != 200 else None, device=device, progress=bar,
+                         trust_remote_code=trust_remote_code)
+        else:
+            cfg = TrainConfig(
+                suite=suite, suite_options=parse_kv(suite_options, "--suite-options"),
+                weights=parse_kv(weights, "--weights") or None, model=model,
+                model_config=parse_kv(model_config, "--model-config"), model_factory=model_factory,
+                optimizer=optimizer, lr=lr, eps=eps, weight_decay=weight_decay, inner_lr=inner_lr,
+                steps=steps, batch_size=batch_size, accum=inner_steps or accum, warmup=warmup,
+                min_lr_ratio=min_lr_ratio, seed=seed, device=device, eval_every=eval_every,
+                ckpt_every=ckpt_every, out=out_dir)
+            res = train(cfg, progress=bar, trust_remote_code=trust_remote_code)
+    t = Table(title=f"final per-domain evaluation loss ({res['out']})")
+    t.add_column("domain")
+    t.add_column("loss", justify="right")
+    for d, v in res["losses"].items():
+        t.add_row(d, f"{v:.4f}")
+    t.add_row("[bold]train (weighted)", f"[bold]{res['train_loss']:.4f}")
+    out.print(t)
+    console.print(f"checkpoint: {res['checkpoint']}")

@@ -1,0 +1,45 @@
+"""Rebuild an Objective (model, domains, loss) from a checkpoint alone."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from nexus_opt import checkpoint as ck
+from nexus_opt.errors import UserError
+from nexus_opt.evaluate import move_batch
+from nexus_opt.models import model_from_spec
+from nexus_opt.suites import make_suite
+from nexus_opt.train import resolve_device
+
+from .objective import Objective
+
+
+def load(path: str | Path, device: str | torch.device | None = None, trust_remote_code: bool = False) -> Objective:
+    """The Objective of a checkpoint (a ckpt-* directory, or a run directory -> its latest checkpoint).
+
+    Domains are the suite's fixed evaluation batches (OOD marked); the training loss is the suite's
+    mixture over its trained domains. A user model factory named by the manifest is imported only
+    with trust_remote_code=True. Nothing is unpickled.
+    """
+    c = ck.read_checkpoint(path)
+    m = c.manifest
+    dev = resolve_device(device) if isinstance(device, str) else (device or torch.device("cpu"))
+    try:
+        suite = make_suite(**{k: m["suite"][k] for k in ("name", "seed", "weights", "options")})
+        model = model_from_spec(m["model"], trust_remote_code=trust_remote_code)
+    except (KeyError, TypeError) as e:
+        raise UserError(f"checkpoint manifest in {c.path} is malformed ({e}); use another checkpoint") from None
+    try:
+        model.load_state_dict(c.model_state())
+    except RuntimeError as e:
+        raise UserError(f"checkpoint weights in {c.path} do not fit the model: {str(e).splitlines()[0][:200]}") from None
+    model.to(dev).eval()
+    domains = {d: [move_batch(b, dev) for b in suite.eval_batches(d)] for d in suite.domains}
+    meta = {"path": str(c.path), "step": c.step, "suite": m["suite"], "model": m["model"],
+            "optimizer": m.get("optimizer", {}), "metrics": m.get("metrics", {}),
+            "trainer": m.get("trainer", {}), "package_version": m.get("package_version")}
+    obj = Objective(model, domains, suite.loss_fn, train_domains=suite.train_domains, weights=suite.weights,
+                    ood=suite.ood_domains, meta=meta)
+    obj.suite = suite  # the analytic truth (bowls) and the corpora stay reachable
+    return obj

@@ -1,0 +1,145 @@
+"""The Objective: a model, named domains of fixed batches and a loss; the one input of every analyzer."""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch.func import functional_call
+
+from nexus_opt.errors import UserError
+from nexus_opt.evaluate import batch_size, domain_loss, move_batch
+
+TRAIN = "train"  # the domain spec meaning "the training loss" (weighted mean over the trained domains)
+
+
+class _LossModule(torch.nn.Module):
+    """Wraps (model, loss_fn) so that `functional_call` can evaluate the loss at any parameters."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch):
+        return self.loss_fn(self.model, batch)
+
+
+class Objective:
+    """`Objective(model, domains, loss_fn)`: `domains` maps a name to a fixed sequence of batches and
+    `loss_fn(model, batch)` returns the batch's mean loss. A domain's loss is the size-weighted mean
+    over its batches; the training loss is the `weights`-weighted mean over `train_domains`
+    (default: every domain not in `ood`, uniform)."""
+
+    def __init__(self, model: torch.nn.Module, domains: Mapping[str, Sequence], loss_fn: Callable, *,
+                 train_domains: Sequence[str] | None = None, weights: Mapping[str, float] | None = None,
+                 ood: Sequence[str] = (), meta: dict | None = None):
+        if not isinstance(model, torch.nn.Module):
+            raise UserError(f"Objective needs a torch.nn.Module, got {type(model).__name__}")
+        if not domains:
+            raise UserError("Objective needs at least one domain")
+        self.model, self.loss_fn = model, loss_fn
+        self.domains = {str(k): list(v) for k, v in domains.items()}
+        for d, b in self.domains.items():
+            if not b:
+                raise UserError(f"domain '{d}' has no batches")
+        unknown = sorted(set(ood) - set(self.domains))
+        if unknown:
+            raise UserError(f"ood names unknown domain(s) {unknown}; domains are {list(self.domains)}")
+        self.ood = [d for d in self.domains if d in set(ood)]
+        if train_domains is None:
+            train_domains = [d for d in self.domains if d not in self.ood]
+        unknown = sorted(set(train_domains) - set(self.domains))
+        if unknown or not train_domains:
+            raise UserError(f"train_domains {list(train_domains)} must be a non-empty subset of {list(self.domains)}")
+        self.train_domains = list(train_domains)
+        from nexus_opt.suites.base import normalize_weights
+        self.weights = normalize_weights(self.train_domains, weights)
+        self.meta = dict(meta or {})
+        self._wrapped = _LossModule(model, loss_fn)
+
+    # -- parameters ----------------------------------------------------------------------------
+    def params(self) -> dict[str, torch.nn.Parameter]:
+        """The trainable parameters by name (shared tensors listed once)."""
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    @property
+    def device(self) -> torch.device:
+        p = next(iter(self.params().values()), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        p = next(iter(self.params().values()), None)
+        return p.dtype if p is not None else torch.get_default_dtype()
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.params().values())
+
+    # -- domains -------------------------------------------------------------------------------
+    def resolve(self, domain: str | None) -> list[str]:
+        """Domain names for a spec: None/'train' -> ['train'], 'each' -> every domain, else the name."""
+        if domain is None or domain == TRAIN:
+            return [TRAIN]
+        if domain == "each":
+            return list(self.domains)
+        if domain not in self.domains:
+            raise UserError(f"unknown domain '{domain}'; choose 'train', 'each' or one of {list(self.domains)}")
+        return [domain]
+
+    def terms(self, domain: str | None = None) -> list[tuple[float, object]]:
+        """(coefficient, batch) pairs whose weighted sum of batch losses is the domain's loss."""
+        names = self.resolve(domain)
+        if names != [TRAIN] and len(names) != 1:
+            raise UserError("terms() takes one domain, not 'each'")
+        if names == [TRAIN]:
+            return [(self.weights[d] * c, b) for d in self.train_domains for c, b in self.terms(d)]
+        bs = self.domains[names[0]]
+        n = sum(batch_size(b) for b in bs)
+        return [(batch_size(b) / n, b) for b in bs]
+
+    # -- evaluation ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def evaluating(self, train_mode: bool = False) -> Iterator["Objective"]:
+        """Put the model in eval (or train) mode for the block and restore every module's flag after."""
+        flags = [m.training for m in self.model.modules()]
+        self.model.train(train_mode)
+        try:
+            yield self
+        finally:
+            for m, f in zip(self.model.modules(), flags):
+                m.training = f
+
+    def loss(self, domain: str | None = None) -> float:
+        """A domain's loss, or the training loss (domain None or 'train'), in eval mode."""
+        with self.evaluating():
+            names = self.resolve(domain)
+            if names == [TRAIN]:
+                return sum(self.weights[d] * domain_loss(self.model, self.domains[d], self.loss_fn)
+                           for d in self.train_domains)
+            return domain_loss(self.model, self.domains[names[0]], self.loss_fn)
+
+    def losses(self) -> dict[str, float]:
+        """Every domain's loss plus 'train' (the weighted training loss)."""
+        with self.evaluating():
+            out = {d: domain_loss(self.model, b, self.loss_fn) for d, b in self.domains.items()}
+        out[TRAIN] = sum(self.weights[d] * out[d] for d in self.train_domains)
+        return out
+
+    def functional_loss(self, params: Mapping[str, torch.Tensor], batch) -> torch.Tensor:
+        """The batch loss with the model's parameters replaced by `params` (name -> tensor); no mutation."""
+        return functional_call(self._wrapped, {"model." + k: v for k, v in params.items()}, (batch,),
+                               tie_weights=True, strict=False)
+
+    # -- copies --------------------------------------------------------------------------------
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "Objective":
+        """A copy with the model (deep-copied) and batches on `device` in `dtype`; self is unchanged."""
+        model = copy.deepcopy(self.model).to(device=device, dtype=dtype)
+        doms = {d: [move_batch(b, device, dtype) for b in bs] for d, bs in self.domains.items()}
+        return Objective(model, doms, self.loss_fn, train_domains=self.train_domains, weights=self.weights,
+                         ood=self.ood, meta=self.meta)
+
+    def describe(self) -> dict:
+        """JSON summary: domains, which are trained/OOD, weights, parameter count and checkpoint meta."""
+        return {"domains": list(self.domains), "train_domains": self.train_domains, "ood": self.ood,
+                "weights": self.weights, "num_params": self.num_params(), "meta": self.meta}

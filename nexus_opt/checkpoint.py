@@ -1,0 +1,265 @@
+"""Checkpoints: a directory of safetensors weights + a JSON manifest, written atomically, never unpickled.
+
+Layout of a run directory::
+
+    run/metrics.jsonl          evaluation and training metrics, one JSON object a line
+    run/latest.json            {"checkpoint": "ckpt-000200", "step": 200}
+    run/ckpt-000200/manifest.json, model.safetensors, state.safetensors
+
+A manifest carries a SHA-256 of each file and of its own content, so any corruption is caught on load.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+FORMAT = "nexus-landscape-checkpoint"
+FORMAT_VERSION = 1
+
+
+# -- nested state <-> (JSON skeleton, flat tensors) ------------------------------------------------
+def pack(obj, tensors: dict[str, torch.Tensor], path: str = "s"):
+    """A JSON skeleton of a nested state; tensors move into `tensors` under path keys."""
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": path}
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else {"__float__": repr(obj)}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [pack(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [pack(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: pack(v, tensors, f"{path}.{k}") for k, v in obj.items()}
+        return {"__items__": [[pack(k, tensors, f"{path}.k{i}"), pack(v, tensors, f"{path}.{i}")]
+                              for i, (k, v) in enumerate(obj.items())]}
+    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint (at {path})")
+
+
+def unpack(obj, tensors: dict[str, torch.Tensor]):
+    """Inverse of `pack`."""
+    if isinstance(obj, list):
+        return [unpack(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            key = obj["__tensor__"]
+            if key not in tensors:
+                raise UserError(f"checkpoint state refers to a missing tensor '{key}'; the checkpoint is incomplete")
+            return tensors[key]
+        if "__float__" in obj:
+            return float(obj["__float__"])
+        if "__tuple__" in obj:
+            return tuple(unpack(v, tensors) for v in obj["__tuple__"])
+        if "__items__" in obj:
+            return {unpack(k, tensors): unpack(v, tensors) for k, v in obj["__items__"]}
+        return {k: unpack(v, tensors) for k, v in obj.items()}
+    return obj
+
+
+# -- hashing and atomic writes ---------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _manifest_digest(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON to a temporary file beside `path`, fsync, then rename over it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path))
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def model_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict with shared (tied) tensors stored once; returns (tensors, alias -> stored name)."""
+    tensors, aliases, seen = {}, {}, {}
+    for k, v in model.state_dict(keep_vars=False).items():
+        key = (v.data_ptr(), v.dtype, tuple(v.shape), v.device) if v.numel() else None
+        if key is not None and key in seen:
+            aliases[k] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = k
+        tensors[k] = v.detach().to("cpu").contiguous().clone()
+    return tensors, aliases
+
+
+def checkpoint_name(step: int) -> str:
+    return f"ckpt-{step:06d}"
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, manifest: dict, state) -> Path:
+    """Atomically write run_dir/ckpt-<step>/ (weights, resumable state, manifest), then point latest.json at it."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / checkpoint_name(step)
+    tmp = run_dir / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    weights, aliases = model_tensors(model)
+    _save_tensors(weights, tmp / "model.safetensors")
+    state_tensors: dict[str, torch.Tensor] = {}
+    skeleton = pack(state, state_tensors)
+    _save_tensors(state_tensors, tmp / "state.safetensors")
+    from . import __version__
+
+    m = dict(manifest)
+    m.update(format=FORMAT, format_version=FORMAT_VERSION, step=int(step), package_version=__version__,
+             torch_version=torch.__version__, aliases=aliases, state=skeleton,
+             files={n: _sha256(tmp / n) for n in ("model.safetensors", "state.safetensors")})
+    m["manifest_sha256"] = _manifest_digest(m)
+    write_json_atomic(tmp / "manifest.json", m)
+    _fsync_dir(tmp)
+    old = None
+    if final.exists():
+        old = run_dir / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(run_dir)
+    write_json_atomic(run_dir / "latest.json", {"checkpoint": final.name, "step": int(step)})
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# -- reading ---------------------------------------------------------------------------------------
+@dataclass
+class Checkpoint:
+    """A validated checkpoint on disk: its manifest, and lazily its weights and resumable state."""
+
+    path: Path
+    manifest: dict
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest["step"])
+
+    def _load(self, name: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(self.path / name))
+        except Exception as e:  # safetensors raises its own error types
+            raise UserError(f"checkpoint file {self.path / name} is unreadable ({type(e).__name__}); "
+                            "use another checkpoint") from None
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """Weights by state-dict name, tied tensors restored from their aliases."""
+        t = self._load("model.safetensors")
+        for alias, name in self.manifest.get("aliases", {}).items():
+            if name not in t:
+                raise UserError(f"checkpoint {self.path} is inconsistent: alias '{alias}' of missing '{name}'")
+            t[alias] = t[name]
+        return t
+
+    def state(self):
+        """The resumable trainer/optimizer state saved beside the weights."""
+        return unpack(self.manifest["state"], self._load("state.safetensors"))
+
+
+def _is_checkpoint_dir(p: Path) -> bool:
+    return (p / "manifest.json").is_file()
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from a checkpoint path or a run directory (its latest, else the newest)."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"no checkpoint at '{path}': the path does not exist; pass a run directory or a ckpt-* directory")
+    if p.is_file():
+        if p.name == "manifest.json":
+            return p.parent
+        raise UserError(f"'{path}' is a file; pass a run directory or a ckpt-* directory")
+    if _is_checkpoint_dir(p):
+        return p
+    latest = p / "latest.json"
+    if latest.is_file():
+        try:
+            name = json.loads(latest.read_text())["checkpoint"]
+            if isinstance(name, str) and "/" not in name and _is_checkpoint_dir(p / name):
+                return p / name
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            pass
+    cands = sorted(c for c in p.glob("ckpt-*") if c.is_dir() and _is_checkpoint_dir(c))
+    if not cands:
+        raise UserError(f"no checkpoint found in '{path}' (no manifest.json, no ckpt-* directory); train first")
+    return cands[-1]
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Every complete ckpt-* directory of a run, by step."""
+    return sorted(c for c in Path(run_dir).glob("ckpt-*") if c.is_dir() and _is_checkpoint_dir(c))
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Open and validate a checkpoint (manifest digest and file hashes); never unpickles anything."""
+    d = resolve_checkpoint(path)
+    mpath = d / "manifest.json"
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"checkpoint manifest {mpath} is corrupt ({type(e).__name__}); use another checkpoint") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"{mpath} is not a {FORMAT} manifest; pass a directory written by `landscape train`")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"checkpoint format version {manifest.get('format_version')!r} is not supported "
+                        f"(this version reads {FORMAT_VERSION})")
+    if manifest.get("manifest_sha256") != _manifest_digest(manifest):
+        raise UserError(f"checkpoint manifest {mpath} fails its checksum (edited or corrupt); use another checkpoint")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or set(files) != {"model.safetensors", "state.safetensors"}:
+        raise UserError(f"checkpoint manifest {mpath} lists the wrong files; use another checkpoint")
+    for name, digest in files.items():
+        f = d / name
+        if not f.is_file():
+            raise UserError(f"checkpoint {d} is missing {name}; use another checkpoint")
+        if _sha256(f) != digest:
+            raise UserError(f"checkpoint file {f} fails its checksum (corrupt or truncated); use another checkpoint")
+    return Checkpoint(d, manifest)

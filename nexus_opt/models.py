@@ -1,0 +1,156 @@
+"""Tiny models by registry name: an MLP, a small byte-level GPT (nanoGPT-style) and a Point (bowls)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import UserError
+
+
+class MLP(nn.Module):
+    """Fully connected net: in_dim -> [hidden]*depth -> out_dim, tanh or relu."""
+
+    def __init__(self, in_dim: int = 8, hidden: int = 32, depth: int = 2, out_dim: int = 1, activation: str = "tanh"):
+        super().__init__()
+        acts = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
+        if activation not in acts:
+            raise UserError(f"unknown activation '{activation}'; choose one of {sorted(acts)}")
+        dims = [in_dim] + [hidden] * depth
+        layers: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(a, b), acts[activation]()]
+        layers.append(nn.Linear(dims[-1], out_dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Point(nn.Module):
+    """A bare parameter vector theta: the 'model' of the quadratic bowls suite."""
+
+    def __init__(self, dim: int = 2, init: list[float] | None = None):
+        super().__init__()
+        t = torch.zeros(dim) if init is None else torch.tensor(init, dtype=torch.float32)
+        if t.shape != (dim,):
+            raise UserError(f"Point init has {t.numel()} values but dim is {dim}")
+        self.theta = nn.Parameter(t.clone())
+
+    def forward(self, x=None) -> torch.Tensor:
+        return self.theta
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, dropout: float):
+        super().__init__()
+        self.n_head, self.dropout = n_head, dropout
+        self.qkv = nn.Linear(n_embd, 3 * n_embd)
+        self.proj = nn.Linear(n_embd, n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, dropout: float):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout)
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class GPT(nn.Module):
+    """A small byte-level GPT: token + position embeddings, pre-LN blocks, tied output head."""
+
+    def __init__(self, vocab_size: int = 256, block_size: int = 64, n_layer: int = 2, n_head: int = 2,
+                 n_embd: int = 64, dropout: float = 0.0):
+        super().__init__()
+        if n_embd % n_head:
+            raise UserError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+        self.block_size = block_size
+        self.wte = nn.Embedding(vocab_size, n_embd)
+        self.wpe = nn.Embedding(block_size, n_embd)
+        self.blocks = nn.ModuleList([Block(n_embd, n_head, dropout) for _ in range(n_layer)])
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.head.weight = self.wte.weight
+        self.apply(self._init)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layer))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        T = idx.shape[-1]
+        if T > self.block_size:
+            raise UserError(f"sequence length {T} exceeds the model's block_size {self.block_size}")
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.ln_f(x))
+
+
+REGISTRY: dict[str, type[nn.Module]] = {"mlp": MLP, "gpt": GPT, "point": Point}
+
+
+def build_model(name: str, config: dict | None = None) -> nn.Module:
+    """Instantiate a registered model from its name and JSON config."""
+    if name not in REGISTRY:
+        raise UserError(f"unknown model '{name}'; choose one of {sorted(REGISTRY)}")
+    try:
+        return REGISTRY[name](**(config or {}))
+    except TypeError as e:
+        raise UserError(f"bad config for model '{name}': {e}") from None
+
+
+def model_from_spec(spec: dict, trust_remote_code: bool = False) -> nn.Module:
+    """Build a model from a manifest spec: {"name", "config"} (registry) or {"factory": "module:function", "config"}.
+
+    A factory imports code, so it runs only with trust_remote_code=True (like a "trust remote code" switch).
+    """
+    if not isinstance(spec, dict):
+        raise UserError("checkpoint model spec is not an object; the manifest is malformed")
+    config = spec.get("config") or {}
+    if not isinstance(config, dict):
+        raise UserError("checkpoint model config is not an object; the manifest is malformed")
+    if spec.get("factory"):
+        factory = spec["factory"]
+        if not trust_remote_code:
+            raise UserError(f"the checkpoint's model comes from the user factory '{factory}', which imports code; "
+                            "pass trust_remote_code=True (CLI: --trust-remote-code) if you trust it")
+        return _call_factory(factory, config)
+    return build_model(spec.get("name", ""), config)
+
+
+def _call_factory(factory: str, config: dict) -> nn.Module:
+    import importlib
+
+    mod, _, fn = factory.partition(":")
+    if not mod or not fn:
+        raise UserError(f"model factory '{factory}' must look like 'module:function'")
+    try:
+        f = getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"cannot import model factory '{factory}': {e}") from None
+    model = f(**config)
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model factory '{factory}' returned {type(model).__name__}, not a torch.nn.Module")
+    return model

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Set up a virtual environment in .venv with the package installed (editable).
+# A torch that the base interpreter already has (e.g. a CUDA build) is reused, never replaced;
+# with none, torch==2.13.0 is installed (a local CPU wheel where pip's find-links has one).
+# Usage: scripts/setup.sh [--test]   (--test also installs pytest and headless Chromium)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv --system-site-packages .venv
+fi
+VPY=.venv/bin/python
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
+    echo "setup: installing torch==2.13.0" >&2
+    "$VPY" -m pip install -q "torch==2.13.0"
+fi
+extras=""
+if [ "${1:-}" = "--test" ]; then extras="[test]"; fi
+log=$(mktemp)
+if ! "$VPY" -m pip install -q --no-build-isolation -e ".${extras}" >"$log" 2>&1; then
+    cat "$log" >&2; rm -f "$log"; echo "setup: pip install failed" >&2; exit 1
+fi
+rm -f "$log"
+"$VPY" -c "import nexus_opt, landscape, cli" || { echo "setup: package import failed" >&2; exit 1; }
+if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
+    # Headless Chromium renders the demo report in the tests; best effort where apt is available.
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+            || echo "setup: could not install chromium; the browser test will be skipped" >&2
+    fi
+fi
+echo "setup: ready (.venv)" >&2
