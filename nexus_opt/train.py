@@ -163,8 +163,11 @@ def resume(out: str | Path, steps: int | None = None, device: str = "auto",
 
 
 def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, trust_remote_code: bool = False,
-          _resume: ck.Checkpoint | None = None) -> dict:
-    """Train per `cfg` into cfg.out; returns the final eval losses and the last checkpoint's path."""
+          on_step: Callable[[int, torch.nn.Module], None] | None = None, _resume: ck.Checkpoint | None = None) -> dict:
+    """Train per `cfg` into cfg.out; returns the final eval losses and the last checkpoint's path.
+
+    `on_step(step, model)` runs after every optimizer step (the model then holds the outer weights).
+    """
     out = Path(cfg.out)
     resume_ckpt = _resume
     if resume_ckpt is None and out.exists() and ck.list_checkpoints(out):
@@ -202,6 +205,9 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, trus
 
     def run_eval(step: int) -> dict:
         losses = evaluate(model, eval_sets, suite.loss_fn)
+        bad = next((d for d, v in losses.items() if not math.isfinite(v)), None)
+        if bad is not None:  # the weights just stepped to a non-finite loss: never checkpoint them
+            raise TrainingDiverged(step, bad, last_ckpt)
         train_loss = sum(suite.weights[d] * losses[d] for d in suite.train_domains)
         rec = {"kind": "eval", "step": step, "losses": losses, "train_loss": train_loss}
         metrics.write(rec)
@@ -247,6 +253,8 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, trus
             opt.step()
             opt.zero_grad(set_to_none=True)
         done = step + 1
+        if on_step is not None:
+            on_step(done, model)
         metrics.write({"kind": "train", "step": done, "lr": base_lrs[0] * f,
                        "micro": [{"domain": d, "loss": v} for d, v in zip(doms, values)]})
         if progress:

@@ -1,0 +1,114 @@
+"""`landscape gradsim`: cosine matrix of per-domain gradients for one or more checkpoints, side by side."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import typer
+from rich.columns import Columns
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .app import command
+from .common import console, out, write_json
+
+
+def label(path: str) -> str:
+    """A short name for a checkpoint path: its last two components."""
+    parts = Path(path).parts
+    return "/".join(parts[-2:]) if len(parts) > 1 else str(path)
+
+
+@contextlib.contextmanager
+def progress_bar() -> Iterator:
+    """A rich progress bar on stderr; yields `progress(done, total, what)` for the analyzers."""
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True) as p:
+        task = p.add_task("", total=1)
+
+        def update(done, total, what):
+            p.update(task, completed=done, total=total, description=what)
+
+        yield update
+
+
+def _fmt(v, digits: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def cosine_table(r, title: str) -> Table:
+    """The cosine matrix of one checkpoint: value +- stderr, the diagonal shows the split-half floor."""
+    t = Table(title=title, title_style="bold")
+    t.add_column("")
+    for d in r.domains:
+        t.add_column(d + (" (OOD)" if d in r.ood else ""), justify="right")
+    for i, a in enumerate(r.domains):
+        cells = []
+        for j, _ in enumerate(r.domains):
+            if i == j:
+                cells.append(f"[dim]floor {_fmt(r.split_half.get(a), 2)}[/dim]")
+                continue
+            v = r.cosine[i][j]
+            se = r.cosine_stderr[i][j] if r.cosine_stderr else None
+            txt = _fmt(v) + (f" ±{se:.3f}" if se is not None else "")
+            cells.append(f"[red]{txt}[/red]" if v is not None and v < 0 else txt)
+        t.add_row(a, *cells)
+    return t
+
+
+def summary_table(results: list, labels: list[str]) -> Table:
+    """Summary metrics, one column per checkpoint."""
+    t = Table(title="gradient similarity summary", title_style="bold")
+    t.add_column("metric")
+    for lab in labels:
+        t.add_column(lab, justify="right")
+
+    def row(name, fn):
+        t.add_row(name, *[fn(r) for r in results])
+
+    row("train loss", lambda r: _fmt(r.loss.get("train"), 4))
+    row("mean off-diagonal cosine", lambda r: _fmt(r.mean_offdiag_cosine)
+        + (f" ±{r.mean_offdiag_stderr:.3f}" if r.mean_offdiag_stderr is not None else ""))
+    row("conflict rate", lambda r: "n/a" if r.conflict_rate is None else f"{100 * r.conflict_rate:.0f}%")
+    row("summary pairs over", lambda r: ", ".join(r.summary_domains))
+    for d in dict.fromkeys(d for r in results for d in r.domains):
+        row(f"||g|| {d}", lambda r, d=d: "n/a" if d not in r.norms else f"{r.norms[d]:.4g}")
+    for d in dict.fromkeys(d for r in results for d in r.domains):
+        row(f"split-half floor {d}", lambda r, d=d: _fmt(r.split_half.get(d)))
+    return t
+
+
+@command("gradsim")
+def gradsim_cmd(
+    checkpoints: List[str] = typer.Argument(..., help="Checkpoint directories (a run directory means its latest)."),
+    seed: int = typer.Option(0, help="Seed of the bootstrap resampling (and of dropout with --train-mode)."),
+    resamples: int = typer.Option(200, help="Bootstrap resamples for the standard errors (0: none)."),
+    domains: Optional[str] = typer.Option(None, help="Comma-separated domains (default: all, OOD included)."),
+    train_mode: bool = typer.Option(False, help="Differentiate in train mode (dropout on); default eval mode."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write all results to this JSON file."),
+    plot: Optional[str] = typer.Option(None, help="Write the heatmap figure (PNG, SVG or PDF) to this file."),
+    trust_remote_code: bool = typer.Option(False, help="Allow a checkpoint's user model factory to be imported."),
+):
+    """Cosines between full-parameter domain gradients, with a split-half noise floor and bootstrap error bars."""
+    from landscape import load
+    from landscape.gradsim import gradient_similarity
+
+    doms = [d.strip() for d in domains.split(",") if d.strip()] if domains else None
+    results, labels = [], []
+    for path in checkpoints:
+        obj = load(path, device=device, trust_remote_code=trust_remote_code)
+        with progress_bar() as bar:
+            results.append(gradient_similarity(obj, seed=seed, domains=doms, resamples=resamples,
+                                               train_mode=train_mode, progress=bar))
+        labels.append(label(path))
+    out.print(Columns([cosine_table(r, lab) for r, lab in zip(results, labels)], padding=(0, 3)))
+    out.print(summary_table(results, labels))
+    if json_out:
+        write_json({"command": "gradsim", "results": [{"checkpoint": str(p), "result": r.to_dict()}
+                                                      for p, r in zip(checkpoints, results)]}, json_out)
+    if plot:
+        from landscape.render.geometry import gradsim_figure
+        gradsim_figure(results, labels, plot)
+        console.print(f"wrote {plot}")

@@ -1,0 +1,278 @@
+"""Gradient similarity: cosines between per-domain gradients at one checkpoint, with a noise floor and error bars."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Mapping
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from nexus_opt.errors import UserError
+
+from .objective import Objective
+from .params import layer_slices
+from .result import Result
+
+Progress = Callable[[int, int, str], None]  # progress(done, total, what)
+CHUNKS = 8  # a domain with a single batch is cut into this many chunks of examples (noise floor, bootstrap)
+
+
+@dataclasses.dataclass
+class GradSimResult(Result):
+    """Cosine matrix of per-domain gradients (rows/columns in `domains` order), norms, noise floor, error bars."""
+
+    domains: list = dataclasses.field(default_factory=list)
+    ood: list = dataclasses.field(default_factory=list)  # which of `domains` are OOD
+    cosine: list = dataclasses.field(default_factory=list)  # K x K
+    norms: dict = dataclasses.field(default_factory=dict)  # domain -> ||g_d||
+    loss: dict = dataclasses.field(default_factory=dict)  # domain -> loss here (+ 'train' when all trained present)
+    per_layer: Optional[dict] = None  # parameter name -> K x K cosine matrix (null where a gradient is zero)
+    per_layer_norms: Optional[dict] = None  # parameter name -> {domain: norm}
+    split_half: dict = dataclasses.field(default_factory=dict)  # domain -> same-domain half-vs-half cosine or null
+    split_half_reason: dict = dataclasses.field(default_factory=dict)  # domain -> why split_half is null / how split
+    cosine_stderr: Optional[list] = None  # K x K bootstrap standard errors (null where a domain has < 2 units)
+    summary_domains: list = dataclasses.field(default_factory=list)  # domains whose pairs make the summaries
+    conflict_rate: Optional[float] = None  # share of negative cosines among summary pairs i < j
+    conflict_rate_stderr: Optional[float] = None
+    mean_offdiag_cosine: Optional[float] = None  # mean cosine over summary pairs i < j
+    mean_offdiag_stderr: Optional[float] = None
+    settings: dict = dataclasses.field(default_factory=dict)
+    seed: int = 0
+
+
+# -- gradients --------------------------------------------------------------------------------------
+def batch_gradient(obj: Objective, batch,
+                   params: Mapping[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, float]:
+    """(flat float64 gradient, loss) of one batch at the model's weights; touches no .grad, keeps no graph."""
+    params = obj.params() if params is None else params
+    loss = obj.loss_fn(obj.model, batch)
+    if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+        raise UserError("the loss does not depend on any trainable parameter; check the model and loss_fn")
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).to(torch.float64)
+                      for g, p in zip(grads, params.values())])
+    return flat, float(loss.detach())
+
+
+def domain_gradient(obj: Objective, domain: str | None) -> tuple[torch.Tensor, float]:
+    """(flat float64 gradient, loss) of a domain's full loss (its fixed batches weighted as obj.terms says)."""
+    g, total = None, 0.0
+    params = obj.params()
+    for c, b in obj.terms(domain):
+        gb, lb = batch_gradient(obj, b, params)
+        g = gb * c if g is None else g.add_(gb, alpha=c)
+        total += c * lb
+    return g, total
+
+
+@contextlib.contextmanager
+def preserved(obj: Objective, train_mode: bool = False, seed: int = 0):
+    """Mode flags, buffers (e.g. BatchNorm statistics) and the RNG as they were, whatever the block does."""
+    bufs = [(b, b.detach().clone()) for b in obj.model.buffers()]
+    devices = [obj.device] if obj.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), obj.evaluating(train_mode):
+        torch.manual_seed(seed)
+        try:
+            yield obj
+        finally:
+            with torch.no_grad():
+                for b, v in bufs:
+                    b.copy_(v)
+
+
+def check_domains(obj: Objective, domains, default: list[str]) -> list[str]:
+    """A validated list of distinct, known domain names (default when None)."""
+    if domains is None:
+        return list(default)
+    if isinstance(domains, str):
+        domains = [domains]
+    domains = [str(d) for d in domains]
+    unknown = [d for d in domains if d not in obj.domains]
+    if unknown:
+        raise UserError(f"unknown domain(s) {unknown}; choose from {list(obj.domains)}")
+    if len(set(domains)) != len(domains):
+        raise UserError(f"domains must be distinct, got {domains}")
+    if not domains:
+        raise UserError("no domains selected; name at least one")
+    return domains
+
+
+def _split_examples(batch, parts: int = CHUNKS) -> list[tuple[object, int]] | str:
+    """A batch cut into up to `parts` chunks of examples, as (chunk, size) pairs, or why it cannot be cut."""
+    if not isinstance(batch, Mapping) or not batch:
+        return "the domain has one batch that is not a dict of tensors"
+    vals = list(batch.values())
+    if not all(isinstance(v, torch.Tensor) and v.dim() >= 1 for v in vals):
+        return "the domain has one batch whose values are not all tensors with a batch dimension"
+    n = int(vals[0].shape[0])
+    if any(int(v.shape[0]) != n for v in vals):
+        return "the domain has one batch whose tensors disagree on the leading (batch) dimension"
+    if n < 2:
+        return "the domain has one batch of one example: nothing to split"
+    bounds = np.linspace(0, n, min(parts, n) + 1).round().astype(int)
+    return [({k: v[a:b] for k, v in batch.items()}, int(b - a)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+# -- cosine algebra on a Gram matrix ---------------------------------------------------------------------
+def _cosines(W: np.ndarray, G: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cosines and norms of the combinations W @ X, from the Gram matrix G = X X^T (NaN for a zero vector)."""
+    C = W @ G @ W.T
+    C = 0.5 * (C + C.T)  # exactly symmetric
+    nrm = np.sqrt(np.clip(np.diag(C), 0.0, None))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cos = C / np.outer(nrm, nrm)
+    cos[~np.isfinite(cos)] = np.nan
+    return np.clip(cos, -1.0, 1.0), nrm
+
+
+def _pair_summary(cos: np.ndarray, idx: list[int]) -> tuple[float, float]:
+    """(mean cosine, share of negative cosines) over pairs i < j of `idx`."""
+    vals = np.array([cos[i, j] for a, i in enumerate(idx) for j in idx[a + 1:]])
+    if vals.size == 0 or np.isnan(vals).any():
+        return float("nan"), float("nan")
+    return float(vals.mean()), float((vals < 0).mean())
+
+
+def _none(x: float) -> Optional[float]:
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
+def _matrix(a: np.ndarray) -> list:
+    return [[_none(v) for v in row] for row in a]
+
+
+def gradient_similarity(obj: Objective, seed: int = 0, domains=None, resamples: int = 200, per_layer: bool = True,
+                        train_mode: bool = False, progress: Progress | None = None) -> GradSimResult:
+    """Cosine matrix of full-parameter domain gradients at the current weights, with split-half noise floor.
+
+    Each domain's gradient is its loss gradient over its fixed batches, weighted as `obj.terms` defines
+    (one forward and backward per batch, per-batch gradients kept in float64). `domains` defaults to every
+    domain (trained, then OOD); the summaries (`conflict_rate`, `mean_offdiag_cosine`) use the pairs of
+    trained domains among them (all pairs if fewer than two are trained). `split_half[d]` is the cosine
+    between the gradients of two halves of d's batches (even vs odd batches; a single batch is first cut
+    into up to CHUNKS contiguous chunks of examples, one extra pass): a same-domain noise floor for
+    half-size estimates. `cosine_stderr` is the standard deviation over `resamples` bootstrap resamplings
+    (with replacement, seeded by `seed`) of each domain's batches (or chunks); null where a domain has one
+    unresamplable batch. Eval mode unless train_mode=True (then dropout draws from `seed`); the caller's
+    parameters, .grad fields, buffers and mode flags are unchanged.
+    """
+    names = check_domains(obj, domains, list(obj.domains))
+    if int(resamples) < 0:
+        raise UserError(f"resamples must be >= 0, got {resamples}")
+    resamples = int(resamples)
+    params = obj.params()
+    if not params:
+        raise UserError("the model has no trainable parameters")
+
+    # Plan: rows of X are per-batch (or per-half) gradients; each domain is a weighted sum of rows.
+    plan = {}  # domain -> dict(full=[(row, coef)], units=[(row, coef)], halves=([...], [...]) | None, reason)
+    jobs: list[tuple[str, object]] = []  # (domain, batch) to differentiate, in row order
+
+    def add(d, batch):
+        jobs.append((d, batch))
+        return len(jobs) - 1
+
+    for d in names:
+        terms = obj.terms(d)
+        full = [(add(d, b), c) for c, b in terms]
+        entry = {"full": full, "units": full, "halves": None, "reason": None}
+        if len(terms) >= 2:
+            entry["halves"] = (full[0::2], full[1::2])
+            entry["reason"] = f"{len(terms)} batches split even/odd"
+        else:
+            chunks = _split_examples(terms[0][1])
+            if isinstance(chunks, str):
+                entry["reason"] = chunks
+            else:
+                n = sum(k for _, k in chunks)
+                units = [(add(d, c), k / n) for c, k in chunks]
+                entry["units"], entry["halves"] = units, (units[0::2], units[1::2])
+                entry["reason"] = (f"one batch of {n} examples cut into {len(units)} chunks of examples, "
+                                   "split even/odd")
+        plan[d] = entry
+
+    X = torch.empty(len(jobs), sum(p.numel() for p in params.values()), dtype=torch.float64, device=obj.device)
+    batch_loss: dict[int, float] = {}
+    with preserved(obj, train_mode, seed):
+        for i, (d, b) in enumerate(jobs):
+            X[i], batch_loss[i] = batch_gradient(obj, b, params)
+            if progress:
+                progress(i + 1, len(jobs), f"gradients {d}")
+    G = (X @ X.T).cpu().numpy()
+    M = X.shape[0]
+
+    def weights(pairs) -> np.ndarray:
+        w = np.zeros(M)
+        tot = sum(c for _, c in pairs)
+        for r, c in pairs:
+            w[r] += c / tot
+        return w
+
+    K = len(names)
+    W = np.stack([weights(plan[d]["full"]) for d in names])
+    cos, nrm = _cosines(W, G)
+    np.fill_diagonal(cos, [1.0 if n > 0 else np.nan for n in nrm])
+
+    trained = [i for i, d in enumerate(names) if d in obj.train_domains]
+    summary_idx = trained if len(trained) >= 2 else list(range(K))
+    mean_off, conflict = _pair_summary(cos, summary_idx)
+
+    split_half, split_reason = {}, {}
+    for d in names:
+        e = plan[d]
+        split_reason[d] = e["reason"]
+        if e["halves"] is None:
+            split_half[d] = None
+        else:
+            c2, _ = _cosines(np.stack([weights(e["halves"][0]), weights(e["halves"][1])]), G)
+            split_half[d] = _none(c2[0, 1])
+
+    stderr, mean_se, conflict_se = None, None, None
+    if resamples > 0:
+        gen = np.random.default_rng(int(seed))
+        units = [plan[d]["units"] for d in names]
+        ok = np.array([len(u) >= 2 for u in units])
+        draws = np.empty((resamples, K, K))
+        means, conflicts = np.empty(resamples), np.empty(resamples)
+        for r in range(resamples):
+            Wr = np.zeros((K, M))
+            for k, u in enumerate(units):
+                pick = gen.integers(0, len(u), size=len(u)) if len(u) >= 2 else np.zeros(1, dtype=int)
+                Wr[k] = weights([u[i] for i in pick])
+            draws[r], _ = _cosines(Wr, G)
+            means[r], conflicts[r] = _pair_summary(draws[r], summary_idx)
+        se = draws.std(axis=0, ddof=1) if resamples > 1 else np.full((K, K), np.nan)
+        se[~(ok[:, None] & ok[None, :])] = np.nan
+        np.fill_diagonal(se, 0.0)
+        stderr = _matrix(se)
+        if resamples > 1 and ok[summary_idx].all():
+            mean_se, conflict_se = _none(means.std(ddof=1)), _none(conflicts.std(ddof=1))
+
+    layers, layer_norms = None, None
+    if per_layer:
+        layers, layer_norms = {}, {}
+        for name, sl in layer_slices(params).items():
+            Xl = X[:, sl]
+            lc, ln = _cosines(W, (Xl @ Xl.T).cpu().numpy())
+            np.fill_diagonal(lc, [1.0 if n > 0 else np.nan for n in ln])
+            layers[name] = _matrix(lc)
+            layer_norms[name] = {d: float(ln[k]) for k, d in enumerate(names)}
+
+    loss = {d: float(sum(c * batch_loss[r] for r, c in plan[d]["full"])) for d in names}
+    if set(obj.train_domains) <= set(names):
+        loss["train"] = float(sum(obj.weights[d] * loss[d] for d in obj.train_domains))
+
+    return GradSimResult(
+        domains=names, ood=[d for d in names if d in obj.ood], cosine=_matrix(cos),
+        norms={d: float(nrm[k]) for k, d in enumerate(names)}, loss=loss,
+        per_layer=layers, per_layer_norms=layer_norms, split_half=split_half, split_half_reason=split_reason,
+        cosine_stderr=stderr, summary_domains=[names[i] for i in summary_idx], conflict_rate=_none(conflict),
+        conflict_rate_stderr=conflict_se, mean_offdiag_cosine=_none(mean_off), mean_offdiag_stderr=mean_se,
+        settings={"resamples": resamples, "per_layer": bool(per_layer), "train_mode": bool(train_mode),
+                  "batches": {d: len(plan[d]["full"]) for d in names},
+                  "bootstrap_units": {d: len(plan[d]["units"]) for d in names},
+                  "num_params": int(X.shape[1]), "device": str(obj.device),
+                  "dtype": str(obj.dtype).replace("torch.", "")},
+        seed=int(seed))
