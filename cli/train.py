@@ -17,9 +17,12 @@ class _Bar:
     """A rich progress bar fed by the trainer's events; shows a running loss per domain."""
 
     def __init__(self, progress: Progress):
-        self.p, self.task, self.ema = progress, None, {}
+        self.p, self.task, self.ema, self.started = progress, None, {}, False
 
     def __call__(self, ev: dict) -> None:
+        if not self.started:  # started on the first event: bad input fails before any output but its one line
+            self.p.start()
+            self.started = True
         if ev["event"] == "step":
             if self.task is None:
                 self.task = self.p.add_task("train", total=ev["steps"], completed=ev["step"] - 1, doms="")
@@ -60,10 +63,10 @@ def train_cmd(
     trust_remote_code: bool = typer.Option(False, help="Allow --model-factory to import code."),
 ):
     """Train on source-pure micro-batches; per-domain eval (OOD included); atomic checkpoints; --resume."""
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[doms]}"),
-                  console=console, transient=False) as p:
-        bar = _Bar(p)
+    bar = _Bar(Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[doms]}"),
+                        console=console, transient=False))
+    try:
         if resume_run:
             res = resume(out_dir, steps=steps if steps != 200 else None, device=device, progress=bar,
                          trust_remote_code=trust_remote_code)
@@ -77,6 +80,9 @@ def train_cmd(
                 min_lr_ratio=min_lr_ratio, seed=seed, device=device, eval_every=eval_every,
                 ckpt_every=ckpt_every, out=out_dir)
             res = train(cfg, progress=bar, trust_remote_code=trust_remote_code)
+    finally:
+        if bar.started:
+            bar.p.stop()
     t = Table(title=f"final per-domain evaluation loss ({res['out']})")
     t.add_column("domain")
     t.add_column("loss", justify="right")

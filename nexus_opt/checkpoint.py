@@ -253,6 +253,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
                         f"(this version reads {FORMAT_VERSION})")
     if manifest.get("manifest_sha256") != _manifest_digest(manifest):
         raise UserError(f"checkpoint manifest {mpath} fails its checksum (edited or corrupt); use another checkpoint")
+    step = manifest.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise UserError(f"checkpoint manifest {mpath} has no valid step ({step!r}); use another checkpoint")
     files = manifest.get("files")
     if not isinstance(files, dict) or set(files) != {"model.safetensors", "state.safetensors"}:
         raise UserError(f"checkpoint manifest {mpath} lists the wrong files; use another checkpoint")

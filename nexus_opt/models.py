@@ -117,8 +117,8 @@ def build_model(name: str, config: dict | None = None) -> nn.Module:
         raise UserError(f"unknown model '{name}'; choose one of {sorted(REGISTRY)}")
     try:
         return REGISTRY[name](**(config or {}))
-    except TypeError as e:
-        raise UserError(f"bad config for model '{name}': {e}") from None
+    except (TypeError, ValueError, RuntimeError) as e:  # e.g. a negative size: torch raises RuntimeError
+        raise UserError(f"bad config for model '{name}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def model_from_spec(spec: dict, trust_remote_code: bool = False) -> nn.Module:

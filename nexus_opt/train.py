@@ -203,14 +203,15 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, trus
                                                                   "ood": suite.ood_domains}}
     last_ckpt = str(resume_ckpt.path) if resume_ckpt is not None else None
 
-    def run_eval(step: int) -> dict:
+    def run_eval(step: int, log: bool = True) -> dict:
         losses = evaluate(model, eval_sets, suite.loss_fn)
         bad = next((d for d, v in losses.items() if not math.isfinite(v)), None)
         if bad is not None:  # the weights just stepped to a non-finite loss: never checkpoint them
             raise TrainingDiverged(step, bad, last_ckpt)
         train_loss = sum(suite.weights[d] * losses[d] for d in suite.train_domains)
         rec = {"kind": "eval", "step": step, "losses": losses, "train_loss": train_loss}
-        metrics.write(rec)
+        if log:
+            metrics.write(rec)
         if progress:
             progress({"event": "eval", **rec})
         return rec
@@ -265,6 +266,6 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, trus
             rec = run_eval(done)
         if is_ckpt:
             last_ckpt = save(done, rec)
-    if rec is None:
-        rec = run_eval(cfg.steps)
+    if rec is None:  # resumed at or past the last step: already logged, do not log it twice
+        rec = run_eval(cfg.steps, log=False)
     return {"losses": rec["losses"], "train_loss": rec["train_loss"], "checkpoint": last_ckpt, "out": str(out)}

@@ -16,7 +16,7 @@ def make_suite(name: str, seed: int = 0, weights=None, options: dict | None = No
         raise UserError(f"unknown suite '{name}'; choose one of {sorted(SUITES)}")
     try:
         return SUITES[name](seed=seed, weights=weights, **(options or {}))
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # e.g. a string where a number belongs
         raise UserError(f"bad options for suite '{name}': {e}") from None
 
 

@@ -25,6 +25,8 @@ def _code_docs() -> tuple[bytes, ...]:
     docs, total = [], 0
     for p in files:
         b = p.read_bytes()
+        if b in docs:  # an identical module would sit in both splits
+            continue
         docs.append(b)
         total += len(b)
         if total > _MAX_BYTES:
@@ -39,7 +41,8 @@ def _prose_docs() -> tuple[bytes, ...]:
         from pydoc_data.topics import topics
     except ImportError:
         raise UserError("the 'prose' domain needs pydoc_data (part of the standard library), which is missing") from None
-    return tuple(topics[k].encode("utf-8") for k in sorted(topics))
+    # some topics share one text (e.g. 'if' and 'else'): keep each text once, or a held-out topic would be trained on
+    return tuple(dict.fromkeys(topics[k].encode("utf-8") for k in sorted(topics)))
 
 
 def _math_docs(seed: int, n: int) -> tuple[bytes, ...]:
