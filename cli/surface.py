@@ -1,0 +1,152 @@
+"""`landscape plot-surface`: every domain's loss on a plane around checkpoints, as .npz + PNG/SVG + HTML."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from .app import command
+from .common import console, out
+
+
+def parse_span(text: Optional[str]):
+    """'auto'/None -> None (automatic box), '1.5' -> 1.5 (+-1.5), 'x0,x1,y0,y1' -> a 4-tuple."""
+    from nexus_opt.errors import UserError
+
+    if text is None or text.strip().lower() == "auto":
+        return None
+    parts = [p for p in text.split(",") if p.strip()]
+    try:
+        vals = [float(p) for p in parts]
+    except ValueError:
+        vals = []
+    if len(vals) == 1 and vals[0] > 0:
+        return vals[0]
+    if len(vals) == 4 and vals[0] < vals[1] and vals[2] < vals[3]:
+        return tuple(vals)
+    raise UserError(f"--span must be 'auto', a positive number or 'xmin,xmax,ymin,ymax' with min < max, got '{text}'")
+
+
+def _names(text: Optional[str]) -> Optional[list[str]]:
+    return [d.strip() for d in text.split(",") if d.strip()] if text else None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "ckpt"
+
+
+def summary_table(results: list, labels: list[str], level) -> Table:
+    """Per surface: plane, grid, how it was evaluated, losses at the origin point, the common low-loss region."""
+    from landscape.render.surface import common_region, origin_name, resolve_levels
+
+    t = Table(title="loss surfaces", title_style="bold")
+    t.add_column("")
+    for lab in labels:
+        t.add_column(lab, justify="right")
+
+    def row(name, fn):
+        t.add_row(name, *[fn(r) for r in results])
+
+    row("plane", lambda r: r.plane)
+    row("grid", lambda r: "x".join(map(str, r.settings.get("grid", []))))
+    row("evaluation", lambda r: f"{r.settings.get('batch_used')} on {r.settings.get('device')}")
+    row("points/s", lambda r: "reused" if r.timing.get("reused") else
+        (f"{r.timing['points_per_s']:.1f}" if r.timing.get("points_per_s") else "n/a"))
+    for d in list(dict.fromkeys(d for r in results for d in r.losses)):
+        row(f"{d} at {origin_name(results[0])}",
+            lambda r, d=d: f"{r.point_losses.get(origin_name(r), {}).get(d, float('nan')):.4g}" if d in r.losses else "-")
+    row("common low-loss region", lambda r: f"{100 * common_region(r, resolve_levels(r, level)):.1f}% of grid")
+    return t
+
+
+@command("plot-surface")
+def plot_surface_cmd(
+    checkpoints: Optional[List[str]] = typer.Argument(None, help="Checkpoint directories (or run directories: latest checkpoint)."),
+    plane: str = typer.Option("random", help="random (filter-normalised), domains (theta + two domain minima) or checkpoints (through 2-3 CKPTs)."),
+    grid: int = typer.Option(51, help="Grid points per side."),
+    span: Optional[str] = typer.Option(None, help="'auto' (default: +-1 for random, the points' box otherwise), a number s (+-s) or 'xmin,xmax,ymin,ymax'."),
+    seed: int = typer.Option(0, help="Seed of the random directions (seed and seed+1)."),
+    domains: Optional[str] = typer.Option(None, help="Comma-separated domains to evaluate (default: all, OOD included)."),
+    pair: Optional[str] = typer.Option(None, help="The two domains whose minima span the domains plane (default: first two trained)."),
+    level: Optional[str] = typer.Option(None, help="Low-loss level of the overlay: 'rel:E' (min_d + E*train(theta); default rel:0.1), a number X (min_d + X) or 'theta:E'."),
+    out_dir: str = typer.Option("surface", "--out", help="Output directory."),
+    from_: Optional[List[str]] = typer.Option(None, "--from", help="Re-render saved surface .npz file(s) without recomputing (repeatable)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    batch: str = typer.Option("auto", help="auto (vmap on CUDA, the measured faster mode elsewhere), vmap or loop."),
+    norm: str = typer.Option("filter", help="Random-direction normalisation: filter, layer or none."),
+    bias: str = typer.Option("zero", help="1-D parameters (biases, norms) in random directions: zero or filter."),
+    steps: int = typer.Option(300, help="Descent steps per domain minimum (domains plane)."),
+    kind: str = typer.Option("filled", help="Panels: filled, contour or surface (3-D)."),
+    trust_remote_code: bool = typer.Option(False, help="Allow a checkpoint's user model factory to be imported."),
+):
+    """Loss of every domain and the training loss on a plane: small multiples, low-loss overlay, interactive HTML."""
+    from landscape.render.surface import compare_figure, write_figures, _save
+    from landscape.surface import BATCH_MODES, PLANES, SurfaceResult, surface
+    from nexus_opt.errors import UserError
+
+    from .gradsim import label, progress_bar
+
+    if plane not in PLANES:
+        raise UserError(f"unknown plane '{plane}'; choose one of {list(PLANES)}")
+    if batch not in BATCH_MODES:
+        raise UserError(f"unknown batch mode '{batch}'; choose one of {list(BATCH_MODES)}")
+    if kind not in ("filled", "contour", "surface"):
+        raise UserError(f"unknown --kind '{kind}'; choose filled, contour or surface")
+    if grid < 2:
+        raise UserError(f"--grid must be at least 2, got {grid}")
+    box = parse_span(span)
+    outd = Path(out_dir)
+    written: list[Path] = []
+    results, labels, stems = [], [], []
+    if from_:
+        if checkpoints:
+            raise UserError("give checkpoints or --from result files, not both")
+        for f in from_:
+            results.append(SurfaceResult.load(f))
+            labels.append(label(f))
+            stems.append(outd / Path(f).stem)
+    else:
+        if not checkpoints:
+            raise UserError("give at least one checkpoint (or --from RESULT.npz to re-render)")
+        from landscape import load
+
+        common = dict(grid=grid, span=box, seed=seed, domains=_names(domains), norm=norm, bias=bias, batch=batch,
+                      pair=_names(pair), descend_steps=steps)
+        if plane == "checkpoints":
+            if len(checkpoints) not in (2, 3):
+                raise UserError(f"--plane checkpoints needs 2 or 3 checkpoints, got {len(checkpoints)}")
+            objs = [load(p, device=device, trust_remote_code=trust_remote_code) for p in checkpoints]
+            labs = [label(p) for p in checkpoints]
+            npz = outd / "surface.npz"
+            with progress_bar() as bar:
+                results.append(surface(objs[0], plane="checkpoints", others=objs[1:], labels=labs, out=npz,
+                                       progress=bar, **common))
+            labels.append(" vs ".join(labs))
+            stems.append(outd / "surface")
+            written.append(npz)
+        else:
+            single = len(checkpoints) == 1
+            for i, p in enumerate(checkpoints):
+                obj = load(p, device=device, trust_remote_code=trust_remote_code)
+                stem = outd / ("surface" if single else f"surface_{i + 1}_{_slug(label(p))}")
+                npz = stem.with_name(stem.name + ".npz")
+                with progress_bar() as bar:
+                    results.append(surface(obj, plane=plane, out=npz, progress=bar, **common))
+                labels.append(label(p))
+                stems.append(stem)
+                written.append(npz)
+                del obj
+    for r, stem in zip(results, stems):
+        written += write_figures(r, stem, level=level, kind=kind)
+    if len(results) > 1:
+        fig = compare_figure(results, labels, level=level)
+        for ext in ("png", "svg"):
+            p = outd / f"surface_compare.{ext}"
+            _save(fig, p)
+            written.append(p)
+    console.print(summary_table(results, labels, level))
+    for p in written:
+        out.print(f"wrote {p}")

@@ -1,0 +1,334 @@
+"""Figures of loss surfaces: small multiples, the low-loss-region overlay, checkpoints side by side (PNG/SVG),
+a 1-D line plot, and a self-contained interactive plotly HTML (contour + 3-D surface, a button per domain).
+
+The overlay draws each domain's low-loss region {L_d <= level_d} on the same plane in its own colour, so
+their common part (an "intersection of minima") or its absence ("sum of minima") is visible. Levels
+(`level=`): None or "rel:E" (default E = 0.1): level_d = min_d + E * L_train(origin) -- every domain gets
+the same absolute tolerance above its own lowest grid value, a tenth of the training loss at the origin
+point, so regions of different domains are comparable; a number X: level_d = min_d + X; "theta:E":
+level_d = L_d(origin) * (1 + E) (each region then contains the origin by construction). The fraction
+of the grid where every trained domain is inside its region is reported (`common_region`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from nexus_opt.errors import UserError
+
+from ..objective import TRAIN
+_COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
+           "tab:cyan", "tab:gray"]
+_HEX = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#7f7f7f"]
+
+
+def domain_colors(names: Sequence[str]) -> dict[str, int]:
+    """A stable colour index per domain (train is black)."""
+    return {d: i % len(_COLORS) for i, d in enumerate(n for n in names if n != TRAIN)}
+
+
+def origin_name(r) -> str:
+    """The named point at plane coordinates (0, 0): 'theta' or the first checkpoint."""
+    for k, v in r.points.items():
+        if abs(v[0]) < 1e-12 and abs(v[1]) < 1e-12:
+            return k
+    return next(iter(r.points), "theta")
+
+
+def _origin_loss(r, d: str) -> float:
+    pl = r.point_losses.get(origin_name(r), {}) if r.point_losses else {}
+    if d in pl and pl[d] is not None:
+        return float(pl[d])
+    x, y = np.asarray(r.x), np.asarray(r.y)
+    return float(np.asarray(r.losses[d])[np.abs(y).argmin(), np.abs(x).argmin()])
+
+
+def resolve_levels(r, level=None) -> dict[str, float]:
+    """Each domain's low-loss level for the overlay (see the module docstring for the forms of `level`)."""
+    spec = "rel:0.1" if level is None else level
+    names = [d for d in r.losses if d != TRAIN]
+    mins = {d: float(np.nanmin(r.losses[d])) for d in names}
+    if isinstance(spec, str):
+        kind, _, val = spec.partition(":")
+        if not val:
+            kind, val = "abs", spec
+        try:
+            e = float(val)
+        except ValueError:
+            raise UserError(f"level must be a number, 'rel:E' or 'theta:E', got '{spec}'") from None
+    else:
+        kind, e = "abs", float(spec)
+    if kind == "abs":
+        return {d: mins[d] + e for d in names}
+    if kind == "rel":
+        base = abs(_origin_loss(r, TRAIN))
+        if base == 0:
+            t = np.asarray(r.losses[TRAIN])
+            base = float(np.nanmax(t) - np.nanmin(t))
+        return {d: mins[d] + e * base for d in names}
+    if kind == "theta":
+        return {d: _origin_loss(r, d) * (1 + e) for d in names}
+    raise UserError(f"level must be a number, 'rel:E' or 'theta:E', got '{spec}'")
+
+
+def common_region(r, levels: Mapping[str, float]) -> float:
+    """Fraction of grid nodes inside every trained domain's low-loss region (0: no common region on the grid)."""
+    doms = [d for d in r.train_domains if d in levels] or [d for d in levels]
+    inside = np.ones_like(np.asarray(r.losses[doms[0]]), dtype=bool)
+    for d in doms:
+        inside &= np.asarray(r.losses[d]) <= levels[d]
+    return float(inside.mean())
+
+
+def _mark_points(ax, r, colors: Mapping[str, int], legend: bool = True) -> None:
+    """Theta / checkpoints as crosses and dots, minima as stars in their domain's colour; points off the plane
+    (projected onto it) are drawn hollow."""
+    scale = max([abs(v) for ab in r.points.values() for v in ab] + [1.0]) * float(
+        (r.normalization or {}).get("d1_norm") or 1.0)
+    for name, (a, b) in r.points.items():
+        off = float((r.offplane or {}).get(name) or 0.0) > 1e-6 * scale
+        if name.startswith("min:"):
+            d = name[4:]
+            c = _COLORS[colors[d]] if d in colors else "k"
+            ax.plot(a, b, marker="*", ms=13, color=c, mec=c if off else "k", mew=1.2 if off else 0.6, ls="none",
+                    mfc="none" if off else c, label=(f"min {d}" + (" (projected)" if off else "")) if legend else None)
+        else:
+            ax.plot(a, b, marker="X" if name == "theta" else "o", ms=9, color="k", mec="k" if off else "w", ls="none",
+                    mfc="none" if off else "k", label=name if legend else None)
+            ax.annotate(name, (a, b), textcoords="offset points", xytext=(5, 5), fontsize=7)
+
+
+def _clip_levels(z: np.ndarray, n: int = 30) -> tuple[np.ndarray, str]:
+    """Filled-contour levels from the minimum to the 90th percentile (larger values share the top colour)."""
+    lo, hi = float(np.nanmin(z)), float(np.nanpercentile(z, 90))
+    if not hi > lo:
+        hi = lo + max(abs(lo), 1.0) * 1e-6
+    return np.linspace(lo, hi, n), "max"
+
+
+def _axis_labels(ax, r) -> None:
+    if r.plane == "random":
+        ax.set_xlabel("d1")
+        ax.set_ylabel("d2")
+    else:
+        ax.set_xlabel(f"d1 ({_span_name(r, 0)} -> {_span_name(r, 1)})", fontsize=8)
+        ax.set_ylabel(f"d2 (orthogonal, toward {_span_name(r, 2)})", fontsize=8)
+    ax.set_aspect("equal", adjustable="box")
+
+
+def _span_name(r, k: int) -> str:
+    spanned = r.normalization.get("spanned_by") if isinstance(r.normalization, dict) else None
+    return spanned[k] if spanned and len(spanned) > k else ("random" if k == 2 else f"point {k}")
+
+
+def panels_figure(r, kind: str = "filled", path: str | Path | None = None) -> Figure:
+    """Small multiples: every domain's loss and the training loss on the same grid (filled, contour or surface)."""
+    if kind not in ("filled", "contour", "surface"):
+        raise UserError(f"unknown panel kind '{kind}'; choose filled, contour or surface")
+    names = [d for d in r.losses if d != TRAIN] + [TRAIN]
+    colors = domain_colors(names)
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig = Figure(figsize=(4.3 * cols, 3.9 * rows))
+    X, Y = np.meshgrid(np.asarray(r.x), np.asarray(r.y))
+    for i, d in enumerate(names):
+        z = np.asarray(r.losses[d], dtype=float)
+        title = ("training loss" if d == TRAIN else d + (" (OOD)" if d in r.ood else ""))
+        if kind == "surface":
+            ax = fig.add_subplot(rows, cols, i + 1, projection="3d")
+            hi = float(np.nanpercentile(z, 95))
+            ax.plot_surface(X, Y, np.minimum(z, hi), cmap="viridis", linewidth=0, antialiased=True)
+            ax.set_xlabel("d1")
+            ax.set_ylabel("d2")
+        else:
+            ax = fig.add_subplot(rows, cols, i + 1)
+            lv, ext = _clip_levels(z)
+            if kind == "filled":
+                cs = ax.contourf(X, Y, z, levels=lv, cmap="viridis", extend=ext)
+                ax.contour(X, Y, z, levels=lv[::5], colors="w", linewidths=0.4, alpha=0.6)
+            else:
+                cs = ax.contour(X, Y, z, levels=lv, cmap="viridis")
+            fig.colorbar(cs, ax=ax, shrink=0.85)
+            _mark_points(ax, r, colors, legend=(i == 0))
+            _axis_labels(ax, r)
+        ax.set_title(title, fontsize=10)
+    fig.suptitle(_title(r), fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _title(r, label: str | None = None) -> str:
+    head = f"{label}: " if label else ""
+    if r.plane == "random":
+        n = r.normalization
+        return (f"{head}random plane (seeds {n.get('seeds')}, {n.get('norm')}-normalised, bias {n.get('bias_used')}, "
+                f"cos {n.get('cos', float('nan')):.1e})")
+    return f"{head}{r.plane} plane through {', '.join(r.normalization.get('spanned_by', []))}"
+
+
+def overlay_axes(ax, r, level=None, label: str | None = None) -> dict:
+    """Draw the low-loss regions of every domain on `ax`; returns the levels and the common-region fraction."""
+    levels = resolve_levels(r, level)
+    names = list(levels)
+    colors = domain_colors(names)
+    X, Y = np.meshgrid(np.asarray(r.x), np.asarray(r.y))
+    t = np.asarray(r.losses[TRAIN], dtype=float)
+    lv, ext = _clip_levels(t, 20)
+    ax.contourf(X, Y, t, levels=lv, cmap="Greys", alpha=0.35, extend=ext)
+    handles = []
+    from matplotlib.lines import Line2D
+    for d in names:
+        z = np.asarray(r.losses[d], dtype=float)
+        c = _COLORS[colors[d]]
+        ood = d in r.ood
+        if np.nanmin(z) <= levels[d] <= np.nanmax(z):
+            ax.contourf(X, Y, z, levels=[np.nanmin(z) - 1, levels[d]], colors=[c], alpha=0.0 if ood else 0.18)
+            ax.contour(X, Y, z, levels=[levels[d]], colors=[c], linewidths=1.8, linestyles="--" if ood else "-")
+        handles.append(Line2D([], [], color=c, ls="--" if ood else "-",
+                              label=f"{d}{' (OOD)' if ood else ''} <= {levels[d]:.4g}"))
+    _mark_points(ax, r, colors, legend=False)
+    frac = common_region(r, levels)
+    ax.legend(handles=handles, fontsize=7, loc="best")
+    _axis_labels(ax, r)
+    verdict = f"common low-loss region: {100 * frac:.1f}% of grid" if frac > 0 else "no common low-loss region"
+    ax.set_title((f"{label}\n" if label else "") + verdict, fontsize=9)
+    return {"levels": levels, "common_region": frac}
+
+
+def overlay_figure(r, level=None, path: str | Path | None = None) -> Figure:
+    """Each domain's low-loss region in its colour over the training loss, theta and minima marked."""
+    fig = Figure(figsize=(6.4, 5.6))
+    ax = fig.add_subplot(1, 1, 1)
+    overlay_axes(ax, r, level)
+    fig.suptitle(_title(r), fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def compare_figure(results: Sequence, labels: Sequence[str] | None = None, level=None,
+                   path: str | Path | None = None) -> Figure:
+    """Overlays of several checkpoints side by side (e.g. sum of minima vs intersection of minima)."""
+    if not results:
+        raise UserError("nothing to compare: give at least one surface")
+    labels = list(labels) if labels else [f"checkpoint {i + 1}" for i in range(len(results))]
+    if len(labels) != len(results):
+        raise UserError(f"{len(labels)} labels for {len(results)} surfaces; give one label per surface")
+    fig = Figure(figsize=(6.0 * len(results), 5.6))
+    for i, (r, lab) in enumerate(zip(results, labels)):
+        overlay_axes(fig.add_subplot(1, len(results), i + 1), r, level, label=lab)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def line_figure(r, path: str | Path | None = None) -> Figure:
+    """Every domain's loss (and the training loss) along a line, the named points marked."""
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot(1, 1, 1)
+    colors = domain_colors(list(r.losses))
+    t = np.asarray(r.t)
+    for d, z in r.losses.items():
+        c = "k" if d == TRAIN else _COLORS[colors[d]]
+        ax.plot(t, np.asarray(z), color=c, lw=2.2 if d == TRAIN else 1.4, ls="--" if d in r.ood else "-",
+                label="training loss" if d == TRAIN else d + (" (OOD)" if d in r.ood else ""))
+    for name, v in r.points.items():
+        ax.axvline(v, color="gray", lw=0.7)
+        ax.annotate(name, (v, 1.0), xycoords=("data", "axes fraction"), va="bottom", ha="center", fontsize=7)
+    ax.set_xlabel(f"t (distance {r.distance:.4g} per unit)")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig: Figure, path) -> Figure:
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=130, bbox_inches="tight")
+    return fig
+
+
+def write_figures(r, stem: str | Path, formats: Sequence[str] = ("png", "svg"), level=None,
+                  kind: str = "filled") -> list[Path]:
+    """Panels (`stem.ext`) and overlay (`stem_overlay.ext`) in each format, plus `stem.html`; the paths."""
+    stem = Path(stem)
+    paths = []
+    for fig_fn, suffix in ((lambda p: panels_figure(r, kind, p), ""), (lambda p: overlay_figure(r, level, p), "_overlay")):
+        fig = fig_fn(None)
+        for ext in formats:
+            p = stem.with_name(stem.name + suffix + "." + ext)
+            _save(fig, p)
+            paths.append(p)
+    paths.append(html(r, stem.with_name(stem.name + ".html"), level=level))
+    return paths
+
+
+# -- interactive ----------------------------------------------------------------------------------------
+def html_figure(r, level=None, label: str | None = None):
+    """A plotly figure: contour (left) and 3-D surface (right) of one domain at a time, chosen by buttons;
+    an 'overlay' button shows every domain's low-loss region boundary together."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    names = [d for d in r.losses if d != TRAIN] + [TRAIN]
+    colors = domain_colors(names)
+    levels = resolve_levels(r, level)
+    x, y = np.asarray(r.x).tolist(), np.asarray(r.y).tolist()
+    fig = make_subplots(rows=1, cols=2, specs=[[{"type": "xy"}, {"type": "scene"}]],
+                        subplot_titles=("contour", "3-D surface"))
+    owner = []  # which button each trace belongs to: a domain name, "overlay" or None (always shown)
+    pnames = list(r.points)
+    pab = np.array([r.points[k] for k in pnames], dtype=float).reshape(-1, 2)
+    for d in names:
+        z = np.asarray(r.losses[d], dtype=float)
+        zc = np.where(np.isfinite(z), z, None).tolist()
+        hi = float(np.nanpercentile(z, 95))
+        if d == TRAIN:
+            background = {len(owner), len(owner) + 1}  # the training loss also backs the overlay view
+        fig.add_trace(go.Contour(x=x, y=y, z=zc, colorscale="Viridis", ncontours=30, zmax=hi, zmin=float(np.nanmin(z)),
+                                 zauto=False, colorbar=dict(x=0.45, len=0.9), name=d, visible=(d == TRAIN)), 1, 1)
+        owner.append(d)
+        fig.add_trace(go.Surface(x=x, y=y, z=np.minimum(z, hi).tolist(), colorscale="Viridis", showscale=False,
+                                 name=d, visible=(d == TRAIN)), 1, 2)
+        owner.append(d)
+        pl = [r.point_losses.get(k, {}).get(d) for k in pnames] if r.point_losses else [None] * len(pnames)
+        fig.add_trace(go.Scatter3d(x=pab[:, 0].tolist(), y=pab[:, 1].tolist(), z=pl, mode="markers+text",
+                                   text=pnames, marker=dict(size=4, color="red"), name=f"points ({d})",
+                                   showlegend=False, visible=(d == TRAIN)), 1, 2)
+        owner.append(d)
+    for d in names:
+        if d == TRAIN:
+            continue
+        c = _HEX[colors[d]]
+        fig.add_trace(go.Contour(x=x, y=y, z=np.asarray(r.losses[d], dtype=float).tolist(), showscale=False,
+                                 contours=dict(start=levels[d], end=levels[d], size=1, coloring="lines"),
+                                 colorscale=[[0, c], [1, c]], line=dict(width=3, dash="dash" if d in r.ood else "solid"),
+                                 name=f"{d} <= {levels[d]:.4g}", showlegend=True, visible=False), 1, 1)
+        owner.append("overlay")
+    fig.add_trace(go.Scatter(x=pab[:, 0].tolist(), y=pab[:, 1].tolist(), mode="markers+text", text=pnames,
+                             textposition="top right", marker=dict(symbol="x", size=9, color="red"), name="points"), 1, 1)
+    owner.append(None)
+    buttons = []
+    for choice in names + ["overlay"]:
+        vis = [o is None or o == choice or (choice == "overlay" and i in background) for i, o in enumerate(owner)]
+        lab = "training loss" if choice == TRAIN else ("low-loss regions (all)" if choice == "overlay" else choice)
+        buttons.append(dict(label=lab, method="update", args=[{"visible": vis}]))
+    frac = common_region(r, levels)
+    fig.update_layout(
+        title=(f"{label}: " if label else "") + _title(r) + f" | common low-loss region {100 * frac:.1f}% of grid",
+        updatemenus=[dict(buttons=buttons, direction="down", x=0.0, xanchor="left", y=1.15, yanchor="top",
+                          active=names.index(TRAIN))],
+        height=620, width=1250, legend=dict(x=0.0, y=-0.1, orientation="h"))
+    fig.update_xaxes(title_text="d1", row=1, col=1)
+    fig.update_yaxes(title_text="d2", scaleanchor="x", scaleratio=1, row=1, col=1)
+    return fig
+
+
+def html(r, path: str | Path, level=None, label: str | None = None) -> Path:
+    """Write the interactive figure as one self-contained HTML file (plotly.js inline: works offline)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    html_figure(r, level, label).write_html(str(path), include_plotlyjs=True, full_html=True, include_mathjax=False)
+    return path
