@@ -2,5 +2,6 @@
 __version__ = "0.1.0"
 
 from .errors import TrainingDiverged, UserError  # noqa: E402
+from .nexus import Nexus  # noqa: E402
 
-__all__ = ["__version__", "UserError", "TrainingDiverged"]
+__all__ = ["__version__", "UserError", "TrainingDiverged", "Nexus"]
