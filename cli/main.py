@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 from . import train  # noqa: F401  (each module registers its commands on the app)
+from . import gradsim, closeness  # noqa: F401
+from . import surface  # noqa: F401
+from . import flatness  # noqa: F401
+from . import demo  # noqa: F401
 from .app import app
 
 

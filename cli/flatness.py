@@ -1,0 +1,124 @@
+"""`landscape flatness`: top/bottom Hessian eigenvalues, trace and spectral density of a checkpoint, per domain."""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from typing import Iterator, Optional
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .app import command
+from .common import console, out, write_json
+
+
+@contextlib.contextmanager
+def _progress_bar() -> Iterator:
+    """A transient rich progress bar on stderr; yields `progress(done, total, what)`."""
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} HVPs"),
+                  TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal) as p:
+        task = p.add_task("", total=1)
+
+        def update(done, total, what):
+            p.update(task, completed=done, total=total, description=what)
+
+        yield update
+
+
+def _g(v, digits: int = 5) -> str:
+    return "n/a" if v is None else f"{v:.{digits}g}"
+
+
+def _max_rel_residual(r) -> str:
+    """The largest ||Hv - lambda v|| / |lambda| over the reported eigenvalues."""
+    pairs = list(zip(r.eigenvalues or [], r.residuals or [])) + list(zip(r.bottom_eigenvalues or [],
+                                                                         r.bottom_residuals or []))
+    rel = [res / max(abs(v), 1e-300) for v, res in pairs if res is not None and v is not None]
+    return f"{max(rel):.1e}" if rel else "n/a"
+
+
+def summary_table(results: dict, title: str) -> Table:
+    """One row per domain: loss, lambda_max, lambda_min, trace +- stderr, convergence, HVPs and time."""
+    t = Table(title=title, title_style="bold")
+    for col in ("domain", "loss", "λmax", "λmin", "trace ± stderr", "max rel. residual", "converged", "HVPs", "time"):
+        t.add_column(col, justify="left" if col == "domain" else "right")
+    for name, r in results.items():
+        tr = "-" if r.trace is None else f"{r.trace:.5g} ± {_g(r.trace_stderr, 2)}"
+        conv = "[green]yes[/green]" if r.converged else "[red]no[/red]"
+        lmin = r.bottom_eigenvalues[0] if r.bottom_eigenvalues else None
+        lmax = r.eigenvalues[0] if r.eigenvalues else None
+        t.add_row(name, f"{r.loss:.4g}", _g(lmax), _g(lmin), tr, _max_rel_residual(r), conv,
+                  str(r.hvps["total"]), f"{r.wall_time_s:.1f}s")
+    return t
+
+
+def eigen_table(results: dict) -> Table:
+    """The eigenvalues, one column per domain: top 1..k (descending) then bottom 1..k (ascending)."""
+    t = Table(title="Hessian eigenvalues", title_style="bold")
+    t.add_column("")
+    for name in results:
+        t.add_column(name, justify="right")
+    rs = list(results.values())
+    k = max([len(r.eigenvalues or []) for r in rs] + [len(r.bottom_eigenvalues or []) for r in rs])
+    for end, label in (("eigenvalues", "top"), ("bottom_eigenvalues", "bottom")):
+        if not any(getattr(r, end) for r in rs):
+            continue
+        for i in range(k):
+            t.add_row(f"{label} {i + 1}", *[_g(getattr(r, end)[i], 8) if getattr(r, end) and i < len(getattr(r, end))
+                                            else "" for r in rs])
+    return t
+
+
+@command("flatness")
+def flatness_cmd(
+    checkpoint: str = typer.Argument(..., help="Checkpoint directory (a run directory means its latest)."),
+    top_k: int = typer.Option(5, "--top-k", "-k", help="Eigenvalues at each end."),
+    domain: str = typer.Option("train", help="A domain name, 'each' (every domain) or 'train' (the training loss)."),
+    which: str = typer.Option("both", help="both, top or bottom (pyhessian: top only)."),
+    trace: bool = typer.Option(True, "--trace/--no-trace", help="Estimate the Hessian trace (Hutch++)."),
+    density: bool = typer.Option(False, "--density", help="Estimate the spectral density (stochastic Lanczos)."),
+    density_probes: int = typer.Option(4, help="Probes of the spectral density (run as one block)."),
+    density_steps: int = typer.Option(80, help="Lanczos steps per density probe."),
+    backend: str = typer.Option("lanczos", help="lanczos, eigsh (scipy ARPACK) or pyhessian (cross-check)."),
+    tol: float = typer.Option(1e-8, help="Relative accuracy of the eigenvalues."),
+    max_hvps: Optional[int] = typer.Option(None, help="Budget of Hessian-vector products for the eigenvalues."),
+    trace_probes: Optional[int] = typer.Option(None, help="Probes of the trace estimate (default 99)."),
+    seed: int = typer.Option(0, help="Seed of the start vector and the probes."),
+    train_mode: bool = typer.Option(False, help="Differentiate in train mode (BatchNorm batch statistics, "
+                                                "dropout with fixed masks); default eval mode."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write the result to this JSON file ('-': stdout)."),
+    plot: Optional[str] = typer.Option(None, help="Write the spectrum figure (PNG/SVG/PDF, or .html: interactive); implies --density."),
+    trust_remote_code: bool = typer.Option(False, help="Allow a checkpoint's user model factory to be imported."),
+):
+    """Sharpness of the loss at a checkpoint: extreme Hessian eigenvalues to 1e-8, trace with error bars."""
+    from landscape import load
+    from landscape.flatness import FlatnessReport, flatness
+    from nexus_opt.errors import UserError
+
+    if top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {top_k}")
+    if backend == "pyhessian" and which == "both":
+        which = "top"  # power iteration finds the top end only
+    obj = load(checkpoint, device=device, trust_remote_code=trust_remote_code)
+    with _progress_bar() as bar:
+        res = flatness(obj, k=top_k, domain=domain, trace=trace, density=density or bool(plot), seed=seed,
+                       backend=backend, which=which, tol=tol, max_hvps=max_hvps, trace_probes=trace_probes,
+                       density_probes=density_probes, density_steps=density_steps, train_mode=train_mode,
+                       progress=bar)
+    results = res.results if isinstance(res, FlatnessReport) else {res.domain: res}
+    first = next(iter(results.values()))
+    show = console if json_out == "-" else out  # stdout carries only the JSON when it is asked for there
+    show.print(summary_table(results, f"flatness of {checkpoint} ({first.num_params} parameters, {backend})"))
+    show.print(eigen_table(results))
+    payload = {"command": "flatness", "checkpoint": str(checkpoint), "result": res.to_dict()}
+    if json_out == "-":
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+    elif json_out:
+        write_json(payload, json_out)
+    if plot:
+        from landscape.render.flatness import flatness_figure
+        flatness_figure(res, plot, title=f"Hessian spectrum of {checkpoint}")
+        console.print(f"wrote {plot}")

@@ -1,0 +1,200 @@
+"""Flatness of the loss at a point: extreme Hessian eigenvalues, the trace and the spectral density, per domain."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import torch
+
+from nexus_opt.errors import UserError
+
+from .density import SpectralDensity, spectral_density
+from .hvp import HessianOperator
+from .lanczos import EigenResult, eigsh, lanczos
+from .objective import Objective
+from .result import Result
+from .trace import METHODS as TRACE_METHODS, estimate_trace
+
+BACKENDS = ("lanczos", "eigsh", "pyhessian")
+Progress = Callable[[int, int, str], None]  # progress(done, total, what), as the other analyzers
+
+
+@dataclasses.dataclass
+class FlatnessResult(Result):
+    """Curvature of one domain's loss ('train' = the training loss) at the model's parameters.
+
+    `eigenvalues` are the top k (descending) and `bottom_eigenvalues` the smallest k (ascending), each with
+    residual norms ||Hv - lambda v|| and error bounds; `trace` +- `trace_stderr` is a stochastic estimate;
+    `hvps` counts Hessian-vector products per part and in total.
+    """
+
+    domain: str
+    num_params: int
+    loss: float
+    eigenvalues: list[float] | None
+    residuals: list[float] | None
+    errors: list[float] | None
+    bottom_eigenvalues: list[float] | None
+    bottom_residuals: list[float] | None
+    bottom_errors: list[float] | None
+    converged: bool
+    trace: float | None
+    trace_stderr: float | None
+    trace_method: str | None
+    trace_probes: int | None
+    density: SpectralDensity | None
+    hvps: dict[str, int]
+    wall_time_s: float
+    timings: dict[str, float]
+    backend: str
+    seed: int
+    settings: dict
+
+    @property
+    def lambda_max(self) -> float | None:
+        return self.eigenvalues[0] if self.eigenvalues else None
+
+    @property
+    def lambda_min(self) -> float | None:
+        return self.bottom_eigenvalues[0] if self.bottom_eigenvalues else None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FlatnessResult":
+        d = dict(d)
+        if isinstance(d.get("density"), dict):
+            d["density"] = SpectralDensity.from_dict(d["density"])
+        return super().from_dict(d)
+
+
+@dataclasses.dataclass
+class FlatnessReport(Result):
+    """Flatness per domain (`domain='each'`): `results[name]`, with the products and time over all of them."""
+
+    results: dict[str, FlatnessResult]
+    hvps: int
+    wall_time_s: float
+
+    def __getitem__(self, name: str) -> FlatnessResult:
+        return self.results[name]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FlatnessReport":
+        return cls(results={k: FlatnessResult.from_dict(v) for k, v in d["results"].items()},
+                   hvps=int(d["hvps"]), wall_time_s=float(d["wall_time_s"]))
+
+
+def flatness(obj: Objective, k: int = 5, domain: str | None = None, trace: bool = True, density: bool = False,
+             seed: int = 0, backend: str = "lanczos", which: str = "both", tol: float = 1e-8,
+             max_hvps: int | None = None, trace_method: str = "hutch++", trace_probes: int | None = None,
+             dtype: torch.dtype = torch.float64, train_mode: bool = False, progress: Progress | None = None, *,
+             density_probes: int = 4, density_steps: int = 80, mode: str = "double_backward", cache: bool = True,
+             device=None) -> FlatnessResult | FlatnessReport:
+    """Top/bottom Hessian eigenvalues (to `tol` relative accuracy), trace and optional spectral density of a
+    domain's loss; `domain='each'` gives a FlatnessReport over every domain.
+
+    Works on a copy in `dtype` (float64) in eval mode (`train_mode=True`: batch statistics, fixed dropout
+    masks); the caller's model is never changed. `max_hvps` bounds the eigenvalue part; `mode` picks exact
+    (double backward) or finite-difference products; `cache=False` rebuilds the gradient graph per product
+    block (less memory); `progress(done, total, what)` is called as products are spent.
+    """
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend '{backend}'; choose one of {list(BACKENDS)}")
+    if which not in ("both", "top", "bottom"):
+        raise UserError(f"unknown which '{which}'; choose 'both', 'top' or 'bottom'")
+    if backend == "pyhessian" and which != "top":
+        raise UserError("the pyhessian backend finds only the top eigenvalues (power iteration); use which='top' "
+                        "or backend 'lanczos'")
+    if trace and trace_method not in TRACE_METHODS:
+        raise UserError(f"unknown trace method '{trace_method}'; choose one of {list(TRACE_METHODS)}")
+    if k < 1:
+        raise UserError(f"k must be at least 1, got {k}")
+    names = obj.resolve(domain)
+    t0 = time.perf_counter()
+    work = obj.to(device=device, dtype=dtype)  # one private copy for every domain
+    results = {}
+    for name in names:
+        results[name] = _one(obj, work, name, k=k, trace=trace, density=density, seed=seed, backend=backend,
+                             which=which, tol=tol, max_hvps=max_hvps, trace_method=trace_method,
+                             trace_probes=trace_probes, density_probes=density_probes, density_steps=density_steps,
+                             dtype=dtype, train_mode=train_mode, mode=mode, cache=cache, device=device,
+                             progress=progress)
+    if domain == "each":
+        return FlatnessReport(results=results, hvps=sum(r.hvps["total"] for r in results.values()),
+                              wall_time_s=time.perf_counter() - t0)
+    return results[names[0]]
+
+
+def _one(obj: Objective, work: Objective, name: str, *, k, trace, density, seed, backend, which, tol, max_hvps,
+         trace_method, trace_probes, density_probes, density_steps, dtype, train_mode, mode, cache, device,
+         progress) -> FlatnessResult:
+    """Flatness of one domain on the private copy `work` (obj itself is only handed to PyHessian)."""
+    t_start = time.perf_counter()
+    op = HessianOperator(work, name, dtype=None, mode=mode, train_mode=train_mode, cache=cache, copy=False,
+                         seed=seed)
+    timings, hvps = {}, {}
+
+    def tick(part: str):
+        return None if progress is None else (lambda done, total: progress(done, total, f"{name}: {part}"))
+
+    loss = op.loss()
+    t = time.perf_counter()
+    if backend == "pyhessian":
+        from .pyhessian_backend import pyhessian_eigen
+        eig = pyhessian_eigen(obj, k, name, seed=seed, dtype=dtype, train_mode=train_mode, device=device)
+    elif backend == "eigsh":
+        eig = eigsh(op, k, which, tol=tol, max_hvps=max_hvps, seed=seed, progress=tick("eigenvalues"))
+    else:
+        eig = lanczos(op, k, which, tol=tol, max_hvps=max_hvps, seed=seed, progress=tick("eigenvalues"))
+    timings["eigenvalues"] = time.perf_counter() - t
+    hvps["eigenvalues"] = eig.hvps
+    top, bottom = _ends(eig, which)
+
+    tr = None
+    if trace:
+        t = time.perf_counter()
+        if backend == "pyhessian":
+            from .pyhessian_backend import pyhessian_trace
+            tr = pyhessian_trace(obj, name, trace_probes or 100, seed=seed, dtype=dtype, train_mode=train_mode,
+                                 device=device)
+        else:
+            tr = estimate_trace(op, trace_method, trace_probes, seed=seed, progress=tick("trace"))
+        timings["trace"] = time.perf_counter() - t
+        hvps["trace"] = tr.hvps
+
+    dens = None
+    if density:
+        t = time.perf_counter()
+        dens = spectral_density(op, density_probes, density_steps, seed=seed, progress=tick("density"))
+        timings["density"] = time.perf_counter() - t
+        hvps["density"] = dens.hvps
+    op.release()
+    hvps["total"] = sum(hvps.values())
+    conv = all(top[2] or []) and all(bottom[2] or [])
+    settings = {"k": k, "which": which, "tol": tol, "max_hvps": max_hvps, "dtype": str(dtype).replace("torch.", ""),
+                "train_mode": train_mode, "mode": mode, "cache": cache, "device": str(op.device),
+                "trace_method": tr.method if tr else None, "density_probes": density_probes if density else None,
+                "density_steps": density_steps if density else None, "eigen_iterations": eig.iterations,
+                "eigen_restarts": eig.restarts}
+    return FlatnessResult(
+        domain=name, num_params=op.n, loss=loss,
+        eigenvalues=top[0], residuals=top[1], errors=top[3],
+        bottom_eigenvalues=bottom[0], bottom_residuals=bottom[1], bottom_errors=bottom[3],
+        converged=bool(conv), trace=tr.estimate if tr else None, trace_stderr=tr.stderr if tr else None,
+        trace_method=tr.method if tr else None, trace_probes=tr.probes if tr else None, density=dens,
+        hvps=hvps, wall_time_s=time.perf_counter() - t_start, timings=timings, backend=backend, seed=seed,
+        settings=settings)
+
+
+def _ends(eig: EigenResult, which: str):
+    """(values, residuals, converged, errors) for the top and the bottom end (None where not asked)."""
+    none = (None, None, None, None)
+    first = (eig.eigenvalues, eig.residuals, eig.converged, eig.errors)
+    if which == "both":
+        return first, (eig.bottom_eigenvalues, eig.bottom_residuals, eig.bottom_converged, eig.bottom_errors)
+    if which == "bottom":
+        return none, first
+    return first, none
+
+
+__all__ = ["flatness", "FlatnessResult", "FlatnessReport", "SpectralDensity"]
