@@ -51,7 +51,7 @@ class TrajectoryToyResult(Result):
     settings: dict
 
 
-def trajectory_toy(steps: int = 150, seed: int = 3, lr: float = 0.05, inner_lr: float = 0.05, accum: int = 4,
+def trajectory_toy(steps: int = 200, seed: int = 3, lr: float = 0.1, inner_lr: float = 0.05, accum: int = 4,
                    grid: int = 81) -> TrajectoryToyResult:
     """Train AdamW and Nexus on a 2-D two-bowl suite with the trainer and record every outer step."""
     opts = {"dim": 2, "n_domains": 2, "spread": 1.0}

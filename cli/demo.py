@@ -1,0 +1,81 @@
+"""`landscape demo`: the main job (train AdamW and Nexus, compare at matched loss, report)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .app import command
+from .common import console, out
+
+
+class _RunBars:
+    """One rich progress task per training run, fed by the trainer's events."""
+
+    def __init__(self, p: Progress):
+        self.p = p
+
+    def __call__(self, name: str):
+        task = None
+
+        def cb(ev: dict) -> None:
+            nonlocal task
+            if ev["event"] == "step":
+                if task is None:
+                    task = self.p.add_task(name, total=ev["steps"], completed=ev["step"] - 1)
+                self.p.update(task, completed=ev["step"])
+
+        return cb
+
+    def task(self, name: str):
+        """A callback `(done, total, what)` for one analysis, shown as its own bar."""
+        tid = None
+
+        def cb(done: int, total: int, what: str = "") -> None:
+            nonlocal tid
+            if tid is None:
+                tid = self.p.add_task(name, total=total)
+            self.p.update(tid, completed=done, total=total)
+
+        return cb
+
+
+@command("demo")
+def demo_cmd(
+    quick: bool = typer.Option(False, "--quick", help="Small models and grids: under 2 minutes on 2 CPU cores."),
+    out_dir: str = typer.Option("demo", "--out", help="Output directory (runs, figures, report.html, summary.json)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds (default 0,1,2; quick: 0,1)."),
+):
+    """Train AdamW and Nexus on the built-in suites, compare them at matched training loss, measure flatness,
+    gradient similarity, closeness and surfaces, and write one self-contained HTML report."""
+    from nexus_opt.errors import UserError
+    from nexus_opt.train import resolve_device
+
+    from landscape.demo import METRIC_ROWS, preset, run_demo
+
+    resolve_device(device)
+    try:
+        seed_list = tuple(int(s) for s in seeds.split(",")) if seeds else None
+    except ValueError:
+        raise UserError(f"--seeds must be comma-separated integers, got '{seeds}'") from None
+    cfg = preset(quick=quick, out=out_dir, device=device, seeds=seed_list)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console) as p:
+        bars = _RunBars(p)
+        summary = run_demo(cfg, log=lambda m: p.console.print(f"[cyan]demo[/cyan] {m}"), progress=bars, task=bars.task)
+    for suite, s in summary["suites"].items():
+        t = Table(title=f"{suite}: AdamW vs Nexus at matched training loss (mean ± std over {len(cfg.seeds)} seeds)")
+        for c in ("metric", "AdamW", "Nexus"):
+            t.add_column(c, justify="left" if c == "metric" else "right")
+        for key, label in METRIC_ROWS:
+            a, n = s["aggregate"]["adamw"][key], s["aggregate"]["nexus"][key]
+            t.add_row(label, _pm(a), _pm(n))
+        out.print(t)
+    console.print(f"report: {summary['report']}  (data: {out_dir}/summary.json, figures: {out_dir}/figures/)")
+
+
+def _pm(s: dict) -> str:
+    return "n/a" if s["mean"] is None else f"{s['mean']:.4g} ± {s['std']:.2g}"
