@@ -7,8 +7,7 @@ import typer
 from rich.table import Table
 
 from .app import command
-from .common import console, out, write_json
-from .gradsim import label, progress_bar
+from .common import console, label, out, progress_bar, write_json
 
 
 def _g(v, fmt: str = ".4g") -> str:

@@ -1,30 +1,15 @@
 """`landscape flatness`: top/bottom Hessian eigenvalues, trace and spectral density of a checkpoint, per domain."""
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
-from typing import Iterator, Optional
+from typing import Optional
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .app import command
-from .common import console, out, write_json
-
-
-@contextlib.contextmanager
-def _progress_bar() -> Iterator:
-    """A transient rich progress bar on stderr; yields `progress(done, total, what)`."""
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} HVPs"),
-                  TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal) as p:
-        task = p.add_task("", total=1)
-
-        def update(done, total, what):
-            p.update(task, completed=done, total=total, description=what)
-
-        yield update
+from .common import console, out, progress_bar, write_json
 
 
 def _g(v, digits: int = 5) -> str:
@@ -103,7 +88,7 @@ def flatness_cmd(
     if backend == "pyhessian" and which == "both":
         which = "top"  # power iteration finds the top end only
     obj = load(checkpoint, device=device, trust_remote_code=trust_remote_code)
-    with _progress_bar() as bar:
+    with progress_bar("HVPs") as bar:
         res = flatness(obj, k=top_k, domain=domain, trace=trace, density=density or bool(plot), seed=seed,
                        backend=backend, which=which, tol=tol, max_hvps=max_hvps, trace_probes=trace_probes,
                        density_probes=density_probes, density_steps=density_steps, train_mode=train_mode,

@@ -1,36 +1,14 @@
 """`landscape gradsim`: cosine matrix of per-domain gradients for one or more checkpoints, side by side."""
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import typer
 from rich.columns import Columns
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .app import command
-from .common import console, out, write_json
-
-
-def label(path: str) -> str:
-    """A short name for a checkpoint path: its last two components."""
-    parts = Path(path).parts
-    return "/".join(parts[-2:]) if len(parts) > 1 else str(path)
-
-
-@contextlib.contextmanager
-def progress_bar() -> Iterator:
-    """A rich progress bar on stderr; yields `progress(done, total, what)` for the analyzers."""
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=True) as p:
-        task = p.add_task("", total=1)
-
-        def update(done, total, what):
-            p.update(task, completed=done, total=total, description=what)
-
-        yield update
+from .common import console, label, out, progress_bar, write_json
 
 
 def _fmt(v, digits: int = 3) -> str:

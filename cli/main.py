@@ -1,11 +1,8 @@
 """Entry point of the `landscape` console script: imports each command module, then runs the app."""
 from __future__ import annotations
 
-from . import train  # noqa: F401  (each module registers its commands on the app)
-from . import gradsim, closeness  # noqa: F401
-from . import surface  # noqa: F401
-from . import flatness  # noqa: F401
-from . import demo  # noqa: F401
+# each module registers its command(s) on the app
+from . import closeness, demo, flatness, gradsim, surface, train  # noqa: F401
 from .app import app
 
 

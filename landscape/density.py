@@ -5,7 +5,6 @@ import dataclasses
 from typing import Callable
 
 import numpy as np
-import torch
 from scipy.linalg import eigh_tridiagonal
 
 from nexus_opt.errors import UserError
