@@ -17,8 +17,11 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
 fi
 extras=""
 if [ "${1:-}" = "--test" ]; then extras="[test]"; fi
+# reuse the venv's setuptools for the editable build when it has one (fast, offline); else pip isolates it
+iso=""
+if "$VPY" -c "import setuptools" >/dev/null 2>&1; then iso="--no-build-isolation"; fi
 log=$(mktemp)
-if ! "$VPY" -m pip install -q --no-build-isolation -e ".${extras}" >"$log" 2>&1; then
+if ! "$VPY" -m pip install -q $iso -e ".${extras}" >"$log" 2>&1; then
     cat "$log" >&2; rm -f "$log"; echo "setup: pip install failed" >&2; exit 1
 fi
 rm -f "$log"
