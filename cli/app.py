@@ -35,8 +35,10 @@ def command(name: str, **kw):
                 return fn(*a, **k)
             except UserError as e:
                 fail(str(e))
-            except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
-                fail(f"{e.strerror or e}: {e.filename}")
+            except OSError as e:  # a path that cannot be read or written: missing, a file, no permission, ...
+                if e.filename is None:  # not about a named path: a genuine failure, keep its traceback
+                    raise
+                fail(f"{e.strerror or e}: {e.filename}; check the path and its permissions")
             except KeyboardInterrupt:
                 sys.stderr.write("interrupted\n")
                 raise typer.Exit(130)

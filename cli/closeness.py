@@ -7,7 +7,7 @@ import typer
 from rich.table import Table
 
 from .app import command
-from .common import console, label, out, progress_bar, write_json
+from .common import check_output_file, console, figure_formats, label, out, progress_bar, write_json
 
 
 def _g(v, fmt: str = ".4g") -> str:
@@ -72,6 +72,8 @@ def closeness_cmd(
 
     if optimizer not in OPTIMIZERS:
         raise UserError(f"unknown optimizer '{optimizer}'; choose one of {sorted(OPTIMIZERS)}")
+    check_output_file(json_out, "--json")
+    check_output_file(plot, "--plot", figure_formats() if plot else None)
     doms = [d.strip() for d in domains.split(",") if d.strip()] if domains else None
     results, labels = [], []
     for path in checkpoints:

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -29,6 +30,61 @@ def parse_kv(text: str | None, what: str) -> dict:
         except ValueError:
             res[k.strip()] = v.strip()
     return res
+
+
+def check_output_file(path: str | None, option: str, formats: Sequence[str] | None = None) -> None:
+    """Refuse, before any work is done, an output file that could not be written afterwards: an unsupported
+    or missing extension (when `formats` is given), a directory, or a location that is not writable."""
+    from nexus_opt.errors import UserError
+
+    if path is None or path == "-":
+        return
+    p = Path(path)
+    if formats is not None:
+        ext = p.suffix.lower().lstrip(".")
+        if ext not in formats:
+            what = f"unsupported file type '.{ext}'" if ext else "no file extension"
+            raise UserError(f"{option} {path}: {what}; end the name with one of "
+                            f"{', '.join('.' + f for f in formats)}")
+    if p.is_dir():
+        raise UserError(f"{option} {path} is a directory; give a file name")
+    _check_writable(p.parent, option, path)
+
+
+def check_output_dir(path: str, option: str) -> None:
+    """Refuse, before any work is done, an output directory that is a file or cannot be created or written."""
+    from nexus_opt.errors import UserError
+
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{option} {path} is a file; give a directory (it is created if missing)")
+    _check_writable(p, option, path)
+
+
+def _check_writable(d: Path, option: str, path) -> None:
+    """The nearest existing ancestor of directory `d` must be a directory in which a file can be created."""
+    from nexus_opt.errors import UserError
+
+    a = d
+    while not a.exists():
+        a = a.parent
+    if not a.is_dir():
+        raise UserError(f"{option} {path}: '{a}' is a file, not a directory; choose another location")
+    try:
+        with tempfile.TemporaryFile(dir=a):  # an anonymous file where the OS supports it; removed at once
+            pass
+    except OSError as e:
+        raise UserError(f"{option} {path}: cannot write in '{a}' ({e.strerror or type(e).__name__}); "
+                        "choose a writable location") from None
+
+
+def figure_formats(html: bool = False) -> list[str]:
+    """File extensions a --plot can take: what matplotlib writes (plus html where an interactive one exists)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    known = set(FigureCanvasBase.get_supported_filetypes()) | ({"html"} if html else set())
+    first = [f for f in ("png", "svg", "pdf", "html") if f in known]
+    return first + sorted(known - set(first))
 
 
 def write_json(data: dict, path: str | Path) -> None:

@@ -8,7 +8,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .app import command
-from .common import console, out
+from .common import check_output_dir, console, out
 
 
 class _RunBars:
@@ -52,7 +52,7 @@ def demo_cmd(
     """Train AdamW and Nexus on the built-in suites, compare them at matched training loss, measure flatness,
     gradient similarity, closeness and surfaces, and write one self-contained HTML report."""
     from nexus_opt.errors import UserError
-    from nexus_opt.train import resolve_device
+    from nexus_opt.train import check_seed, resolve_device
 
     from landscape.demo import METRIC_ROWS, preset, run_demo
 
@@ -61,6 +61,12 @@ def demo_cmd(
         seed_list = tuple(int(s) for s in seeds.split(",")) if seeds else None
     except ValueError:
         raise UserError(f"--seeds must be comma-separated integers, got '{seeds}'") from None
+    if seed_list is not None:
+        if len(set(seed_list)) != len(seed_list):
+            raise UserError(f"--seeds must be distinct (a repeated seed would be counted twice), got '{seeds}'")
+        for s in seed_list:
+            check_seed(s, "--seeds entries")
+    check_output_dir(out_dir, "--out")
     cfg = preset(quick=quick, out=out_dir, device=device, seeds=seed_list)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as p:

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .app import command
-from .common import console, out, progress_bar, write_json
+from .common import check_output_file, console, figure_formats, out, progress_bar, write_json
 
 
 def _g(v, digits: int = 5) -> str:
@@ -85,6 +85,8 @@ def flatness_cmd(
 
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
+    check_output_file(json_out, "--json")
+    check_output_file(plot, "--plot", figure_formats(html=True) if plot else None)
     if backend == "pyhessian" and which == "both":
         which = "top"  # power iteration finds the top end only
     obj = load(checkpoint, device=device, trust_remote_code=trust_remote_code)

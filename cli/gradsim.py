@@ -8,7 +8,7 @@ from rich.columns import Columns
 from rich.table import Table
 
 from .app import command
-from .common import console, label, out, progress_bar, write_json
+from .common import check_output_file, console, figure_formats, label, out, progress_bar, write_json
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -73,6 +73,8 @@ def gradsim_cmd(
     from landscape import load
     from landscape.gradsim import gradient_similarity
 
+    check_output_file(json_out, "--json")
+    check_output_file(plot, "--plot", figure_formats() if plot else None)
     doms = [d.strip() for d in domains.split(",") if d.strip()] if domains else None
     results, labels = [], []
     for path in checkpoints:

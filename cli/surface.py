@@ -1,6 +1,7 @@
 """`landscape plot-surface`: every domain's loss on a plane around checkpoints, as .npz + PNG/SVG + HTML."""
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import List, Optional
@@ -9,7 +10,7 @@ import typer
 from rich.table import Table
 
 from .app import command
-from .common import console, out
+from .common import check_output_dir, console, out
 
 
 def parse_span(text: Optional[str]):
@@ -23,15 +24,26 @@ def parse_span(text: Optional[str]):
         vals = [float(p) for p in parts]
     except ValueError:
         vals = []
+    if not all(math.isfinite(v) for v in vals):
+        vals = []
     if len(vals) == 1 and vals[0] > 0:
         return vals[0]
     if len(vals) == 4 and vals[0] < vals[1] and vals[2] < vals[3]:
         return tuple(vals)
-    raise UserError(f"--span must be 'auto', a positive number or 'xmin,xmax,ymin,ymax' with min < max, got '{text}'")
+    raise UserError(f"--span must be 'auto', a positive number or 'xmin,xmax,ymin,ymax' with min < max "
+                    f"(finite numbers), got '{text}'")
 
 
-def _names(text: Optional[str]) -> Optional[list[str]]:
-    return [d.strip() for d in text.split(",") if d.strip()] if text else None
+def _names(text: Optional[str], option: str) -> Optional[list[str]]:
+    """'a, b' -> ['a', 'b']; None -> None (the default); a UserError when the text names nothing."""
+    from nexus_opt.errors import UserError
+
+    if text is None:
+        return None
+    names = [d.strip() for d in text.split(",") if d.strip()]
+    if not names:
+        raise UserError(f"{option} '{text}' names no domain; give comma-separated domain names or leave it out")
+    return names
 
 
 def _slug(text: str) -> str:
@@ -83,7 +95,7 @@ def plot_surface_cmd(
     trust_remote_code: bool = typer.Option(False, help="Allow a checkpoint's user model factory to be imported."),
 ):
     """Loss of every domain and the training loss on a plane: small multiples, low-loss overlay, interactive HTML."""
-    from landscape.render.surface import compare_figure, write_figures, _save
+    from landscape.render.surface import compare_figure, parse_level, write_figures, _save
     from landscape.surface import BATCH_MODES, PLANES, SurfaceResult, surface
     from nexus_opt.errors import UserError
 
@@ -98,6 +110,8 @@ def plot_surface_cmd(
     if grid < 2:
         raise UserError(f"--grid must be at least 2, got {grid}")
     box = parse_span(span)
+    parse_level(level)  # a bad --level is refused now, not after the surface was computed
+    check_output_dir(out_dir, "--out")
     outd = Path(out_dir)
     written: list[Path] = []
     results, labels, stems = [], [], []
@@ -113,8 +127,8 @@ def plot_surface_cmd(
             raise UserError("give at least one checkpoint (or --from RESULT.npz to re-render)")
         from landscape import load
 
-        common = dict(grid=grid, span=box, seed=seed, domains=_names(domains), norm=norm, bias=bias, batch=batch,
-                      pair=_names(pair), descend_steps=steps)
+        common = dict(grid=grid, span=box, seed=seed, domains=_names(domains, "--domains"), norm=norm, bias=bias,
+                      batch=batch, pair=_names(pair, "--pair"), descend_steps=steps)
         if plane == "checkpoints":
             if len(checkpoints) not in (2, 3):
                 raise UserError(f"--plane checkpoints needs 2 or 3 checkpoints, got {len(checkpoints)}")

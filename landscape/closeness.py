@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from nexus_opt.errors import UserError
+from nexus_opt.train import check_seed
 
 from .gradsim import Progress, check_domains, domain_gradient, preserved
 from .objective import Objective
@@ -216,6 +217,10 @@ def closeness(obj: Objective, steps: int = 300, lr: float | None = None, optimiz
     The bound is null when lambda_min <= 0 or curvature=False. `minima` holds theta_k* only with keep_minima.
     """
     names = check_domains(obj, domains, obj.train_domains)
+    if int(steps) < 1:
+        raise UserError(f"steps must be at least 1: closeness descends from the checkpoint to each domain's "
+                        f"minimum, got {steps}")
+    seed = check_seed(seed, "seed")
     if int(barrier_points) < 2:
         raise UserError(f"barrier_points must be >= 2, got {barrier_points}")
     if optimizer not in OPTIMIZERS:

@@ -109,7 +109,7 @@ def _analyse(path: str, plan: SuitePlan, device: str, seed: int, surf_minima: bo
     small = _subset(obj, plan.analysis_batches)
     name = f"{Path(path).parent.name}/{Path(path).name}"
     t0 = time.time()
-    res = {"path": path, "step": obj.meta["step"], "losses": obj.losses()}
+    res = {"path": path, "step": obj.meta["step"], "losses": obj.losses(), "ood": obj.ood}
     res["gradsim"] = gradient_similarity(obj, seed=seed, per_layer=False).to_dict()
     cl = closeness(small, steps=plan.closeness_steps, seed=seed, keep_minima=surf_minima,
                    progress=task(f"closeness {name}") if task else None)
@@ -124,7 +124,7 @@ def _analyse(path: str, plan: SuitePlan, device: str, seed: int, surf_minima: bo
 
 def _metrics(a: dict) -> dict:
     """The scalar numbers compared across optimizers (one checkpoint's analysis)."""
-    ood = [d for d in a["losses"] if d in a["gradsim"].get("ood", [])]
+    ood = a["ood"]
     cl, fl, gs = a["closeness"], a["flatness"], a["gradsim"]
     bound = (cl.get("bound") or {}).get("value")
     return {"train_loss": a["losses"]["train"],
@@ -195,7 +195,7 @@ def run_demo(cfg: DemoConfig, log: Callable = print, progress: Callable[[str], C
             surf[opt] = str(spath)
             p0["matched"][opt]["closeness"].pop("minima", None)  # used; too bulky to keep
         summary["suites"][plan.suite] = {"per_seed": per_seed, "aggregate": agg, "curves": curves,
-                                         "surfaces": surf, "ood": load(p0["pair"]["a"]).ood}
+                                         "surfaces": surf, "ood": p0["matched"]["adamw"]["ood"]}
     summary["seconds"] = time.time() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     from .demo_report import write_report

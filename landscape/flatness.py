@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from nexus_opt.errors import UserError
+from nexus_opt.train import check_seed
 
 from .density import SpectralDensity, spectral_density
 from .hvp import HessianOperator
@@ -109,7 +110,27 @@ def flatness(obj: Objective, k: int = 5, domain: str | None = None, trace: bool 
         raise UserError(f"unknown trace method '{trace_method}'; choose one of {list(TRACE_METHODS)}")
     if k < 1:
         raise UserError(f"k must be at least 1, got {k}")
+    try:
+        tol_ok = 0 < float(tol) < 1  # False for NaN
+    except (TypeError, ValueError):
+        tol_ok = False
+    if not tol_ok:
+        raise UserError(f"tol must be a relative accuracy between 0 and 1 (e.g. 1e-8), got {tol}")
+    if trace and trace_probes is not None:  # refused now, not after the eigenvalues were paid for
+        least = 2 if backend == "pyhessian" or trace_method == "hutchinson" else 4
+        if int(trace_probes) < least:
+            raise UserError(f"trace_probes must be at least {least} for a trace with an error bar "
+                            f"({'Hutchinson' if least == 2 else 'Hutch++'}), got {trace_probes}")
+    if density and (int(density_probes) < 1 or int(density_steps) < 1):
+        raise UserError(f"spectral density needs density_probes >= 1 and density_steps >= 1, "
+                        f"got {density_probes} and {density_steps}")
+    if max_hvps is not None and int(max_hvps) < 1:
+        raise UserError(f"max_hvps must be at least 1 (or None: the default budget), got {max_hvps}")
+    seed = check_seed(seed, "seed")
     names = obj.resolve(domain)
+    n = obj.num_params()
+    if k > n:
+        raise UserError(f"k={k} eigenvalues asked for, but the model has only {n} parameters; use k <= {n}")
     t0 = time.perf_counter()
     work = obj.to(device=device, dtype=dtype)  # one private copy for every domain
     results = {}
@@ -155,7 +176,7 @@ def _one(obj: Objective, work: Objective, name: str, *, k, trace, density, seed,
         t = time.perf_counter()
         if backend == "pyhessian":
             from .pyhessian_backend import pyhessian_trace
-            tr = pyhessian_trace(obj, name, trace_probes or 100, seed=seed, dtype=dtype, train_mode=train_mode,
+            tr = pyhessian_trace(obj, name, 100 if trace_probes is None else trace_probes, seed=seed, dtype=dtype, train_mode=train_mode,
                                  device=device)
         else:
             tr = estimate_trace(op, trace_method, trace_probes, seed=seed, progress=tick("trace"))

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from nexus_opt.errors import UserError
+from nexus_opt.train import check_seed
 
 from .objective import Objective
 from .params import layer_slices
@@ -161,7 +162,11 @@ def gradient_similarity(obj: Objective, seed: int = 0, domains=None, resamples: 
     names = check_domains(obj, domains, list(obj.domains))
     if int(resamples) < 0:
         raise UserError(f"resamples must be >= 0, got {resamples}")
+    if int(resamples) == 1:
+        raise UserError("resamples must be 0 (no error bars) or at least 2 (one bootstrap resample has no spread), "
+                        "got 1")
     resamples = int(resamples)
+    seed = check_seed(seed, "seed")
     params = obj.params()
     if not params:
         raise UserError("the model has no trainable parameters")
@@ -231,7 +236,7 @@ def gradient_similarity(obj: Objective, seed: int = 0, domains=None, resamples: 
 
     stderr, mean_se, conflict_se = None, None, None
     if resamples > 0:
-        gen = np.random.default_rng(int(seed))
+        gen = np.random.default_rng(seed % 2 ** 64)  # numpy wants a non-negative seed; same for seed >= 0
         units = [plan[d]["units"] for d in names]
         ok = np.array([len(u) >= 2 for u in units])
         draws = np.empty((resamples, K, K))

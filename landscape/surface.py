@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import time
+import zipfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -32,6 +33,7 @@ import torch
 
 import nexus_opt
 from nexus_opt.errors import UserError
+from nexus_opt.train import check_seed
 
 from . import directions as dirs
 from .objective import TRAIN, Objective
@@ -138,16 +140,32 @@ def _load_npz(cls, path: str | Path, kind: str):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no result file at {path}")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # every .npz is a zip archive
+            raise UserError(f"{path} is not a landscape result file (not an .npz archive); pass a .npz written by "
+                            f"`landscape plot-surface`")
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
             arrays = {k: z[k] for k in z.files if k != "meta"}
-    except (ValueError, OSError, KeyError) as e:
-        raise UserError(f"{path} is not a landscape result file ({e})") from None
+    except KeyError:
+        raise UserError(f"{path} is not a landscape result file (no metadata entry); pass a .npz written by "
+                        f"`landscape plot-surface`") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # truncated or corrupt
+        why = str(e).splitlines()[0][:120] if str(e) else "truncated"
+        raise UserError(f"{path} is a corrupt or truncated result file ({type(e).__name__}: {why}); recompute it "
+                        f"with `landscape plot-surface`") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} is not a landscape result file (its metadata is not a JSON object)")
     if meta.get("format") != FORMAT or meta.get("kind") != kind:
         raise UserError(f"{path} is not a {kind} result (format {meta.get('format')!r}, kind {meta.get('kind')!r})")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise UserError(f"{path} was written by a newer version (format {meta['format_version']}); upgrade nexus-landscape")
+    names = meta.get("loss_names")
+    need = list(_ARRAYS[kind]) + [f"loss_{i}" for i in range(len(names))] if isinstance(names, list) else None
+    missing = ["loss_names"] if need is None else [k for k in need if k not in arrays]
+    if missing:
+        raise UserError(f"{path} is an incomplete {kind} result (missing {missing}); recompute it")
     fields = {f.name for f in dataclasses.fields(cls)}
     kw = {k: v for k, v in meta.items() if k in fields}
     kw.update({k: arrays[k] for k in _ARRAYS[kind]})
@@ -447,6 +465,10 @@ def _flat_of(x, obj: Objective) -> torch.Tensor:
 def _minima(obj: Objective, names: Sequence[str], given, steps: int, seed: int) -> dict[str, torch.Tensor]:
     """Per-domain minima: the given ones (domain -> flat), the rest by `closeness.descend` from theta."""
     given = dict(given or {})
+    todo = [d for d in names if d not in given]
+    if todo and int(steps) < 1:
+        raise UserError(f"descend_steps (--steps) must be at least 1 to find the minimum of {todo} for the domains "
+                        f"plane, got {steps}")
     out = {}
     for d in names:
         if d in given:
@@ -506,13 +528,13 @@ def grid_axes(points: Mapping[str, Sequence[float]], span, grid) -> tuple[np.nda
             box = [c[0] - h, c[0] + h, c[1] - h, c[1] + h]
     elif np.isscalar(span):
         s = float(span)
-        if not s > 0:
-            raise UserError(f"span must be positive, got {span}")
+        if not (s > 0 and np.isfinite(s)):
+            raise UserError(f"span must be a positive finite number, got {span}")
         box = [-s, s, -s, s]
     else:
         box = [float(v) for v in span]
-        if len(box) != 4 or not (box[0] < box[1] and box[2] < box[3]):
-            raise UserError(f"span must be a number or (xmin, xmax, ymin, ymax) with min < max, got {span}")
+        if len(box) != 4 or not (box[0] < box[1] and box[2] < box[3]) or not np.all(np.isfinite(box)):
+            raise UserError(f"span must be a number or (xmin, xmax, ymin, ymax), finite, with min < max, got {span}")
     box = [float(v) for v in box]
     return np.linspace(box[0], box[1], nx), np.linspace(box[2], box[3], ny), box
 
@@ -537,6 +559,8 @@ def surface(obj: Objective, plane: str = "random", grid=51, span=None, seed: int
     """
     from .gradsim import preserved
 
+    seed = check_seed(seed, "seed")
+    grid_axes({}, span, grid)  # refuse a bad grid or span before any descent or evaluation
     want, names = resolve_domains(obj, domains)
     rank, world = dist_info()
     device, dtype = obj.device, obj.dtype

@@ -101,7 +101,7 @@ def estimate_trace(op, method: str = "hutch++", probes: int | None = None, *, se
                    progress=None) -> TraceEstimate:
     """Dispatch to `hutch++` (default 99 probes) or `hutchinson` (default 100 probes)."""
     if method == "hutch++":
-        return hutchpp(op, probes or 99, seed=seed, block=block, progress=progress)
+        return hutchpp(op, 99 if probes is None else probes, seed=seed, block=block, progress=progress)
     if method == "hutchinson":
-        return hutchinson(op, probes or 100, seed=seed, block=block, progress=progress)
+        return hutchinson(op, 100 if probes is None else probes, seed=seed, block=block, progress=progress)
     raise UserError(f"unknown trace method '{method}'; choose one of {list(METHODS)}")

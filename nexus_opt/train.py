@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import operator
 import time
 from pathlib import Path
 from typing import Callable
@@ -63,6 +64,7 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
         if self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise UserError("--warmup must be >= 0 and --min-lr-ratio in [0, 1]")
+        self.seed = check_seed(self.seed)
         self.betas = tuple(self.betas)
         return self
 
@@ -73,6 +75,21 @@ class TrainConfig:
         if self.model and self.model != name:
             name, cfg = self.model, {}
         return {"name": name, "config": {**cfg, **self.model_config}}
+
+
+SEED_LIMIT = 2 ** 32  # seeds are mixed into 64-bit generator seeds (seed * 1e6 + i, seed + 1); keep them well inside
+
+
+def check_seed(seed, what: str = "--seed") -> int:
+    """The seed as an int, or a UserError when it is not an integer of magnitude below 2**32."""
+    try:
+        seed = operator.index(seed)  # ints and numpy integers; not floats or strings
+    except TypeError:
+        raise UserError(f"{what} must be an integer, got {seed!r}") from None
+    if not -SEED_LIMIT < seed < SEED_LIMIT:
+        raise UserError(f"{what} must be an integer between -{SEED_LIMIT - 1} and {SEED_LIMIT - 1}, got {seed}; "
+                        "pick a smaller seed")
+    return seed
 
 
 def resolve_device(device: str) -> torch.device:

@@ -46,11 +46,10 @@ def _origin_loss(r, d: str) -> float:
     return float(np.asarray(r.losses[d])[np.abs(y).argmin(), np.abs(x).argmin()])
 
 
-def resolve_levels(r, level=None) -> dict[str, float]:
-    """Each domain's low-loss level for the overlay (see the module docstring for the forms of `level`)."""
+def parse_level(level=None) -> tuple[str, float]:
+    """(kind, E) of a level spec: None -> ('rel', 0.1); 'rel:E', 'theta:E', a number X -> ('abs', X).
+    A UserError for anything else, and for a negative or non-finite E (no region could be drawn)."""
     spec = "rel:0.1" if level is None else level
-    names = [d for d in r.losses if d != TRAIN]
-    mins = {d: float(np.nanmin(r.losses[d])) for d in names}
     if isinstance(spec, str):
         kind, _, val = spec.partition(":")
         if not val:
@@ -58,9 +57,22 @@ def resolve_levels(r, level=None) -> dict[str, float]:
         try:
             e = float(val)
         except ValueError:
-            raise UserError(f"level must be a number, 'rel:E' or 'theta:E', got '{spec}'") from None
+            kind = None
     else:
         kind, e = "abs", float(spec)
+    if kind not in ("abs", "rel", "theta"):
+        raise UserError(f"level must be a number, 'rel:E' or 'theta:E', got '{spec}'")
+    if not (np.isfinite(e) and e >= 0):
+        raise UserError(f"level tolerance must be a finite number >= 0 (a negative one leaves every low-loss "
+                        f"region empty), got '{spec}'")
+    return kind, e
+
+
+def resolve_levels(r, level=None) -> dict[str, float]:
+    """Each domain's low-loss level for the overlay (see the module docstring for the forms of `level`)."""
+    kind, e = parse_level(level)
+    names = [d for d in r.losses if d != TRAIN]
+    mins = {d: float(np.nanmin(r.losses[d])) for d in names}
     if kind == "abs":
         return {d: mins[d] + e for d in names}
     if kind == "rel":
@@ -69,9 +81,7 @@ def resolve_levels(r, level=None) -> dict[str, float]:
             t = np.asarray(r.losses[TRAIN])
             base = float(np.nanmax(t) - np.nanmin(t))
         return {d: mins[d] + e * base for d in names}
-    if kind == "theta":
-        return {d: _origin_loss(r, d) * (1 + e) for d in names}
-    raise UserError(f"level must be a number, 'rel:E' or 'theta:E', got '{spec}'")
+    return {d: _origin_loss(r, d) * (1 + e) for d in names}  # theta
 
 
 def common_region(r, levels: Mapping[str, float]) -> float:
