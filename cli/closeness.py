@@ -7,7 +7,7 @@ import typer
 from rich.table import Table
 
 from .app import command
-from .common import check_output_file, console, figure_formats, label, out, progress_bar, write_json
+from .common import check_output_file, console, figure_formats, label, out, progress_bar, write_results
 
 
 def _g(v, fmt: str = ".4g") -> str:
@@ -84,8 +84,7 @@ def closeness_cmd(
         labels.append(label(path))
     out.print(closeness_table(results, labels))
     if json_out:
-        write_json({"command": "closeness", "results": [{"checkpoint": str(p), "result": r.to_dict()}
-                                                        for p, r in zip(checkpoints, results)]}, json_out)
+        write_results("closeness", checkpoints, results, json_out)
     if plot:
         from landscape.render.geometry import closeness_figure
         closeness_figure(results, labels, plot)

@@ -111,3 +111,9 @@ def progress_bar(unit: str = "") -> Iterator:
             p.update(task, completed=done, total=total, description=what)
 
         yield update
+
+
+def write_results(command: str, checkpoints, results, path) -> None:
+    """The JSON of a multi-checkpoint command: {"command", "results": [{"checkpoint", "result"}]}."""
+    write_json({"command": command, "results": [{"checkpoint": str(p), "result": r.to_dict()}
+                                                for p, r in zip(checkpoints, results)]}, path)

@@ -8,7 +8,7 @@ from rich.columns import Columns
 from rich.table import Table
 
 from .app import command
-from .common import check_output_file, console, figure_formats, label, out, progress_bar, write_json
+from .common import check_output_file, console, figure_formats, label, out, progress_bar, write_results
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -86,8 +86,7 @@ def gradsim_cmd(
     out.print(Columns([cosine_table(r, lab) for r, lab in zip(results, labels)], padding=(0, 3)))
     out.print(summary_table(results, labels))
     if json_out:
-        write_json({"command": "gradsim", "results": [{"checkpoint": str(p), "result": r.to_dict()}
-                                                      for p, r in zip(checkpoints, results)]}, json_out)
+        write_results("gradsim", checkpoints, results, json_out)
     if plot:
         from landscape.render.geometry import gradsim_figure
         gradsim_figure(results, labels, plot)

@@ -80,6 +80,18 @@ def _budget_basis(n: int, kw: int, basis_bytes: float) -> int:
     return max(2, min(n, max(min(fit, 200), 2 * kw + 10)))
 
 
+def _result(which: str, out: dict, ends, **info) -> EigenResult:
+    """An EigenResult from per-end tuples (values, residuals, converged, vectors, errors)."""
+    first = out[ends[0]]
+    bottom = out.get("bottom") if which == "both" else None
+    return EigenResult(which=which, eigenvalues=first[0], residuals=first[1], converged=first[2],
+                       bottom_eigenvalues=bottom[0] if bottom else None,
+                       bottom_residuals=bottom[1] if bottom else None,
+                       bottom_converged=bottom[2] if bottom else None,
+                       errors=first[4], bottom_errors=bottom[4] if bottom else None,
+                       vectors=first[3], bottom_vectors=bottom[3] if bottom else None, **info)
+
+
 def lanczos(op, k: int = 5, which: str = "both", *, tol: float = 1e-8, max_hvps: int | None = None,
             max_basis: int | None = None, seed: int = 0, v0: torch.Tensor | None = None,
             return_vectors: bool = False, basis_bytes: float = 2 ** 31, strict: bool = False,
@@ -170,15 +182,7 @@ def lanczos(op, k: int = 5, which: str = "both", *, tol: float = 1e-8, max_hvps:
         vecs = (V[:m].T @ torch.from_numpy(S[:, idx].copy())) if return_vectors else None
         out[end] = (theta[idx].tolist(), res[idx].tolist(), conv, vecs, est[idx].tolist())
     hvps = getattr(op, "hvps", start_hvps + used) - start_hvps
-    first = out[ends[0]]
-    bottom = out.get("bottom") if which == "both" else None
-    return EigenResult(which=which, eigenvalues=first[0], residuals=first[1], converged=first[2],
-                       bottom_eigenvalues=bottom[0] if bottom else None,
-                       bottom_residuals=bottom[1] if bottom else None,
-                       bottom_converged=bottom[2] if bottom else None,
-                       errors=first[4], bottom_errors=bottom[4] if bottom else None,
-                       hvps=hvps, iterations=iterations, restarts=restarts, backend="lanczos",
-                       vectors=first[3], bottom_vectors=bottom[3] if bottom else None)
+    return _result(which, out, ends, hvps=hvps, iterations=iterations, restarts=restarts, backend="lanczos")
 
 
 def _thresh(value: float, tol: float, scale: float) -> float:
@@ -272,15 +276,7 @@ def eigsh(op, k: int = 5, which: str = "both", *, tol: float = 1e-8, max_hvps: i
                     Vt[:, idx] if return_vectors else None, est[idx].tolist())
     if progress is not None:
         progress(op.hvps - start, op.hvps - start)
-    first = out[ends[0]]
-    bottom = out.get("bottom") if which == "both" else None
-    return EigenResult(which=which, eigenvalues=first[0], residuals=first[1], converged=first[2],
-                       bottom_eigenvalues=bottom[0] if bottom else None,
-                       bottom_residuals=bottom[1] if bottom else None,
-                       bottom_converged=bottom[2] if bottom else None,
-                       errors=first[4], bottom_errors=bottom[4] if bottom else None,
-                       hvps=op.hvps - start, iterations=iterations, restarts=0, backend="eigsh",
-                       vectors=first[3], bottom_vectors=bottom[3] if bottom else None)
+    return _result(which, out, ends, hvps=op.hvps - start, iterations=iterations, restarts=0, backend="eigsh")
 
 
 def lanczos_tridiagonals(op, starts: torch.Tensor, steps: int, *, reorth: bool | None = None,

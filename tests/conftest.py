@@ -107,3 +107,14 @@ def assert_one_line_error(exit_code: int, stderr: str, *, contains: str | None =
     if contains is not None:
         assert contains in lines[0], lines[0]
     return lines[0]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of small float64 products (two shared cores oversubscribe badly); restored."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

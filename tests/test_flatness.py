@@ -11,22 +11,16 @@ import torch.nn as nn
 from landscape import FlatnessReport, FlatnessResult, Objective, UserError, flatness
 from landscape.density import spectral_density
 from landscape.hvp import HessianOperator
-from landscape.lanczos import eigsh, lanczos
+from landscape.lanczos import lanczos
 from landscape.trace import hutchinson, hutchpp
-from nexus_opt.models import MLP, build_model
+from nexus_opt.models import build_model
 from nexus_opt.suites import make_suite
 
 from test_hvp import (assert_unchanged, bn_objective, classification_objective, dense_hessian, snapshot,
                      tiny_gpt_objective)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread for these small float64 products (two shared cores oversubscribe badly); restored."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mix_objective(hidden: int = 32, seed: int = 0) -> Objective:

@@ -15,13 +15,7 @@ from landscape.params import flatten, unflatten
 from nexus_opt.models import GPT
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread for these small float64 products (two shared cores oversubscribe badly); restored."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- objectives built by hand ----------------------------------------------------------------------
