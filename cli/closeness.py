@@ -7,7 +7,8 @@ import typer
 from rich.table import Table
 
 from .app import command
-from .common import check_output_file, console, figure_formats, label, out, progress_bar, write_results
+from .common import (analyse_each, check_output_file, comparison_table, console, figure_formats, out, parse_names,
+                     write_results)
 
 
 def _g(v, fmt: str = ".4g") -> str:
@@ -16,13 +17,7 @@ def _g(v, fmt: str = ".4g") -> str:
 
 def closeness_table(results: list, labels: list[str]) -> Table:
     """One table, one column per checkpoint: per-domain distances, losses, barriers, then the summaries."""
-    t = Table(title="closeness of per-domain minima", title_style="bold")
-    t.add_column("metric")
-    for lab in labels:
-        t.add_column(lab, justify="right")
-
-    def row(name, fn, style=None):
-        t.add_row(name, *[fn(r) for r in results], style=style)
+    t, row = comparison_table("closeness of per-domain minima", results, labels)
 
     row("train loss at theta", lambda r: _g(r.train_loss, ".4f"))
     row("||theta||", lambda r: _g(r.theta_norm))
@@ -66,7 +61,6 @@ def closeness_cmd(
     trust_remote_code: bool = typer.Option(False, help="Allow a checkpoint's user model factory to be imported."),
 ):
     """Descend on each domain from the checkpoint; report distances, spread, cross-losses and the Thm 3.1 bound."""
-    from landscape import load
     from landscape.closeness import OPTIMIZERS, closeness
     from nexus_opt.errors import UserError
 
@@ -74,14 +68,11 @@ def closeness_cmd(
         raise UserError(f"unknown optimizer '{optimizer}'; choose one of {sorted(OPTIMIZERS)}")
     check_output_file(json_out, "--json")
     check_output_file(plot, "--plot", figure_formats() if plot else None)
-    doms = [d.strip() for d in domains.split(",") if d.strip()] if domains else None
-    results, labels = [], []
-    for path in checkpoints:
-        obj = load(path, device=device, trust_remote_code=trust_remote_code)
-        with progress_bar() as bar:
-            results.append(closeness(obj, steps=steps, lr=lr, optimizer=optimizer, domains=doms, seed=seed,
-                                     keep_minima=keep_minima, progress=bar))
-        labels.append(label(path))
+    doms = parse_names(domains, "--domains")
+    results, labels = analyse_each(
+        checkpoints, lambda obj, bar: closeness(obj, steps=steps, lr=lr, optimizer=optimizer, domains=doms,
+                                                seed=seed, keep_minima=keep_minima, progress=bar),
+        device, trust_remote_code)
     out.print(closeness_table(results, labels))
     if json_out:
         write_results("closeness", checkpoints, results, json_out)

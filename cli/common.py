@@ -5,10 +5,11 @@ import contextlib
 import json
 import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 console = Console(stderr=True)
 out = Console()
@@ -117,3 +118,41 @@ def write_results(command: str, checkpoints, results, path) -> None:
     """The JSON of a multi-checkpoint command: {"command", "results": [{"checkpoint", "result"}]}."""
     write_json({"command": command, "results": [{"checkpoint": str(p), "result": r.to_dict()}
                                                 for p, r in zip(checkpoints, results)]}, path)
+
+
+def parse_names(text: Optional[str], option: str) -> Optional[list[str]]:
+    """'a, b' -> ['a', 'b']; None -> None (the default); a UserError when the text names nothing."""
+    from nexus_opt.errors import UserError
+
+    if text is None:
+        return None
+    names = [d.strip() for d in text.split(",") if d.strip()]
+    if not names:
+        raise UserError(f"{option} '{text}' names no domain; give comma-separated domain names or leave it out")
+    return names
+
+
+def analyse_each(checkpoints: Sequence[str], analyse: Callable, device: str, trust_remote_code: bool):
+    """Load each checkpoint and run `analyse(obj, progress)` under a progress bar; (results, labels)."""
+    from landscape import load
+
+    results, labels = [], []
+    for path in checkpoints:
+        obj = load(path, device=device, trust_remote_code=trust_remote_code)
+        with progress_bar() as bar:
+            results.append(analyse(obj, bar))
+        labels.append(label(path))
+    return results, labels
+
+
+def comparison_table(title: str, results: list, labels: list[str], first: str = "metric"):
+    """A table with one column per result; returns it and `row(name, fn, style=None)` adding fn(result) cells."""
+    t = Table(title=title, title_style="bold")
+    t.add_column(first)
+    for lab in labels:
+        t.add_column(lab, justify="right")
+
+    def row(name, fn, style=None):
+        t.add_row(name, *[fn(r) for r in results], style=style)
+
+    return t, row

@@ -8,7 +8,8 @@ from rich.columns import Columns
 from rich.table import Table
 
 from .app import command
-from .common import check_output_file, console, figure_formats, label, out, progress_bar, write_results
+from .common import (analyse_each, check_output_file, comparison_table, console, figure_formats, out, parse_names,
+                     write_results)
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -37,13 +38,7 @@ def cosine_table(r, title: str) -> Table:
 
 def summary_table(results: list, labels: list[str]) -> Table:
     """Summary metrics, one column per checkpoint."""
-    t = Table(title="gradient similarity summary", title_style="bold")
-    t.add_column("metric")
-    for lab in labels:
-        t.add_column(lab, justify="right")
-
-    def row(name, fn):
-        t.add_row(name, *[fn(r) for r in results])
+    t, row = comparison_table("gradient similarity summary", results, labels)
 
     row("train loss", lambda r: _fmt(r.loss.get("train"), 4))
     row("mean off-diagonal cosine", lambda r: _fmt(r.mean_offdiag_cosine)
@@ -70,19 +65,15 @@ def gradsim_cmd(
     trust_remote_code: bool = typer.Option(False, help="Allow a checkpoint's user model factory to be imported."),
 ):
     """Cosines between full-parameter domain gradients, with a split-half noise floor and bootstrap error bars."""
-    from landscape import load
     from landscape.gradsim import gradient_similarity
 
     check_output_file(json_out, "--json")
     check_output_file(plot, "--plot", figure_formats() if plot else None)
-    doms = [d.strip() for d in domains.split(",") if d.strip()] if domains else None
-    results, labels = [], []
-    for path in checkpoints:
-        obj = load(path, device=device, trust_remote_code=trust_remote_code)
-        with progress_bar() as bar:
-            results.append(gradient_similarity(obj, seed=seed, domains=doms, resamples=resamples,
-                                               train_mode=train_mode, progress=bar))
-        labels.append(label(path))
+    doms = parse_names(domains, "--domains")
+    results, labels = analyse_each(
+        checkpoints, lambda obj, bar: gradient_similarity(obj, seed=seed, domains=doms, resamples=resamples,
+                                                          train_mode=train_mode, progress=bar),
+        device, trust_remote_code)
     out.print(Columns([cosine_table(r, lab) for r, lab in zip(results, labels)], padding=(0, 3)))
     out.print(summary_table(results, labels))
     if json_out:

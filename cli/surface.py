@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from .app import command
-from .common import check_output_dir, console, out
+from .common import check_output_dir, comparison_table, console, out, parse_names
 
 
 def parse_span(text: Optional[str]):
@@ -34,18 +34,6 @@ def parse_span(text: Optional[str]):
                     f"(finite numbers), got '{text}'")
 
 
-def _names(text: Optional[str], option: str) -> Optional[list[str]]:
-    """'a, b' -> ['a', 'b']; None -> None (the default); a UserError when the text names nothing."""
-    from nexus_opt.errors import UserError
-
-    if text is None:
-        return None
-    names = [d.strip() for d in text.split(",") if d.strip()]
-    if not names:
-        raise UserError(f"{option} '{text}' names no domain; give comma-separated domain names or leave it out")
-    return names
-
-
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "ckpt"
 
@@ -54,13 +42,7 @@ def summary_table(results: list, labels: list[str], level) -> Table:
     """Per surface: plane, grid, how it was evaluated, losses at the origin point, the common low-loss region."""
     from landscape.render.surface import common_region, origin_name, resolve_levels
 
-    t = Table(title="loss surfaces", title_style="bold")
-    t.add_column("")
-    for lab in labels:
-        t.add_column(lab, justify="right")
-
-    def row(name, fn):
-        t.add_row(name, *[fn(r) for r in results])
+    t, row = comparison_table("loss surfaces", results, labels, first="")
 
     row("plane", lambda r: r.plane)
     row("grid", lambda r: "x".join(map(str, r.settings.get("grid", []))))
@@ -99,7 +81,7 @@ def plot_surface_cmd(
     from landscape.surface import BATCH_MODES, PLANES, SurfaceResult, surface
     from nexus_opt.errors import UserError
 
-    from .gradsim import label, progress_bar
+    from .common import label, progress_bar
 
     if plane not in PLANES:
         raise UserError(f"unknown plane '{plane}'; choose one of {list(PLANES)}")
@@ -127,8 +109,8 @@ def plot_surface_cmd(
             raise UserError("give at least one checkpoint (or --from RESULT.npz to re-render)")
         from landscape import load
 
-        common = dict(grid=grid, span=box, seed=seed, domains=_names(domains, "--domains"), norm=norm, bias=bias,
-                      batch=batch, pair=_names(pair, "--pair"), descend_steps=steps)
+        common = dict(grid=grid, span=box, seed=seed, domains=parse_names(domains, "--domains"), norm=norm, bias=bias,
+                      batch=batch, pair=parse_names(pair, "--pair"), descend_steps=steps)
         if plane == "checkpoints":
             if len(checkpoints) not in (2, 3):
                 raise UserError(f"--plane checkpoints needs 2 or 3 checkpoints, got {len(checkpoints)}")

@@ -68,7 +68,7 @@ GRADSIM = [
     ("file-not-dir", ["{file}"], "is a file"),
     ("corrupt-checkpoint", ["{corrupt}"], "checksum"),
     ("unknown-domain", ["{run}", "--domains", "a,zz"], "'zz'"),
-    ("no-domain", ["{run}", "--domains", ","], "no domains"),
+    ("no-domain", ["{run}", "--domains", ","], "names no domain"),
     ("repeated-domain", ["{run}", "--domains", "a,a"], "distinct"),
     ("resamples-negative", ["{run}", "--resamples", "-1"], "resamples"),
     ("resamples-one", ["{run}", "--resamples", "1"], "resamples"),
