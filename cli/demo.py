@@ -52,7 +52,7 @@ def demo_cmd(
     """Train AdamW and Nexus on the built-in suites, compare them at matched training loss, measure flatness,
     gradient similarity, closeness and surfaces, and write one self-contained HTML report."""
     from nexus_opt.errors import UserError
-    from nexus_opt.train import check_seed, resolve_device
+    from nexus_opt.util import check_seed, resolve_device
 
     from landscape.demo import METRIC_ROWS, preset, run_demo
 

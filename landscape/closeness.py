@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from nexus_opt.errors import UserError
-from nexus_opt.train import check_seed
+from nexus_opt.util import check_seed
 
 from .gradsim import Progress, check_domains, domain_gradient, preserved
 from .objective import Objective

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from nexus_opt.errors import UserError
-from nexus_opt.train import check_seed
+from nexus_opt.util import check_seed
 
 from .density import SpectralDensity, spectral_density
 from .hvp import HessianOperator

@@ -1,16 +1,16 @@
-"""Rebuild an Objective (model, domains, loss) from a checkpoint alone."""
+"""Rebuild an Objective (model, domains, loss) from a checkpoint alone.
+
+The trainer's modules (checkpoint format, model registry, suites) are imported inside the functions,
+so `import landscape` stays free of the trainer.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-from nexus_opt import checkpoint as ck
 from nexus_opt.errors import UserError
-from nexus_opt.evaluate import move_batch
-from nexus_opt.models import model_from_spec
-from nexus_opt.suites import make_suite
-from nexus_opt.train import resolve_device
+from nexus_opt.util import move_batch, resolve_device
 
 from .objective import Objective
 
@@ -20,13 +20,16 @@ def load(path: str | Path, device: str | torch.device | None = None, trust_remot
 
     Domains are the suite's fixed evaluation batches (OOD marked); the training loss is the suite's
     mixture over its trained domains. A user model factory named by the manifest is imported only
-    with trust_remote_code=True. Nothing is unpickled.
+    with trust_remote_code=True. Nothing is unpickled. `suite_of(obj)` gives the suite back.
     """
+    from nexus_opt import checkpoint as ck
+    from nexus_opt.models import model_from_spec
+
     c = ck.read_checkpoint(path)
     m = c.manifest
     dev = resolve_device(device) if isinstance(device, str) else (device or torch.device("cpu"))
     try:
-        suite = make_suite(**{k: m["suite"][k] for k in ("name", "seed", "weights", "options")})
+        suite = _make_suite(m["suite"])
         model = model_from_spec(m["model"], trust_remote_code=trust_remote_code)
     except (KeyError, TypeError) as e:
         raise UserError(f"checkpoint manifest in {c.path} is malformed ({e}); use another checkpoint") from None
@@ -39,7 +42,24 @@ def load(path: str | Path, device: str | torch.device | None = None, trust_remot
     meta = {"path": str(c.path), "step": c.step, "suite": m["suite"], "model": m["model"],
             "optimizer": m.get("optimizer", {}), "metrics": m.get("metrics", {}),
             "trainer": m.get("trainer", {}), "package_version": m.get("package_version")}
-    obj = Objective(model, domains, suite.loss_fn, train_domains=suite.train_domains, weights=suite.weights,
-                    ood=suite.ood_domains, meta=meta)
-    obj.suite = suite  # the analytic truth (bowls) and the corpora stay reachable
-    return obj
+    return Objective(model, domains, suite.loss_fn, train_domains=suite.train_domains, weights=suite.weights,
+                     ood=suite.ood_domains, meta=meta)
+
+
+def suite_of(obj: Objective):
+    """The built-in suite a loaded Objective came from, rebuilt from its `meta["suite"]` spec (the analytic
+    truth of the bowls, the training batches of any step): a pure function of the spec, so it matches."""
+    spec = obj.meta.get("suite")
+    if not isinstance(spec, dict):
+        raise UserError("this Objective was not loaded from a checkpoint (its meta has no 'suite' spec); "
+                        "build the suite with nexus_opt.suites.make_suite")
+    try:
+        return _make_suite(spec)
+    except (KeyError, TypeError) as e:
+        raise UserError(f"the Objective's suite spec is malformed ({e})") from None
+
+
+def _make_suite(spec: dict):
+    from nexus_opt.suites import make_suite
+
+    return make_suite(**{k: spec[k] for k in ("name", "seed", "weights", "options")})

@@ -9,7 +9,7 @@ import torch
 from torch.func import functional_call
 
 from nexus_opt.errors import UserError
-from nexus_opt.evaluate import batch_size, domain_loss, move_batch
+from nexus_opt.util import batch_size, domain_loss, move_batch
 
 TRAIN = "train"  # the domain spec meaning "the training loss" (weighted mean over the trained domains)
 
@@ -53,7 +53,7 @@ class Objective:
         if unknown or not train_domains:
             raise UserError(f"train_domains {list(train_domains)} must be a non-empty subset of {list(self.domains)}")
         self.train_domains = list(train_domains)
-        from nexus_opt.suites.base import normalize_weights
+        from nexus_opt.util import normalize_weights
         self.weights = normalize_weights(self.train_domains, weights)
         self.meta = dict(meta or {})
         self._wrapped = _LossModule(model, loss_fn)

@@ -33,7 +33,7 @@ import torch
 
 import nexus_opt
 from nexus_opt.errors import UserError
-from nexus_opt.train import check_seed
+from nexus_opt.util import check_seed
 
 from . import directions as dirs
 from .objective import TRAIN, Objective

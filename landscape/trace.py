@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from nexus_opt.errors import UserError
-from nexus_opt.suites.base import generator
+from nexus_opt.util import generator
 
 from .result import Result
 

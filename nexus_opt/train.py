@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import operator
 import time
 from pathlib import Path
 from typing import Callable
@@ -21,6 +20,7 @@ from .errors import TrainingDiverged, UserError
 from .evaluate import evaluate, move_batch
 from .models import model_from_spec
 from .suites import make_suite
+from .util import SEED_LIMIT, check_seed, resolve_device  # noqa: F401  (re-exported: their home is util)
 
 OPTIMIZERS = ("adamw", "nexus", "sgd")
 
@@ -75,33 +75,6 @@ class TrainConfig:
         if self.model and self.model != name:
             name, cfg = self.model, {}
         return {"name": name, "config": {**cfg, **self.model_config}}
-
-
-SEED_LIMIT = 2 ** 32  # seeds are mixed into 64-bit generator seeds (seed * 1e6 + i, seed + 1); keep them well inside
-
-
-def check_seed(seed, what: str = "--seed") -> int:
-    """The seed as an int, or a UserError when it is not an integer of magnitude below 2**32."""
-    try:
-        seed = operator.index(seed)  # ints and numpy integers; not floats or strings
-    except TypeError:
-        raise UserError(f"{what} must be an integer, got {seed!r}") from None
-    if not -SEED_LIMIT < seed < SEED_LIMIT:
-        raise UserError(f"{what} must be an integer between -{SEED_LIMIT - 1} and {SEED_LIMIT - 1}, got {seed}; "
-                        "pick a smaller seed")
-    return seed
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available else cpu; a clear error when cuda is asked for but absent."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown device '{device}'; use auto, cpu or cuda") from None
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

@@ -15,7 +15,7 @@ from landscape.params import get_flat, set_flat
 from landscape.surface import (Evaluator, LineResult, SurfaceResult, dist_info, fingerprint, line, probe, shard_rows,
                                surface)
 from nexus_opt.errors import UserError
-from nexus_opt.evaluate import domain_loss
+from nexus_opt.util import domain_loss
 from nexus_opt.models import build_model
 from nexus_opt.suites import make_suite
 

@@ -71,7 +71,7 @@ def test_micro_batch_losses_are_those_of_the_suites_batches(tmp_path):
     out = tmp_path / "run"
     train(tiny_config(TINY_MIX, out, steps=1))
     init = landscape.load(out / ck.checkpoint_name(0))
-    suite = init.suite
+    suite = landscape.suite_of(init)
     rec = next(r for r in read_metrics(out) if r["kind"] == "train")
     model = init.model.train()
     for k, m in enumerate(rec["micro"]):

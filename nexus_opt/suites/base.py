@@ -6,37 +6,7 @@ from typing import Callable, Mapping
 import torch
 
 from ..errors import UserError
-
-Batch = Mapping[str, torch.Tensor]
-_MASK = (1 << 63) - 1
-
-
-def mix_seed(*parts: int) -> int:
-    """A deterministic 63-bit seed from integers (splitmix64 over the parts)."""
-    z = 0x9E3779B97F4A7C15
-    for p in parts:
-        z = (z ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        z = (z ^ (z >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-    return z & _MASK
-
-
-def generator(*parts: int) -> torch.Generator:
-    return torch.Generator().manual_seed(mix_seed(*parts))
-
-
-def normalize_weights(train_domains: list[str], weights: Mapping[str, float] | None) -> dict[str, float]:
-    """Mixture weights over the trained domains, normalised to sum to 1 (uniform by default)."""
-    if not weights:
-        return {d: 1.0 / len(train_domains) for d in train_domains}
-    unknown = sorted(set(weights) - set(train_domains))
-    if unknown:
-        raise UserError(f"mixture weight for unknown or untrained domain(s) {unknown}; trained domains are {train_domains}")
-    w = {d: float(weights.get(d, 0.0)) for d in train_domains}
-    if any(v < 0 or v != v for v in w.values()) or sum(w.values()) <= 0:
-        raise UserError(f"mixture weights must be non-negative with a positive sum, got {dict(weights)}")
-    s = sum(w.values())
-    return {d: v / s for d, v in w.items()}
-
+from ..util import generator, mix_seed, normalize_weights  # noqa: F401  (re-exported: their home is util)
 
 class Suite:
     """A set of named domains: seeded training micro-batches, fixed evaluation batches, one loss.
