@@ -54,7 +54,7 @@ def demo_cmd(
     from nexus_opt.errors import UserError
     from nexus_opt.util import check_seed, resolve_device
 
-    from landscape.demo import METRIC_ROWS, preset, run_demo
+    from landscape.app.demo import METRIC_ROWS, preset, run_demo
 
     resolve_device(device)
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import invoke_cli
-from landscape.demo_report import SECTIONS
+from landscape.app.demo_report import SECTIONS
 
 
 @pytest.fixture(scope="module")

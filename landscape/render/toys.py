@@ -7,7 +7,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..toys import Figure2Result, TrajectoryToyResult  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
+if TYPE_CHECKING:  # the figures read the results' fields only; the toys live in the application layer
+    from ..app.toys import Figure2Result, TrajectoryToyResult
 
 _COLORS = {"train1": "tab:blue", "train2": "tab:orange", "target": "tab:green"}
 

@@ -10,7 +10,7 @@ import torch
 from nexus_opt.suites import Bowls, make_suite
 from nexus_opt.train import TrainConfig, train
 
-from .result import Result
+from ..result import Result
 
 
 @dataclasses.dataclass

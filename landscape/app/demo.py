@@ -17,13 +17,13 @@ import nexus_opt
 from nexus_opt.checkpoint import list_checkpoints, read_checkpoint
 from nexus_opt.train import TrainConfig, resume, train
 
-from .closeness import closeness
-from .flatness import flatness
-from .gradsim import gradient_similarity
-from .load import load
-from .objective import Objective
+from ..closeness import closeness
+from ..flatness import flatness
+from ..gradsim import gradient_similarity
+from ..load import load
+from ..objective import Objective
+from ..surface import surface
 from .runs import MatchedPair, eval_records, match_by_training_loss
-from .surface import surface
 from .toys import figure2, trajectory_toy
 
 OPTS = ("adamw", "nexus")

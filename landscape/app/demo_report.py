@@ -9,15 +9,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .render.geometry import closeness_figure, gradsim_figure  # noqa: E402
-from .render.surface import compare_figure, html_figure, panels_figure  # noqa: E402
-from .render.toys import figure2_plot, trajectory_plot  # noqa: E402
-from .render.training import curves_plot  # noqa: E402
+from ..render.geometry import closeness_figure, gradsim_figure  # noqa: E402
+from ..render.surface import compare_figure, html_figure, panels_figure  # noqa: E402
+from ..render.toys import figure2_plot, trajectory_plot  # noqa: E402
+from ..render.training import curves_plot  # noqa: E402
 from .report import Report  # noqa: E402
-from .surface import SurfaceResult  # noqa: E402
+from ..surface import SurfaceResult  # noqa: E402
 from .toys import Figure2Result, TrajectoryToyResult  # noqa: E402
-from .gradsim import GradSimResult  # noqa: E402
-from .closeness import ClosenessResult  # noqa: E402
+from ..gradsim import GradSimResult  # noqa: E402
+from ..closeness import ClosenessResult  # noqa: E402
 
 SECTIONS = ["reading", "settings", "figure2", "toy2d", "training", "matched", "geometry", "surfaces", "data"]
 
