@@ -1,0 +1,151 @@
+"""The evaluation engine: every chosen domain's loss at many points origin + a*d1 + b*d2 of weight space,
+by `torch.func.vmap` over chunks of points or a plain per-point loop (`functional_call`; the model is never
+written to). `batch="auto"` picks vmap on CUDA and elsewhere the faster of the two as probed on the objective."""
+from __future__ import annotations
+
+import time
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from nexus_opt.errors import UserError
+
+from ..hvp import _math_sdpa
+from ..objective import TRAIN, Objective
+from ..params import get_flat, unflatten
+
+BATCH_MODES = ("auto", "vmap", "loop")
+W_BUDGET_BYTES = 1 << 29  # a vmap chunk's weight matrices (3 x chunk x n floats) stay under 512 MiB
+_OOM = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+
+
+def choose_batch(batch: str, device, obj: Objective | None = None, names: Sequence[str] | None = None,
+                 chunk: int | None = None) -> str:
+    """'auto' -> 'vmap' on CUDA (measured 9-19x faster there); elsewhere the faster of the two as measured
+    once on this objective by `probe` (without an objective: 'loop')."""
+    if batch not in BATCH_MODES:
+        raise UserError(f"unknown batch mode '{batch}'; choose one of {list(BATCH_MODES)}")
+    if batch != "auto":
+        return batch
+    if torch.device(device).type == "cuda":
+        return "vmap"
+    if obj is None:
+        return "loop"
+    return probe(obj, names or list(obj.domains), chunk)["pick"]
+
+
+def probe(obj: Objective, names: Sequence[str], chunk: int | None = None, points: int = 16, repeats: int = 2) -> dict:
+    """Points per second of the loop and of vmap at the current weights (best of `repeats`, interleaved so
+    that a busy machine slows both alike); 'pick' is the faster."""
+    theta = get_flat(obj.params())
+    D = torch.zeros(2, theta.numel(), dtype=theta.dtype, device=theta.device)
+    evs = {m: Evaluator(obj, names, m, chunk) for m in ("vmap", "loop")}
+    ks = {"vmap": min(points, evs["vmap"].chunk), "loop": max(1, min(points, evs["vmap"].chunk) // 4)}
+    rates = {m: 0.0 for m in evs}
+    with obj.evaluating(), torch.no_grad():
+        for m, ev in evs.items():  # warm-up
+            ev(theta, D, torch.zeros(min(2, ks[m]), 2, dtype=theta.dtype, device=theta.device))
+        for _ in range(repeats):
+            for m, ev in evs.items():
+                ab = torch.zeros(ks[m], 2, dtype=theta.dtype, device=theta.device)
+                t0 = time.perf_counter()
+                ev(theta, D, ab)
+                rates[m] = max(rates[m], ks[m] / max(time.perf_counter() - t0, 1e-9))
+    if evs["vmap"].mode != "vmap":  # vmap unsupported for this model
+        rates["vmap"] = 0.0
+    rates["pick"] = "vmap" if rates["vmap"] > rates["loop"] else "loop"
+    return rates
+
+
+def default_chunk(n_params: int, itemsize: int) -> int:
+    """Grid points per vmap call: the chunk's weight matrices within W_BUDGET_BYTES, at most 256."""
+    return int(max(1, min(256, W_BUDGET_BYTES // max(1, 3 * n_params * itemsize))))
+
+
+
+class _AllLosses(torch.nn.Module):
+    """Every chosen domain's loss in one forward (so one functional_call per point, not one per batch)."""
+
+    def __init__(self, obj: Objective, names: Sequence[str]):
+        super().__init__()
+        self.model, self.loss_fn = obj.model, obj.loss_fn
+        self.terms = [obj.terms(d) for d in names]
+
+    def forward(self) -> torch.Tensor:
+        return torch.stack([sum(c * self.loss_fn(self.model, b).double() for c, b in ts) for ts in self.terms])
+
+
+class Evaluator:
+    """Losses of chosen domains at many flat weight vectors, by vmap over chunks or a per-point loop.
+
+    Both modes call `functional_call` on a module holding the objective's model and loss (the same
+    evaluation as `obj.functional_loss`) with the point's weights: nothing is written into the model.
+    """
+
+    def __init__(self, obj: Objective, names: Sequence[str], mode: str, chunk: int | None = None):
+        self.obj, self.names, self.mode = obj, list(names), mode
+        self.like = obj.params()
+        self.module = _AllLosses(obj, self.names)
+        n = sum(p.numel() for p in self.like.values())
+        self.chunk = int(chunk) if chunk else default_chunk(n, torch.empty((), dtype=obj.dtype).element_size())
+        if self.chunk < 1:
+            raise UserError(f"chunk must be >= 1, got {chunk}")
+        self.note = ""
+
+    def _at(self, w: torch.Tensor) -> torch.Tensor:
+        p = {"model." + k: v for k, v in unflatten(w, self.like).items()}
+        return torch.func.functional_call(self.module, p, (), tie_weights=True, strict=False)
+
+    def _loop(self, origin: torch.Tensor, D: torch.Tensor, ab: torch.Tensor) -> dict[str, np.ndarray]:
+        vals = torch.stack([self._at(_weights(origin, D, ab[k:k + 1])[0]) for k in range(ab.shape[0])]).cpu().numpy()
+        return {d: vals[:, i] for i, d in enumerate(self.names)}
+
+    def _vmap(self, origin: torch.Tensor, D: torch.Tensor, ab: torch.Tensor) -> dict[str, np.ndarray]:
+        with _math_sdpa():
+            vals = torch.func.vmap(self._at)(_weights(origin, D, ab)).cpu().numpy()
+        return {d: vals[:, i] for i, d in enumerate(self.names)}
+
+    @torch.no_grad()
+    def __call__(self, origin: torch.Tensor, D: torch.Tensor, ab: torch.Tensor) -> dict[str, np.ndarray]:
+        """Losses at origin + a*d1 + b*d2 for the rows (a, b) of ab: vmap over chunks of points (each chunk's
+        weights built at once) or one point at a time; falls back to the loop if vmap fails."""
+        parts, s, n = [], 0, ab.shape[0]
+        while s < n and self.mode == "vmap":
+            try:
+                parts.append(self._vmap(origin, D, ab[s:s + self.chunk]))
+                s += self.chunk
+            except _OOM:
+                if self.chunk == 1:
+                    raise
+                self.chunk = max(1, self.chunk // 2)  # activations did not fit: halve the chunk and retry
+                self.note = f"out of memory: chunk lowered to {self.chunk}"
+                if origin.is_cuda:
+                    torch.cuda.empty_cache()
+            except (RuntimeError, NotImplementedError, ValueError) as e:
+                self.mode = "loop"
+                self.note = f"vmap failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); used the loop"
+        if s < n:
+            parts.append(self._loop(origin, D, ab[s:]))
+        return {d: np.concatenate([p[d] for p in parts]) for d in self.names}
+
+
+def _weights(origin: torch.Tensor, D: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
+    """Points x params weights origin + a*d1 + b*d2 (one formula for every mode)."""
+    return origin[None] + ab[:, :1] * D[0][None] + ab[:, 1:2] * D[1][None]
+
+
+def train_loss(losses: Mapping[str, np.ndarray], obj: Objective) -> np.ndarray:
+    return sum(obj.weights[d] * np.asarray(losses[d]) for d in obj.train_domains)
+
+
+def point_losses(ev: Evaluator, origin, D, points: Mapping[str, Sequence[float]], names, obj) -> dict:
+    """Every domain's loss at each named point's plane coordinates (one evaluator call)."""
+    if not points:
+        return {}
+    keys = list(points)
+    ab = torch.as_tensor([points[k] for k in keys], dtype=origin.dtype, device=origin.device)
+    vals = ev(origin, D, ab)
+    vals[TRAIN] = train_loss(vals, obj)
+    return {k: {d: float(vals[d][i]) for d in vals} for i, k in enumerate(keys)}
+

@@ -1,0 +1,126 @@
+"""Resumable, sharded grids: the fingerprint of what determines a grid, append-only sidecars of finished
+row blocks (an interrupted grid resumes with the same numbers), and rows shared out over torch.distributed ranks."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from nexus_opt.errors import UserError
+
+from ..objective import Objective
+from .results import FORMAT
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) under an initialised torch.distributed, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def shard_rows(rows: Sequence[int], world: int, rank: int) -> list[int]:
+    """Rank's contiguous share of `rows`: shares differ in size by at most one and cover rows exactly once."""
+    rows = list(rows)
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"bad rank {rank} of world {world}")
+    base, extra = divmod(len(rows), world)
+    start = rank * base + min(rank, extra)
+    return rows[start:start + base + (1 if rank < extra else 0)]
+
+
+def _hash_tensors(h, x) -> None:
+    if isinstance(x, torch.Tensor):
+        t = x.detach().cpu().contiguous()
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(x, Mapping):
+        for k in sorted(x, key=str):
+            h.update(str(k).encode())
+            _hash_tensors(h, x[k])
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            _hash_tensors(h, v)
+    else:
+        h.update(repr(x).encode())
+
+
+def fingerprint(obj: Objective, origin: torch.Tensor, D: torch.Tensor, x: np.ndarray, y: np.ndarray,
+                names: Sequence[str]) -> str:
+    """sha256 of what determines the grid: weights, directions, coordinates, domains, batches, loss, dtype."""
+    h = hashlib.sha256()
+    _hash_tensors(h, [origin, D, torch.from_numpy(np.asarray(x, dtype=np.float64)),
+                      torch.from_numpy(np.asarray(y, dtype=np.float64))])
+    h.update(json.dumps([list(names), obj.train_domains, obj.weights, str(obj.dtype),
+                         getattr(obj.loss_fn, "__qualname__", repr(obj.loss_fn))]).encode())
+    for d in names:
+        _hash_tensors(h, obj.domains[d])
+    return h.hexdigest()
+
+
+def sidecars(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(out.name + ".part*.jsonl"))
+
+
+def read_sidecars(out: Path, fp: str) -> dict[int, dict[str, list[float]]]:
+    """Rows finished by earlier (interrupted) runs; a torn last line is ignored."""
+    done: dict[int, dict[str, list[float]]] = {}
+    for p in sidecars(out):
+        lines = p.read_text().splitlines()
+        try:
+            head = json.loads(lines[0]) if lines else {}
+        except ValueError:
+            head = {}
+        if head.get("fingerprint") != fp:
+            raise UserError(f"{p} holds a partial grid for other settings or weights; delete it (and its "
+                            f"siblings) or choose another output path")
+        for line in lines[1:]:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            for i, row in zip(rec["rows"], zip(*[rec["losses"][d] for d in rec["names"]])):
+                done[int(i)] = dict(zip(rec["names"], row))
+    return done
+
+
+class Sidecar:
+    """Append-only JSON-lines log of finished row blocks, flushed and fsynced per block."""
+
+    def __init__(self, out: Path, rank: int, fp: str):
+        self.path = out.with_name(f"{out.name}.part{rank}.jsonl")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        self.f = open(self.path, "a")
+        if new:
+            self.f.write(json.dumps({"fingerprint": fp, "format": FORMAT}) + "\n")
+            self.f.flush()
+
+    def write(self, rows: list[int], losses: Mapping[str, np.ndarray]) -> None:
+        names = list(losses)
+        rec = {"rows": rows, "names": names, "losses": {d: np.asarray(losses[d]).tolist() for d in names}}
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def broadcast(objs: list, device) -> list:
+    """Rank 0's objects on every rank (tensors come back on `device`)."""
+    cpu = [o.cpu() if isinstance(o, torch.Tensor) else o for o in objs]
+    torch.distributed.broadcast_object_list(cpu, src=0)
+    return [o.to(device) if isinstance(o, torch.Tensor) else o for o in cpu]
+
+
+def all_gather(obj) -> list:
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, obj)
+    return parts
+
