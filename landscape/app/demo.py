@@ -22,6 +22,7 @@ from ..flatness import flatness
 from ..gradsim import gradient_similarity
 from ..load import load
 from ..objective import Objective
+from ..render.style import METRICS
 from ..surface import surface
 from .runs import MatchedPair, eval_records, match_by_training_loss
 from .toys import figure2, trajectory_toy
@@ -204,9 +205,5 @@ def run_demo(cfg: DemoConfig, log: Callable = print, progress: Callable[[str], C
     return summary
 
 
-
-METRIC_ROWS = [("train_loss", "training loss"), ("ood_loss", "OOD loss"), ("mean_cosine", "mean gradient cosine"),
-               ("conflict_rate", "conflict rate"), ("spread", "closeness spread"), ("mean_sq_distance", "mean sq. distance (Thm 3.1 lhs)"),
-               ("thm31_bound", "Thm 3.1 bound (rhs)"),
-               ("top_eigenvalue", "top Hessian eigenvalue"), ("trace", "Hessian trace"),
-               ("final_train_loss", "final training loss")]
+# the CLI's summary rows: the report's metrics (one label table, render.style) and the final training loss
+METRIC_ROWS = [(k, label) for k, (label, _) in METRICS.items()] + [("final_train_loss", "final training loss")]

@@ -4,30 +4,18 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from ..render.geometry import closeness_figure, gradsim_figure  # noqa: E402
-from ..render.surface import compare_figure, html_figure, panels_figure  # noqa: E402
-from ..render.toys import figure2_plot, trajectory_plot  # noqa: E402
-from ..render.training import curves_plot  # noqa: E402
-from .report import Report  # noqa: E402
-from ..surface import SurfaceResult  # noqa: E402
-from .toys import Figure2Result, TrajectoryToyResult  # noqa: E402
-from ..gradsim import GradSimResult  # noqa: E402
-from ..closeness import ClosenessResult  # noqa: E402
+from ..closeness import ClosenessResult
+from ..gradsim import GradSimResult
+from ..render.geometry import closeness_figure, gradsim_figure
+from ..render.style import METRICS
+from ..render.surface import compare_figure, html_figure, panels_figure
+from ..render.toys import figure2_plot, trajectory_plot
+from ..render.training import curves_plot
+from ..surface import SurfaceResult
+from .report import Report
+from .toys import Figure2Result, TrajectoryToyResult
 
 SECTIONS = ["reading", "settings", "figure2", "toy2d", "training", "matched", "geometry", "surfaces", "data"]
-
-# metric -> (label, which direction the paper predicts for Nexus vs AdamW: -1 lower, +1 higher, 0 none)
-METRICS = {"train_loss": ("training loss", 0), "ood_loss": ("OOD loss", -1),
-           "mean_cosine": ("mean cross-domain gradient cosine", +1), "conflict_rate": ("conflict rate", -1),
-           "spread": ("closeness spread sigma^2", -1), "mean_sq_distance": ("mean sq. distance to the domain minima (Theorem 3.1 left side)", -1),
-           "thm31_bound": ("Theorem 3.1 bound (null where some curvature along theta_k* - theta is <= 0)", -1), "top_eigenvalue": ("top Hessian eigenvalue", -1),
-           "trace": ("Hessian trace", -1)}
-
 
 def _pm(s: dict) -> str:
     if s["mean"] is None:
@@ -89,7 +77,6 @@ def write_report(summary: dict, out: Path) -> Path:
     def fig(f, name: str, caption: str) -> None:
         f.savefig(figdir / f"{name}.png", dpi=110, bbox_inches="tight")
         rep.figure(f, caption)
-        plt.close(f)
 
     rep.section("reading", "Reading", "What the numbers below say, in plain words.")
     rep.text(reading(summary), cls="reading")

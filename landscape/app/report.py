@@ -65,11 +65,6 @@ class Report:
         self.parts.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
                           f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
-    def image(self, path: str | Path, caption: str = "") -> None:
-        data = base64.b64encode(Path(path).read_bytes()).decode()
-        self.parts.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
-                          f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-
     def plotly(self, fig, caption: str = "") -> None:
         """An interactive plotly figure; plotly.js is inlined once, with the first figure."""
         div = fig.to_html(full_html=False, include_plotlyjs=not self._plotly_js)

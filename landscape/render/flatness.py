@@ -3,13 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from nexus_opt.errors import UserError
 
-from nexus_opt.errors import UserError  # noqa: E402
+from .style import color
 
 
 def _domains(result) -> dict[str, dict]:
@@ -35,13 +34,13 @@ def flatness_figure(result, path: str | Path | None = None, title: str | None = 
     """Spectral density per domain (log y; overlaid when several) with the top eigenvalues as dashed lines and
     the bottom ones dotted; without a density, the eigenvalues on one axis per domain."""
     doms = _domains(result)
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=(7.5, 4.2))
+    ax = fig.subplots()
     has_density = any(r.get("density") for r in doms.values())
     floor = _floor(np.concatenate([np.asarray(r["density"]["values"]) for r in doms.values() if r.get("density")])
                    if has_density else np.ones(1))
     for i, (name, r) in enumerate(doms.items()):
-        c = colors[i % len(colors)]
+        c = color(i)
         label = f"{name} (λmax {r['eigenvalues'][0]:.4g})" if r.get("eigenvalues") else name
         if has_density and r.get("density"):
             grid, vals = np.asarray(r["density"]["grid"]), np.asarray(r["density"]["values"])
@@ -80,11 +79,10 @@ def flatness_html_figure(result, title: str | None = None):
     import plotly.graph_objects as go
 
     doms = _domains(result)
-    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
     fig = go.Figure()
     has_density = any(r.get("density") for r in doms.values())
     for i, (name, r) in enumerate(doms.items()):
-        c = colors[i % len(colors)]
+        c = color(i)
         if has_density and r.get("density"):
             grid, vals = np.asarray(r["density"]["grid"]), np.asarray(r["density"]["values"])
             fig.add_trace(go.Scatter(x=grid, y=np.where(vals >= _floor(vals), vals, np.nan), name=name,

@@ -5,12 +5,12 @@ from pathlib import Path
 from typing import Sequence
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from nexus_opt.errors import UserError
 
-from nexus_opt.errors import UserError  # noqa: E402
+from .style import NOT_CONVERGED, PALETTE
 
 
 def _as_dict(r) -> dict:
@@ -51,7 +51,8 @@ def gradsim_figure(results: Sequence, labels: Sequence[str] | None = None, path:
     n = len(rs)
     k = max(len(r["domains"]) for r in rs)
     cell = 0.85 if k > 3 else 1.1
-    fig, axes = plt.subplots(1, n, figsize=(max(3.2, cell * k + 1.6) * n, max(3.0, cell * k + 1.3)), squeeze=False)
+    fig = Figure(figsize=(max(3.2, cell * k + 1.6) * n, max(3.0, cell * k + 1.3)))
+    axes = fig.subplots(1, n, squeeze=False)
     im = None
     for ax, r, lab in zip(axes[0], rs, labels):
         doms = r["domains"]
@@ -59,7 +60,7 @@ def gradsim_figure(results: Sequence, labels: Sequence[str] | None = None, path:
         se = _arr(r["cosine_stderr"]) if r.get("cosine_stderr") else None
         shown = cos.copy()
         np.fill_diagonal(shown, np.nan)  # the diagonal (trivially 1) is drawn gray and carries the noise floor
-        cmap = plt.get_cmap("RdBu_r").with_extremes(bad="0.88")
+        cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="0.88")
         im = ax.imshow(shown, cmap=cmap, vmin=-1, vmax=1)
         for i in range(len(doms)):
             for j in range(len(doms)):
@@ -96,15 +97,15 @@ def closeness_figure(results: Sequence, labels: Sequence[str] | None = None, pat
     k = max(len(r["domains"]) for r in rs)
     c = max(len(r["columns"]) for r in rs)
     w = max(3.6, 0.9 * max(k, c) + 1.8)
-    fig, axes = plt.subplots(3, n, figsize=(w * n, 3.2 + 2 * max(3.0, 0.8 * k + 1.4)), squeeze=False,
-                             gridspec_kw={"height_ratios": [0.8, 1, 1]})
+    fig = Figure(figsize=(w * n, 3.2 + 2 * max(3.0, 0.8 * k + 1.4)))
+    axes = fig.subplots(3, n, squeeze=False, gridspec_kw={"height_ratios": [0.8, 1, 1]})
     dmax = max(max(r["distance"][d]["raw"] for d in r["domains"]) for r in rs) or 1.0
     pmax = max(float(np.nanmax(_arr(r["pairwise"]))) for r in rs) or 1.0
     for col, (r, lab) in enumerate(zip(rs, labels)):
         doms, cols = r["domains"], r["columns"]
         ax = axes[0][col]
         vals = [r["distance"][d]["raw"] for d in doms]
-        bars = ax.bar(range(len(doms)), vals, color=["tab:blue" if r["converged"].get(d) else "tab:gray" for d in doms])
+        bars = ax.bar(range(len(doms)), vals, color=[PALETTE[0] if r["converged"].get(d) else NOT_CONVERGED for d in doms])
         for b, d in zip(bars, doms):
             rel = r["distance"][d].get("relative")
             ax.annotate(f"{b.get_height():.3g}" + (f"\n({100 * rel:.1f}%)" if rel is not None else ""),

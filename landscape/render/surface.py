@@ -1,5 +1,5 @@
 """Figures of loss surfaces: small multiples, the low-loss-region overlay, checkpoints side by side (PNG/SVG),
-a 1-D line plot, and a self-contained interactive plotly HTML (contour + 3-D surface, a button per domain).
+and a self-contained interactive plotly HTML (contour + 3-D surface, a button per domain).
 
 The overlay draws each domain's low-loss region {L_d <= level_d} on the same plane in its own colour, so
 their common part (an "intersection of minima") or its absence ("sum of minima") is visible. Levels
@@ -20,14 +20,7 @@ from matplotlib.figure import Figure
 from nexus_opt.errors import UserError
 
 from ..objective import TRAIN
-_COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
-           "tab:cyan", "tab:gray"]
-_HEX = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#7f7f7f"]
-
-
-def domain_colors(names: Sequence[str]) -> dict[str, int]:
-    """A stable colour index per domain (train is black)."""
-    return {d: i % len(_COLORS) for i, d in enumerate(n for n in names if n != TRAIN)}
+from .style import TRAIN_COLOR, domain_colors
 
 
 def origin_name(r) -> str:
@@ -93,7 +86,7 @@ def common_region(r, levels: Mapping[str, float]) -> float:
     return float(inside.mean())
 
 
-def _mark_points(ax, r, colors: Mapping[str, int], legend: bool = True) -> None:
+def _mark_points(ax, r, colors: Mapping[str, str], legend: bool = True) -> None:
     """Theta / checkpoints as crosses and dots, minima as stars in their domain's colour; points off the plane
     (projected onto it) are drawn hollow."""
     scale = max([abs(v) for ab in r.points.values() for v in ab] + [1.0]) * float(
@@ -102,7 +95,7 @@ def _mark_points(ax, r, colors: Mapping[str, int], legend: bool = True) -> None:
         off = float((r.offplane or {}).get(name) or 0.0) > 1e-6 * scale
         if name.startswith("min:"):
             d = name[4:]
-            c = _COLORS[colors[d]] if d in colors else "k"
+            c = colors.get(d, TRAIN_COLOR)
             ax.plot(a, b, marker="*", ms=13, color=c, mec=c if off else "k", mew=1.2 if off else 0.6, ls="none",
                     mfc="none" if off else c, label=(f"min {d}" + (" (projected)" if off else "")) if legend else None)
         else:
@@ -192,7 +185,7 @@ def overlay_axes(ax, r, level=None, label: str | None = None) -> dict:
     from matplotlib.lines import Line2D
     for d in names:
         z = np.asarray(r.losses[d], dtype=float)
-        c = _COLORS[colors[d]]
+        c = colors[d]
         ood = d in r.ood
         if np.nanmin(z) <= levels[d] <= np.nanmax(z):
             ax.contourf(X, Y, z, levels=[np.nanmin(z) - 1, levels[d]], colors=[c], alpha=0.0 if ood else 0.18)
@@ -229,26 +222,6 @@ def compare_figure(results: Sequence, labels: Sequence[str] | None = None, level
     fig = Figure(figsize=(6.0 * len(results), 5.6))
     for i, (r, lab) in enumerate(zip(results, labels)):
         overlay_axes(fig.add_subplot(1, len(results), i + 1), r, level, label=lab)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def line_figure(r, path: str | Path | None = None) -> Figure:
-    """Every domain's loss (and the training loss) along a line, the named points marked."""
-    fig = Figure(figsize=(6.4, 4.2))
-    ax = fig.add_subplot(1, 1, 1)
-    colors = domain_colors(list(r.losses))
-    t = np.asarray(r.t)
-    for d, z in r.losses.items():
-        c = "k" if d == TRAIN else _COLORS[colors[d]]
-        ax.plot(t, np.asarray(z), color=c, lw=2.2 if d == TRAIN else 1.4, ls="--" if d in r.ood else "-",
-                label="training loss" if d == TRAIN else d + (" (OOD)" if d in r.ood else ""))
-    for name, v in r.points.items():
-        ax.axvline(v, color="gray", lw=0.7)
-        ax.annotate(name, (v, 1.0), xycoords=("data", "axes fraction"), va="bottom", ha="center", fontsize=7)
-    ax.set_xlabel(f"t (distance {r.distance:.4g} per unit)")
-    ax.set_ylabel("loss")
-    ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -311,7 +284,7 @@ def html_figure(r, level=None, label: str | None = None):
     for d in names:
         if d == TRAIN:
             continue
-        c = _HEX[colors[d]]
+        c = colors[d]
         fig.add_trace(go.Contour(x=x, y=y, z=np.asarray(r.losses[d], dtype=float).tolist(), showscale=False,
                                  contours=dict(start=levels[d], end=levels[d], size=1, coloring="lines"),
                                  colorscale=[[0, c], [1, c]], line=dict(width=3, dash="dash" if d in r.ood else "solid"),

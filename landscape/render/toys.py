@@ -1,29 +1,29 @@
 """Figures of the exact toys: Figure 2 parabolas and the 2-D trajectory toy."""
 from __future__ import annotations
 
-import matplotlib
+from typing import TYPE_CHECKING
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
-from typing import TYPE_CHECKING  # noqa: E402
+from .style import OPTIMIZER_COLORS, domain_colors
 
 if TYPE_CHECKING:  # the figures read the results' fields only; the toys live in the application layer
     from ..app.toys import Figure2Result, TrajectoryToyResult
 
-_COLORS = {"train1": "tab:blue", "train2": "tab:orange", "target": "tab:green"}
 
 
 def figure2_plot(r: Figure2Result):
     """Two panels (sum vs intersection): each domain's parabola, the training mean, x = 0 marked."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    fig = Figure(figsize=(10, 3.8))
+    axes = fig.subplots(1, 2, sharey=True)
     x = np.linspace(-0.6, 0.8, 400)
     titles = {"fig2-sum": "(a) sum of minima", "fig2-intersection": "(b) intersection of minima"}
     for ax, (preset, cfg) in zip(axes, r.configs.items()):
         m, c = cfg["minima"], cfg["c"]
+        colors = domain_colors(list(m))
         for d, mu in m.items():
-            ax.plot(x, 8 * (x - mu) ** 2 + c, color=_COLORS[d], ls="--" if d == "target" else "-", label=d)
+            ax.plot(x, 8 * (x - mu) ** 2 + c, color=colors[d], ls="--" if d == "target" else "-", label=d)
         ax.plot(x, 8 * ((x - m["train1"]) ** 2 + (x - m["train2"]) ** 2) / 2 + c, color="k", lw=2, label="training loss")
         ax.axvline(0, color="gray", lw=0.8)
         ax.annotate(f"train {cfg['train_loss_at_0']:.2f}\ntarget {cfg['target_loss_at_0']:.2f}", (0.02, 0.97),
@@ -39,17 +39,18 @@ def figure2_plot(r: Figure2Result):
 
 def trajectory_plot(r: TrajectoryToyResult):
     """Each domain's exact loss contours, the training loss filled, and the AdamW / Nexus paths."""
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    fig = Figure(figsize=(6.5, 5.5))
+    ax = fig.subplots()
     X, Y = np.meshgrid(r.x, r.y)
     train = np.asarray(r.losses["train"])
     ax.contourf(X, Y, np.log10(train - train.min() + 1e-3), levels=30, cmap="Greys", alpha=0.6)
-    colors = ["tab:blue", "tab:orange", "tab:purple", "tab:brown"]
     domains = [d for d in r.losses if d not in ("train",) and d in r.minima and d != "ood"]
-    for d, col in zip(domains, colors):
+    for d, col in domain_colors(domains).items():
         ax.contour(X, Y, np.asarray(r.losses[d]), levels=8, colors=col, linewidths=0.8)
         ax.plot(*r.minima[d], marker="*", ms=14, color=col, mec="k", label=f"min {d}")
     ax.plot(*r.minima["train"], marker="X", ms=10, color="k", label="min training loss")
-    for name, col in (("adamw", "tab:red"), ("nexus", "tab:green")):
+    for name in ("adamw", "nexus"):
+        col = OPTIMIZER_COLORS[name]
         p = np.asarray(r.paths[name])
         ax.plot(p[:, 0], p[:, 1], color=col, lw=1.8, label=f"{name} path")
         ax.plot(p[-1, 0], p[-1, 1], "o", color=col, mec="k")

@@ -1,13 +1,10 @@
 """Training curves: per-domain evaluation loss against step, mean and spread over seeds, per optimizer."""
 from __future__ import annotations
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-OPT_COLORS = {"adamw": "tab:red", "nexus": "tab:green", "sgd": "tab:blue"}
+from .style import OPTIMIZER_COLORS as OPT_COLORS
 
 
 def curves_plot(records: dict[str, list[list[dict]]], ood: list[str], title: str = "", matched: dict | None = None):
@@ -15,7 +12,8 @@ def curves_plot(records: dict[str, list[list[dict]]], ood: list[str], title: str
     first = next(iter(records.values()))[0][0]
     domains = ["train"] + list(first["losses"])
     n = len(domains)
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.0), squeeze=False)
+    fig = Figure(figsize=(3.2 * n, 3.0))
+    axes = fig.subplots(1, n, squeeze=False)
     for ax, d in zip(axes[0], domains):
         for opt, runs in records.items():
             steps = [r["step"] for r in runs[0]]

@@ -1,0 +1,35 @@
+"""One visual vocabulary for every figure: the domain palette (matplotlib and plotly alike), the optimizer
+colours, and the labels of the demo's metrics (report tables and the CLI summary use the same words)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+# matplotlib's tab10 as hex, so that plotly figures colour a domain exactly as the static ones do
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
+           "#7f7f7f"]
+TRAIN_COLOR = "k"  # the training loss
+OPTIMIZER_COLORS = {"adamw": "#d62728", "nexus": "#2ca02c", "sgd": "#1f77b4"}
+NOT_CONVERGED = "#7f7f7f"
+
+# metric key -> (label, the direction the paper predicts for Nexus vs AdamW: -1 lower, +1 higher, 0 none)
+METRICS = {
+    "train_loss": ("training loss", 0),
+    "ood_loss": ("OOD loss", -1),
+    "mean_cosine": ("mean cross-domain gradient cosine", +1),
+    "conflict_rate": ("conflict rate", -1),
+    "spread": ("closeness spread sigma^2", -1),
+    "mean_sq_distance": ("mean sq. distance to the domain minima (Thm 3.1 lhs)", -1),
+    "thm31_bound": ("Thm 3.1 bound (rhs; n/a where a curvature toward a minimum is <= 0)", -1),
+    "top_eigenvalue": ("top Hessian eigenvalue", -1),
+    "trace": ("Hessian trace", -1),
+}
+
+
+def color(i: int) -> str:
+    """The i-th palette colour (cycling)."""
+    return PALETTE[i % len(PALETTE)]
+
+
+def domain_colors(names: Sequence[str], skip: Sequence[str] = ("train",)) -> dict[str, str]:
+    """A stable colour per domain, in order of `names` (the training loss, in `skip`, is drawn in black)."""
+    return {d: color(i) for i, d in enumerate(n for n in names if n not in skip)}
