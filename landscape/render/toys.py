@@ -12,7 +12,6 @@ if TYPE_CHECKING:  # the figures read the results' fields only; the toys live in
     from ..app.toys import Figure2Result, TrajectoryToyResult
 
 
-
 def figure2_plot(r: Figure2Result):
     """Two panels (sum vs intersection): each domain's parabola, the training mean, x = 0 marked."""
     fig = Figure(figsize=(10, 3.8))
