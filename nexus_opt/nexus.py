@@ -263,23 +263,29 @@ class Nexus(Optimizer):
                 flags[i] = True
         if norm is None:
             return
-        finite = torch.isfinite(norm)
-        ok = finite & (norm > 0)
-        inv = torch.where(ok, norm.reciprocal(), 0.0)  # 1/||g||, or 0: a zero or non-finite gradient moves nothing
-        # The same path on every device; only where the host can read the flag for free (CPU) is it used to
-        # skip the NaN-clearing pass and to count without a device tensor.
-        known_ok = self._host_read_is_free(norm) and bool(ok)
+        # The same arithmetic on every device: inv = 1/||g||, or 0 when the norm is zero or non-finite (nothing
+        # moves). Where reading the norm costs nothing (CPU) it is read once on the host, which also spares the
+        # NaN-clearing pass when the gradient is finite; on an accelerator it stays on the device (no sync).
         if self._host_read_is_free(norm):
-            self._skips += int(not bool(finite))
+            n = float(norm)
+            finite = math.isfinite(n)
+            known_ok = finite and n > 0
+            inv = 1.0 / n if known_ok else 0.0
+            self._skips += 0 if finite else 1
         else:
-            bad = (~finite).to(torch.int64)
+            finite_t = torch.isfinite(norm)
+            inv = torch.where(finite_t & (norm > 0), norm.reciprocal(), 0.0)
+            known_ok = False
+            bad = (~finite_t).to(torch.int64)
             self._skips_pending = bad if self._skips_pending is None else self._skips_pending + bad
         for gi, idx, ps, gs in work:
             lr = lrs[gi]
             bufs = [self._buf[gi][i] for i in idx] if self.mode == "parallel" else None
             for (dev, _), lists in _by_device(gs, ps, *([bufs] if bufs is not None else [])).items():
                 gl, pl = lists[0], lists[1]
-                self._mul(gl, inv if inv.device == dev else inv.to(dev, non_blocking=True))
+                if isinstance(inv, torch.Tensor) and inv.device != dev:
+                    inv = inv.to(dev, non_blocking=True)
+                self._mul(gl, inv)
                 if not known_ok:  # 0 * inf = nan: clear those (no host sync; the step is skipped either way)
                     for g in gl:
                         g.nan_to_num_(0.0, 0.0, 0.0)
