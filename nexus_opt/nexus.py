@@ -594,7 +594,8 @@ class Nexus(Optimizer):
         for gi, (saved, mine) in enumerate(zip(buf, self._buf)):
             if not isinstance(saved, (list, tuple)) or len(saved) != len(mine):
                 n = len(saved) if isinstance(saved, (list, tuple)) else type(saved).__name__
-                raise ValueError(f"param group {gi}: state_dict {key} has {n} parameters, the optimizer has {len(mine)}")
+                raise ValueError(f"param group {gi}: state_dict {key} has {n} parameters, "
+                                 f"the optimizer has {len(mine)}")
             for pi, (s, m) in enumerate(zip(saved, mine)):
                 where = f"{key} of param group {gi} parameter {pi}"
                 if not isinstance(s, torch.Tensor) or tuple(s.shape) != tuple(m.shape):
@@ -621,7 +622,8 @@ class Nexus(Optimizer):
         if not _is_int(skips) or skips < 0:
             raise ValueError(f"state_dict nonfinite_skips must be an integer >= 0, got {skips!r}")
         return {"outer": list(outer_sds), "buf": buf, "micro_step": int(micro), "phase": int(phase),
-                "touched": [list(t) for t in touched], "gamma_mean": [float(x) for x in gm], "nonfinite_skips": int(skips)}
+                "touched": [list(t) for t in touched], "gamma_mean": [float(x) for x in gm],
+                "nonfinite_skips": int(skips)}
 
     def _validate_outer(self, oi: int, o: Optimizer, osd: Any) -> None:
         """What torch's load_state_dict checks (groups, parameter counts) plus Nexus's group keys, the lrs and the
@@ -645,7 +647,8 @@ class Nexus(Optimizer):
             if "inner_lr" in sg:
                 _check_inner_lr(sg["inner_lr"], f"{where} param group {gi}: ")
             lr = sg.get("lr")
-            if lr is not None and not isinstance(lr, torch.Tensor) and not (_is_real(lr) and math.isfinite(lr) and lr >= 0):
+            bad_lr = not (_is_real(lr) and math.isfinite(lr) and lr >= 0)
+            if lr is not None and not isinstance(lr, torch.Tensor) and bad_lr:
                 raise ValueError(f"{where} param group {gi}: lr must be a finite number >= 0, got {lr!r}")
             base = sg.get("base_lr")
             if base is not None and not (_is_real(base) and math.isfinite(base) and base > 0):
