@@ -1,6 +1,7 @@
 """Outer-optimizer ablation: Nexus over AdamW vs Nexus over Muon(2-D hidden weights)+AdamW(rest) vs plain AdamW.
 
     python bench/ablation_outer.py [--steps 300] [--inner-steps 4] [--batch-size 8] [--seeds 0] [--suite text|mix]
+                                   [--arms adamw nexus-adamw nexus-muon nexus-parallel-adamw]
 
 All three see the same single-domain micro-batches (the suite's seeded sampler), the same number of gradient
 evaluations (AdamW accumulates the K micro-batches of a step) and the same warmup+cosine schedule. Printed per run:
@@ -25,6 +26,7 @@ from nexus_opt.models import build_model  # noqa: E402
 from nexus_opt.suites import make_suite  # noqa: E402
 
 RUNS = ("adamw", "nexus-adamw", "nexus-muon")
+ARMS = RUNS + ("nexus-parallel-adamw",)  # the last: Nexus without the walk (mode="parallel"), the first-order control
 
 
 def hidden_matrices(model: torch.nn.Module) -> list:
@@ -40,8 +42,9 @@ def make_optimizer(kind: str, model: torch.nn.Module, a) -> torch.optim.Optimize
     adamw = dict(lr=a.lr, betas=(0.9, 0.95), eps=1e-10, weight_decay=a.weight_decay)
     if kind == "adamw":
         return torch.optim.AdamW(model.parameters(), **adamw)
-    if kind == "nexus-adamw":
-        return Nexus(torch.optim.AdamW(model.parameters(), **adamw), inner_lr=a.inner_lr, inner_steps=a.inner_steps)
+    if kind in ("nexus-adamw", "nexus-parallel-adamw"):
+        return Nexus(torch.optim.AdamW(model.parameters(), **adamw), inner_lr=a.inner_lr, inner_steps=a.inner_steps,
+                     mode="parallel" if kind == "nexus-parallel-adamw" else "sequential")
     hidden = hidden_matrices(model)
     ids = {id(p) for p in hidden}
     rest = [p for p in model.parameters() if id(p) not in ids]
@@ -123,14 +126,16 @@ def main(argv=None) -> None:
     ap.add_argument("--inner-lr", type=float, default=0.01)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--arms", nargs="+", default=list(RUNS), choices=list(ARMS),
+                    help="optimizers to compare (nexus-parallel-adamw: the control without the inner walk)")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     print(f"suite={a.suite} steps={a.steps} K={a.inner_steps} batch={a.batch_size} lr={a.lr} wd={a.weight_decay} "
           f"inner_lr={a.inner_lr} seeds={a.seeds} torch={torch.__version__}")
-    results = {k: [] for k in RUNS}
+    results = {k: [] for k in a.arms}
     for seed in a.seeds:
-        for kind in RUNS:
+        for kind in a.arms:
             r = run(kind, seed, a)
             results[kind].append(r)
             losses = " ".join(f"{d}={v:.4f}" for d, v in r["loss"].items())
@@ -138,7 +143,7 @@ def main(argv=None) -> None:
                   f"cross-domain cos {r['cross_cos']:+.4f}  same-domain floor {r['floor_cos']:+.4f}  "
                   f"[{r['seconds']:.0f} s]", flush=True)
     if len(a.seeds) > 1:
-        for kind in RUNS:
+        for kind in a.arms:
             rs = results[kind]
             print(f"mean {kind:12s} train-domain loss {statistics.mean(r['train_loss'] for r in rs):.4f}  "
                   f"cross-domain cos {statistics.mean(r['cross_cos'] for r in rs):+.4f}")

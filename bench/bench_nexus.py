@@ -1,12 +1,14 @@
-"""Time and memory of one optimizer step (K micro-batches of forward+backward + optimizer work): Nexus vs AdamW.
+"""Time and memory of one optimizer step (K micro-batches of forward+backward + optimizer work): Nexus (and its
+parallel control) vs AdamW.
 
     python bench/bench_nexus.py [--device cpu|cuda] [--steps N] [--repeats R] [--inner-steps K] [--batch-size B]
 
 Both run on the tiny GPT (vocab 256, block 64, 2 layers, 2 heads, 64 wide) with random byte tokens, in the same
 process, interleaved step by step; medians (and the median of paired-step ratios) are reported. AdamW accumulates
-the K micro-batch gradients and steps once; Nexus takes K inner steps and one outer AdamW step. Memory: on CPU the
-bytes held by optimizer state (the anchor vs the parameters); on CUDA torch.cuda.max_memory_allocated, with and
-without offload_anchor.
+the K micro-batch gradients and steps once; Nexus takes K inner steps and one outer AdamW step; nexus-parallel
+(mode="parallel", the first-order control) normalises the K gradients at the anchor and sums them. Memory: on CPU the
+bytes held by optimizer state (the anchor or displacement vs the parameters); on CUDA torch.cuda.max_memory_allocated,
+with and without offload_anchor.
 """
 from __future__ import annotations
 
@@ -33,13 +35,15 @@ def loss_fn(model, batch):
 
 
 def build(kind: str, device: str, K: int):
-    """A fresh GPT (same init for every kind) and its optimizer: 'adamw', 'nexus' or 'nexus-offload'."""
+    """A fresh GPT (same init for every kind) and its optimizer: 'adamw', 'nexus', 'nexus-parallel' or
+    'nexus-offload'."""
     torch.manual_seed(0)
     model = GPT(**CONFIG).to(device)
     adamw = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.1)
     if kind == "adamw":
         return model, adamw
-    return model, Nexus(adamw, inner_lr=0.01, inner_steps=K, offload_anchor=kind == "nexus-offload")
+    return model, Nexus(adamw, inner_lr=0.01, inner_steps=K, offload_anchor=kind == "nexus-offload",
+                        mode="parallel" if kind == "nexus-parallel" else "sequential")
 
 
 def train_step(kind: str, model, opt, batches, K: int) -> float:
@@ -82,7 +86,7 @@ def state_bytes(opt) -> tuple[int, int, int]:
     params = [p for g in opt.param_groups for p in g["params"]]
     pb = sum(p.numel() * p.element_size() for p in params)
     sb = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
-    ab = sum(a.numel() * a.element_size() for g in getattr(opt, "_anchor", []) for a in g)
+    ab = sum(a.numel() * a.element_size() for g in getattr(opt, "_buf", []) for a in g)
     return pb, sb, ab
 
 
@@ -121,7 +125,7 @@ def main(argv=None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     K, dev = a.inner_steps, a.device
-    kinds = ["adamw", "nexus"] + (["nexus-offload"] if dev == "cuda" else [])
+    kinds = ["adamw", "nexus", "nexus-parallel"] + (["nexus-offload"] if dev == "cuda" else [])
     runs = {k: build(k, dev, K) for k in kinds}
     data = make_data(K, a.batch_size, dev)
     for k in kinds:  # warm-up: lazy optimizer state, kernels, allocator
@@ -147,9 +151,10 @@ def main(argv=None) -> None:
               f"{paired:.3f} (median of paired steps); optimizer part "
               f"{med[k][1] * 1e3 - med['adamw'][1] * 1e3:+.3f} ms per step")
     pb, sb_a, _ = state_bytes(runs["adamw"][1])
-    _, sb_n, ab = state_bytes(runs["nexus"][1])
-    print(f"memory: params {pb} B; AdamW state {sb_a} B; Nexus state {sb_n} B + anchor {ab} B "
-          f"= extra {sb_n + ab - sb_a} B = {(sb_n + ab - sb_a) / pb:.3f} x params")
+    for k in ("nexus", "nexus-parallel"):
+        _, sb_n, ab = state_bytes(runs[k][1])
+        print(f"memory {k}: params {pb} B; AdamW state {sb_a} B; {k} state {sb_n} B + buffer {ab} B "
+              f"= extra {sb_n + ab - sb_a} B = {(sb_n + ab - sb_a) / pb:.3f} x params")
     if dev == "cuda":
         del runs, data
         peaks = {k: cuda_peak(k, K, a.batch_size, 3) for k in kinds}

@@ -44,7 +44,7 @@ def train_cmd(
     model: Optional[str] = typer.Option(None, help="Model: gpt, mlp or point (default: the suite's)."),
     model_config: Optional[str] = typer.Option(None, help="Model config overrides, e.g. 'n_embd=128,n_layer=4'."),
     model_factory: Optional[str] = typer.Option(None, help="A user model 'module:function' (needs --trust-remote-code)."),
-    optimizer: str = typer.Option("adamw", help="adamw, nexus or sgd."),
+    optimizer: str = typer.Option("adamw", help="adamw, nexus, nexus-parallel (Nexus without the walk) or sgd."),
     lr: float = typer.Option(3e-3, help="Peak (outer) learning rate."),
     eps: Optional[float] = typer.Option(None, help="Adam eps (default 1e-8; 1e-10 for Nexus's outer AdamW)."),
     weight_decay: float = typer.Option(0.1, help="Weight decay on matrices (the outer optimizer's)."),

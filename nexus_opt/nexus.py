@@ -1,13 +1,17 @@
 """Nexus: normalized-SGD inner walks on single-domain micro-batches, an outer optimizer on the displacement.
 
-Every ``step()`` is an inner step ``theta_in -= gamma * g / ||g||`` (global L2 norm, no momentum) on the
-model's live weights; every ``inner_steps``-th call also runs the outer step: the pseudo-gradient
-``anchor - theta_in`` goes into ``.grad``, the weights return to the anchor, the outer optimizer steps and
-the anchor becomes the new weights. Only torch and the standard library are used.
+Every ``step()`` normalises the current gradient in place (``.grad <- g / ||g||``, global L2 norm) and takes an
+inner step ``theta_in -= gamma * .grad`` on the model's live weights; every ``inner_steps``-th call also runs the
+outer step: the pseudo-gradient ``anchor - theta_in`` goes into ``.grad``, the weights return to the anchor, the
+outer optimizer steps and the anchor becomes the new weights. ``mode="parallel"`` is the first-order control
+("Nexus without the walk"): the weights stay at the anchor and the pseudo-gradient is ``gamma * sum_k g_k/||g_k||``.
+Only torch and the standard library are used.
 """
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import warnings
 from collections import ChainMap, OrderedDict
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -17,7 +21,14 @@ from torch.optim import Optimizer
 
 __all__ = ["Nexus"]
 
-_HAS_FOREACH = all(hasattr(torch, f"_foreach_{n}") for n in ("norm", "mul_", "add_", "copy_", "sub_", "neg_", "div_"))
+_HAS_FOREACH = all(hasattr(torch, f"_foreach_{n}")
+                   for n in ("norm", "mul_", "add_", "copy_", "sub_", "neg_", "div_", "zero_"))
+MODES = ("sequential", "parallel")
+NONFINITE = ("skip", "raise")
+# Per-parameter outer states that always have the parameter's shape (Adam(W), NAdam, RAdam, Adamax, SGD, Muon,
+# RMSprop, Adadelta): checked before a load changes anything. Other states (Adafactor's factors) are left to torch.
+_FULL_SHAPE_STATES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta",
+                      "grad_avg", "exp_inf")
 
 
 def _by_device(tensors: Sequence[torch.Tensor], *more: Sequence[torch.Tensor]) -> dict:
@@ -34,34 +45,57 @@ def _by_device(tensors: Sequence[torch.Tensor], *more: Sequence[torch.Tensor]) -
     return out
 
 
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_inner_lr(v: Any, where: str) -> None:
+    """gamma must be a finite number > 0: a zero walk is no optimizer, an infinite one writes inf into weights."""
+    if not (_is_real(v) and math.isfinite(v) and v > 0):
+        raise ValueError(f"{where}inner_lr must be a finite number > 0, got {v!r}")
+
+
 class Nexus(Optimizer):
     """Wrap an outer optimizer (or a list of them) so that it steps on Nexus pseudo-gradients.
 
     Args:
         outer: the outer optimizer, e.g. ``AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-10)``,
             or a list/tuple of them (e.g. Muon for 2-D weights + AdamW for the rest).
-        inner_lr: gamma, the length of each normalized inner step (default for groups without "inner_lr").
+        inner_lr: gamma > 0, the length of each normalized inner step (default for groups without "inner_lr").
         inner_steps: K, micro-batches (inner steps) per outer step.
-        pseudo_grad_scale: "raw" (paper: anchor - inner weights) or "inner_lr" (divided by the group's inner_lr).
+        mode: "sequential" (the paper: walk K steps, gradients at the inner weights) or "parallel" (the control:
+            every gradient taken at the anchor, pseudo-gradient gamma * sum of the K normalised gradients).
+        pseudo_grad_scale: "raw" (paper: anchor - inner weights) or "inner_lr" (divided by the group's gamma,
+            the mean of the gammas actually used over the walk).
         inner_lr_follows_schedule: scale gamma by group["lr"] / group["base_lr"] (the lr at construction).
-        offload_anchor: keep the anchor copy on the CPU (pinned, non-blocking copies for CUDA parameters).
+        nonfinite: what a micro-batch with a NaN/Inf gradient does: "skip" (no inner step, counted in
+            ``nonfinite_skips``, no host sync) or "raise" (FloatingPointError before anything changes; reads the
+            norm on the host, a device sync on accelerators).
+        offload_anchor: keep the anchor (parallel: the displacement) on the CPU (pinned for CUDA parameters).
         foreach: use torch._foreach_* kernels (None: when available).
     """
 
-    def __init__(self, outer: Union[Optimizer, Sequence[Optimizer]], inner_lr: float = 0.01, inner_steps: int = 4,
-                 pseudo_grad_scale: str = "raw", inner_lr_follows_schedule: bool = False,
-                 offload_anchor: bool = False, foreach: Optional[bool] = None):
+    def __init__(self, outer: Union[Optimizer, Sequence[Optimizer]], *, inner_lr: float = 0.01, inner_steps: int = 4,
+                 mode: str = "sequential", pseudo_grad_scale: str = "raw", inner_lr_follows_schedule: bool = False,
+                 nonfinite: str = "skip", offload_anchor: bool = False, foreach: Optional[bool] = None):
         outers = list(outer) if isinstance(outer, (list, tuple)) else [outer]
         if not outers or not all(isinstance(o, Optimizer) for o in outers):
             raise TypeError("Nexus wraps a torch.optim.Optimizer or a non-empty list of them")
         if any(isinstance(o, Nexus) for o in outers):
             raise TypeError("Nexus cannot wrap another Nexus")
-        if not isinstance(inner_steps, int) or inner_steps < 1:
+        if not _is_int(inner_steps) or inner_steps < 1:
             raise ValueError(f"inner_steps must be an integer >= 1, got {inner_steps!r}")
-        if not inner_lr >= 0.0:
-            raise ValueError(f"inner_lr must be >= 0, got {inner_lr!r}")
+        _check_inner_lr(inner_lr, "")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
         if pseudo_grad_scale not in ("raw", "inner_lr"):
             raise ValueError(f"pseudo_grad_scale must be 'raw' or 'inner_lr', got {pseudo_grad_scale!r}")
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {list(NONFINITE)}, got {nonfinite!r}")
         seen: set = set()
         for o in outers:
             for g in o.param_groups:
@@ -70,11 +104,16 @@ class Nexus(Optimizer):
                         raise ValueError("a parameter appears in more than one outer optimizer")
                     seen.add(id(p))
         self._outers = outers
-        self.defaults = dict(inner_lr=inner_lr, inner_steps=inner_steps, pseudo_grad_scale=pseudo_grad_scale,
-                             inner_lr_follows_schedule=inner_lr_follows_schedule, offload_anchor=offload_anchor)
-        self.inner_steps = inner_steps
+        # The outer's defaults (lr, betas/momentum, ...) so that every torch scheduler accepts Nexus, plus ours.
+        self.defaults = {k: v for o in reversed(outers) for k, v in o.defaults.items()}
+        self.defaults.update(inner_lr=inner_lr, inner_steps=inner_steps, mode=mode, pseudo_grad_scale=pseudo_grad_scale,
+                             inner_lr_follows_schedule=inner_lr_follows_schedule, nonfinite=nonfinite,
+                             offload_anchor=offload_anchor)
+        self.inner_steps = int(inner_steps)
+        self.mode = mode
         self.pseudo_grad_scale = pseudo_grad_scale
         self.inner_lr_follows_schedule = inner_lr_follows_schedule
+        self.nonfinite = nonfinite
         self.offload_anchor = offload_anchor
         self.foreach = _HAS_FOREACH if foreach is None else (foreach and _HAS_FOREACH)
         # What torch.optim.Optimizer.__init__ would set up (hooks, profiler step wrapper); its groups live in `outer`.
@@ -86,9 +125,13 @@ class Nexus(Optimizer):
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
         self._warned_capturable_if_run_uncaptured = True
-        self._anchor: list[list[torch.Tensor]] = []
+        self._buf: list[list[torch.Tensor]] = []  # sequential: the anchor; parallel: the summed displacement
+        self._touched: list[list[bool]] = []  # parameters that had a .grad at some step() of this walk
+        self._gamma_mean: list[float] = []  # mean gamma of the steps of this walk, per group
+        self._skips = 0  # non-finite micro-batches skipped (host count) ...
+        self._skips_pending: Optional[torch.Tensor] = None  # ... plus a device count not yet read (no host sync)
         self._micro_step = 0  # inner steps taken in total
-        self._phase = 0  # inner steps taken since the last outer step (0 = model holds the outer weights)
+        self._phase = 0  # inner steps taken since the last outer step (0 = just after an outer step)
         self._swapped = False
         self._sync_groups()
         self._warn_eps()
@@ -132,8 +175,14 @@ class Nexus(Optimizer):
 
     @property
     def at_outer_boundary(self) -> bool:
-        """True when the model holds the outer (anchor) weights: micro_step % inner_steps == 0."""
+        """True right after an outer step (micro_step % inner_steps == 0): the model holds the outer weights."""
         return self._phase == 0
+
+    @property
+    def nonfinite_skips(self) -> int:
+        """Micro-batches whose gradient was non-finite and whose inner step was skipped (reading it may sync)."""
+        pending = 0 if self._skips_pending is None else int(self._skips_pending)
+        return self._skips + pending
 
     def __getstate__(self) -> dict:
         return self.__dict__.copy()
@@ -145,10 +194,12 @@ class Nexus(Optimizer):
     def __repr__(self) -> str:
         outers = ", ".join(type(o).__name__ for o in self._outers)
         return (f"Nexus({outers}, inner_lr={self.defaults['inner_lr']}, inner_steps={self.inner_steps}, "
-                f"pseudo_grad_scale={self.pseudo_grad_scale!r}, micro_step={self._micro_step})")
+                f"mode={self.mode!r}, pseudo_grad_scale={self.pseudo_grad_scale!r}, micro_step={self._micro_step})")
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group to the (last) outer optimizer and give its parameters an anchor."""
+        if "inner_lr" in param_group:
+            _check_inner_lr(param_group["inner_lr"], "param group: ")
         self._outers[-1].add_param_group(param_group)
         self._sync_groups()
 
@@ -179,49 +230,69 @@ class Nexus(Optimizer):
     def _inner_lr(self, group: dict) -> float:
         """gamma for this group, scaled by the lr schedule when inner_lr_follows_schedule is on."""
         lr = group["inner_lr"]
+        _check_inner_lr(lr, "param group: ")
         if self.inner_lr_follows_schedule:
             lr = lr * float(group["lr"]) / group["base_lr"]
         return lr
 
     def _inner_step(self) -> None:
-        """theta -= gamma * g / ||g|| with the global norm over every parameter that has a gradient."""
-        work, grads = [], []
-        for group in self.param_groups:
-            ps = [p for p in group["params"] if p.grad is not None]
-            if ps:
+        """.grad <- g/||g|| (global norm over every parameter with a gradient), then theta -= gamma * .grad
+        (parallel: displacement += gamma * .grad). A non-finite gradient leaves zeros in .grad and moves nothing."""
+        work, grads, lrs = [], [], []
+        for gi, group in enumerate(self.param_groups):
+            lrs.append(self._inner_lr(group))
+            idx = [i for i, p in enumerate(group["params"]) if p.grad is not None]
+            if idx:
+                ps = [group["params"][i] for i in idx]
                 gs = [p.grad for p in ps]
-                work.append((ps, gs, self._inner_lr(group)))
+                work.append((gi, idx, ps, gs))
                 grads += gs
-        if not grads:
-            return
-        if any(g.is_sparse for g in grads):
+        if grads and any(g.is_sparse for g in grads):
             raise RuntimeError("Nexus does not support sparse gradients")
-        norm = self._global_norm(grads)
-        if self._host_read_is_free(norm):
-            # A host read costs nothing here: one fused pass p += (-gamma/||g||) g, and .grad stays untouched.
-            n = norm.item()
-            if n == 0.0:
-                return
-            for ps, gs, lr in work:
-                for (gl, pl) in _by_device(gs, ps).values():
-                    if self.foreach:
-                        torch._foreach_add_(pl, gl, alpha=-lr / n)
-                    else:
-                        for g, p in zip(gl, pl):
-                            p.add_(g, alpha=-lr / n)
+        norm = self._global_norm(grads) if grads else None
+        if norm is not None and self.nonfinite == "raise" and not bool(torch.isfinite(norm)):
+            raise FloatingPointError(f"non-finite gradient (norm {float(norm)}) at micro_step {self._micro_step}; "
+                                     "nothing was changed (nonfinite='raise')")
+        # Commit the walk's bookkeeping (after the raise: a refused step changes nothing).
+        for gi, lr in enumerate(lrs):
+            n = self._phase
+            self._gamma_mean[gi] = lr if n == 0 else self._gamma_mean[gi] + (lr - self._gamma_mean[gi]) / (n + 1)
+        for gi, idx, _, _ in work:
+            flags = self._touched[gi]
+            for i in idx:
+                flags[i] = True
+        if norm is None:
             return
-        for ps, gs, lr in work:
-            # On an accelerator no host sync: scale = -gamma/||g||, or 0 when ||g|| == 0 (the step is skipped);
-            # .grad is rescaled in place (as clip_grad_norm_ does) to avoid a temporary.
-            scale = torch.where(norm > 0, -lr / norm, 0.0)
-            for (dev, _), (gl, pl) in _by_device(gs, ps).items():
-                s = scale.to(dev, non_blocking=True)
-                if self.foreach:
-                    torch._foreach_mul_(gl, s)
-                    torch._foreach_add_(pl, gl)
+        # The same arithmetic on every device: inv = 1/||g||, or 0 when the norm is zero or non-finite (nothing
+        # moves). Where reading the norm costs nothing (CPU) it is read once on the host, which also spares the
+        # NaN-clearing pass when the gradient is finite; on an accelerator it stays on the device (no sync).
+        if self._host_read_is_free(norm):
+            n = float(norm)
+            finite = math.isfinite(n)
+            known_ok = finite and n > 0
+            inv = 1.0 / n if known_ok else 0.0
+            self._skips += 0 if finite else 1
+        else:
+            finite_t = torch.isfinite(norm)
+            inv = torch.where(finite_t & (norm > 0), norm.reciprocal(), 0.0)
+            known_ok = False
+            bad = (~finite_t).to(torch.int64)
+            self._skips_pending = bad if self._skips_pending is None else self._skips_pending + bad
+        for gi, idx, ps, gs in work:
+            lr = lrs[gi]
+            bufs = [self._buf[gi][i] for i in idx] if self.mode == "parallel" else None
+            for (dev, _), lists in _by_device(gs, ps, *([bufs] if bufs is not None else [])).items():
+                gl, pl = lists[0], lists[1]
+                if isinstance(inv, torch.Tensor) and inv.device != dev:
+                    inv = inv.to(dev, non_blocking=True)
+                self._mul(gl, inv)
+                if not known_ok:  # 0 * inf = nan: clear those (no host sync; the step is skipped either way)
+                    for g in gl:
+                        g.nan_to_num_(0.0, 0.0, 0.0)
+                if bufs is None:
+                    self._add(pl, gl, -lr)
                 else:
-                    for g, p in zip(gl, pl):
-                        p.add_(g.mul_(s))
+                    self._accumulate(lists[2], gl, lr)
 
     @staticmethod
     def _host_read_is_free(t: torch.Tensor) -> bool:
@@ -244,60 +315,44 @@ class Nexus(Optimizer):
             norms += ns if (d, dt) == (dev, acc) else [n.to(device=dev, dtype=acc) for n in ns]
         return torch.linalg.vector_norm(torch.stack(norms))
 
-    def _pairs(self) -> tuple[list, list, list]:
-        """(parameters, anchors, group inner lrs) of every parameter that requires grad."""
-        ps, anchors, lrs = [], [], []
-        for group, ganchor in zip(self.param_groups, self._anchor):
-            for p, a in zip(group["params"], ganchor):
-                if p.requires_grad:
-                    ps.append(p)
-                    anchors.append(a)
-                    lrs.append(group["inner_lr"])
-        return ps, anchors, lrs
+    # -- small in-place kernels (foreach when available) ----------------------------------------------------
+    def _mul(self, ts: list, s) -> None:
+        if self.foreach:
+            torch._foreach_mul_(ts, s)
+        else:
+            for t in ts:
+                t.mul_(s)
 
-    def _copy(self, dst: list, src: list) -> None:
+    def _add(self, dst: list, src: list, alpha: float = 1.0) -> None:
+        """dst[i] += alpha * src[i] (same device and dtype)."""
+        if self.foreach:
+            torch._foreach_add_(dst, src, alpha=alpha)
+        else:
+            for d, s in zip(dst, src):
+                d.add_(s, alpha=alpha)
+
+    def _accumulate(self, bufs: list, gl: list, lr: float) -> None:
+        """bufs += lr * gl, also when the displacement is offloaded (then a blocking device-to-host copy)."""
+        if self._offloaded(gl, bufs):
+            for b, g in zip(bufs, gl):
+                b.add_(g.to(b.device), alpha=lr)
+        else:
+            self._add(bufs, gl, lr)
+
+    def _copy(self, dst: list, src: list, non_blocking: bool = True) -> None:
         """dst[i] <- src[i] (non-blocking across devices: the anchor may sit in pinned CPU memory)."""
         same = all(d.device == s.device for d, s in zip(dst, src))
-        if self.foreach and same:
+        if self.foreach and same and dst:
             for _, (dl, sl) in _by_device(dst, src).items():
                 torch._foreach_copy_(dl, sl)
         else:
             for d, s in zip(dst, src):
-                d.copy_(s, non_blocking=True)
-
-    def _outer_step(self) -> None:
-        """Pseudo-gradient into .grad (in place), weights back to the anchor, outer step, anchor refresh."""
-        ps, anchors, lrs = self._pairs()
-        for p in ps:
-            if p.grad is None:
-                p.grad = torch.empty_like(p, memory_format=torch.preserve_format)
-        grads = [p.grad for p in ps]
-        if not self._offloaded(ps, anchors):
-            self._copy(grads, anchors)  # grad <- anchor
-            self._sub(grads, ps)  # grad <- anchor - inner
-            self._copy(ps, anchors)  # weights <- anchor
-            sign = 1.0
-        else:  # offloaded anchor: a single host-to-device transfer
-            self._copy(grads, ps)  # grad <- inner
-            self._copy(ps, anchors)  # weights <- anchor
-            self._sub(grads, ps)  # grad <- inner - anchor
-            sign = -1.0
-        if self.pseudo_grad_scale == "inner_lr":  # (anchor - inner) / gamma, exactly as the paper's ratio
-            for g, lr in zip(grads, lrs):
-                g.div_(sign * lr)
-        elif sign < 0:
-            for (gl,) in _by_device(grads).values():
-                if self.foreach:
-                    torch._foreach_neg_(gl)
-                else:
-                    for g in gl:
-                        g.neg_()
-        for o in self._outers:
-            o.step()
-        self._copy(anchors, ps)  # anchor <- new outer weights
+                d.copy_(s, non_blocking=non_blocking)
 
     def _sub(self, dst: list, src: list) -> None:
         """dst[i] -= src[i]."""
+        if not dst:
+            return
         for (dl, sl) in _by_device(dst, src).values():
             if self.foreach:
                 torch._foreach_sub_(dl, sl)
@@ -305,43 +360,113 @@ class Nexus(Optimizer):
                 for d, s in zip(dl, sl):
                     d.sub_(s)
 
+    def _scale(self, grads: list, scales: list) -> None:
+        """grads[i] /= scales[i] (per group gamma), or negate where scales are -1."""
+        by_scale: dict = {}
+        for g, s in zip(grads, scales):
+            by_scale.setdefault(s, []).append(g)
+        for s, gl in by_scale.items():
+            for (tl,) in _by_device(gl).values():
+                if self.foreach:
+                    torch._foreach_div_(tl, s)
+                else:
+                    for t in tl:
+                        t.div_(s)
+
+    # -- the outer step -------------------------------------------------------------------------------------
+    def _walk(self) -> tuple[list, list, list, list]:
+        """(parameters, buffers, group indices, touched flags) of every parameter that requires grad."""
+        ps, bufs, gis, touched = [], [], [], []
+        for gi, (group, gbuf, gt) in enumerate(zip(self.param_groups, self._buf, self._touched)):
+            for p, b, t in zip(group["params"], gbuf, gt):
+                if p.requires_grad:
+                    ps.append(p)
+                    bufs.append(b)
+                    gis.append(gi)
+                    touched.append(t)
+        return ps, bufs, gis, touched
+
+    def _outer_step(self) -> None:
+        """Pseudo-gradient into .grad (in place) of the parameters that had a gradient in this walk (the others
+        keep .grad = None, as the outer optimizer alone would see them), outer step, buffers refreshed."""
+        ps, bufs, gis, touched = self._walk()
+        tp = [p for p, t in zip(ps, touched) if t]
+        tb = [b for b, t in zip(bufs, touched) if t]
+        tg = [gi for gi, t in zip(gis, touched) if t]
+        for p, t in zip(ps, touched):
+            if not t:
+                p.grad = None
+            elif p.grad is None:
+                p.grad = torch.empty_like(p, memory_format=torch.preserve_format)
+        grads = [p.grad for p in tp]
+        sign = 1.0
+        if self.mode == "parallel":  # .grad <- gamma * sum_k g_k/||g_k||; the weights never left the anchor
+            self._copy(grads, tb, non_blocking=not self._offloaded(tp, tb))
+        elif not self._offloaded(ps, bufs):
+            self._copy(grads, tb)  # grad <- anchor
+            self._sub(grads, tp)  # grad <- anchor - inner
+            self._copy(ps, bufs)  # weights <- anchor
+        else:  # offloaded anchor: a single host-to-device transfer
+            self._copy(grads, tp)  # grad <- inner
+            self._copy(ps, bufs)  # weights <- anchor
+            self._sub(grads, tp)  # grad <- inner - anchor
+            sign = -1.0
+        if self.pseudo_grad_scale == "inner_lr":  # divided by the gamma actually used (its mean over the walk)
+            self._scale(grads, [sign * self._gamma_mean[gi] for gi in tg])
+        elif sign < 0:
+            self._scale(grads, [-1.0] * len(grads))
+        for o in self._outers:
+            o.step()
+        if self.mode == "parallel":
+            for (bl,) in _by_device(tb).values() if tb else ():
+                if self.foreach:
+                    torch._foreach_zero_(bl)
+                else:
+                    for b in bl:
+                        b.zero_()
+        else:
+            self._copy(bufs, ps)  # anchor <- new outer weights
+        for gt in self._touched:
+            gt[:] = [False] * len(gt)
+
     # -- anchor bookkeeping ---------------------------------------------------------------------------------
-    def _new_anchor(self, p: torch.Tensor) -> torch.Tensor:
-        """A copy of p on its device, or in (pinned, for CUDA) CPU memory when offloading."""
+    def _new_buffer(self, p: torch.Tensor) -> torch.Tensor:
+        """The anchor (a copy of p) or the zero displacement, on p's device or in (pinned) CPU memory."""
         if self.offload_anchor and p.device.type != "cpu":
-            pin = p.device.type == "cuda"
-            a = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=pin)
-            a.copy_(p.detach())
-            return a
-        return p.detach().clone(memory_format=torch.contiguous_format)
+            a = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=p.device.type == "cuda")
+        else:
+            a = torch.empty_like(p.detach(), memory_format=torch.contiguous_format)
+        if self.mode == "parallel":
+            return a.zero_()
+        return a.copy_(p.detach())
 
     def _sync_groups(self) -> None:
-        """Give new groups (or groups added to the outer optimizer directly) their Nexus keys and anchors."""
+        """Give new groups (or groups added to the outer optimizer directly) their Nexus keys and buffers."""
         groups = self.param_groups
         for gi, group in enumerate(groups):
             if "inner_lr" not in group:
                 group["inner_lr"] = self.defaults["inner_lr"]
             if "base_lr" not in group:  # the schedule's base: a scheduler's initial_lr if one exists already
                 group["base_lr"] = float(group.get("initial_lr", group["lr"]))
-            if gi >= len(self._anchor) or len(self._anchor[gi]) != len(group["params"]):
+            if gi >= len(self._buf) or len(self._buf[gi]) != len(group["params"]):
                 self._check_group(gi, group)
                 if not self.at_outer_boundary:
                     raise RuntimeError("parameter groups changed in the middle of an inner walk; "
                                        "add groups at an outer boundary (opt.at_outer_boundary)")
                 with torch.no_grad():
-                    anchors = [self._new_anchor(p) for p in group["params"]]
-                if gi < len(self._anchor):
-                    self._anchor[gi] = anchors
+                    bufs = [self._new_buffer(p) for p in group["params"]]
+                if gi < len(self._buf):
+                    self._buf[gi] = bufs
+                    self._touched[gi] = [False] * len(bufs)
                 else:
-                    self._anchor.append(anchors)
+                    self._buf.append(bufs)
+                    self._touched.append([False] * len(bufs))
+                    self._gamma_mean.append(float(group["inner_lr"]))
 
     def _check_group(self, gi: int, group: dict) -> None:
         """One-line ValueErrors for settings that cannot work."""
-        if not group["inner_lr"] >= 0:
-            raise ValueError(f"param group {gi}: inner_lr must be >= 0, got {group['inner_lr']!r}")
-        if self.pseudo_grad_scale == "inner_lr" and group["inner_lr"] == 0:
-            raise ValueError(f"param group {gi}: pseudo_grad_scale='inner_lr' needs inner_lr > 0")
-        if self.inner_lr_follows_schedule and not group["base_lr"] > 0:
+        _check_inner_lr(group["inner_lr"], f"param group {gi}: ")
+        if self.inner_lr_follows_schedule and not (_is_real(group["base_lr"]) and group["base_lr"] > 0):
             raise ValueError(f"param group {gi}: inner_lr_follows_schedule needs a base lr > 0, "
                              f"got {group['base_lr']!r}")
 
@@ -357,11 +482,12 @@ class Nexus(Optimizer):
 
     @contextlib.contextmanager
     def anchor_weights(self) -> Iterator[None]:
-        """Swap the outer (anchor) weights into the model for evaluation or saving; restore the inner ones after."""
-        if self.at_outer_boundary or self._swapped:
+        """Swap the outer (anchor) weights into the model for evaluation or saving; restore the inner ones after.
+        In parallel mode (and at an outer boundary) the model already holds them."""
+        if self.mode == "parallel" or self.at_outer_boundary or self._swapped:
             yield
             return
-        ps, anchors, _ = self._pairs()
+        ps, anchors, _, _ = self._walk()
         with torch.no_grad():
             saved = [p.detach().to(a.device, copy=True) for p, a in zip(ps, anchors)]
             self._copy(ps, anchors)
@@ -373,60 +499,168 @@ class Nexus(Optimizer):
                 self._copy(ps, saved)
             self._swapped = False
 
-    def _wait_for_anchor(self) -> None:
-        """Finish non-blocking device-to-host copies into a pinned anchor before the host touches it."""
-        if self.offload_anchor and torch.cuda.is_available() and any(a.is_pinned() for g in self._anchor for a in g):
+    def _wait_for_buffers(self) -> None:
+        """Finish non-blocking device-to-host copies into a pinned buffer before the host touches it."""
+        if self.offload_anchor and torch.cuda.is_available() and any(a.is_pinned() for g in self._buf for a in g):
             torch.cuda.synchronize()
 
     # -- checkpoints: tensors, scalars, strings, lists and dicts only -----------------------------------------
+    @property
+    def _buf_key(self) -> str:
+        return "anchor" if self.mode == "sequential" else "displacement"
+
     def state_dict(self) -> dict:
-        """Outer state(s), the anchor as anchor[group][param], and the step counters."""
+        """Outer state(s), the anchor (parallel: the displacement so far) per group and parameter, the walk's
+        bookkeeping and the step counters."""
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         self._sync_groups()
-        self._wait_for_anchor()
-        sd = {"outer": [o.state_dict() for o in self._outers], "anchor": [list(g) for g in self._anchor],
-              "micro_step": self._micro_step, "phase": self._phase, "inner_steps": self.inner_steps}
+        self._wait_for_buffers()
+        sd = {"outer": [o.state_dict() for o in self._outers], "mode": self.mode,
+              self._buf_key: [list(g) for g in self._buf], "micro_step": self._micro_step, "phase": self._phase,
+              "inner_steps": self.inner_steps, "touched": [list(t) for t in self._touched],
+              "gamma_mean": list(self._gamma_mean), "nonfinite_skips": self.nonfinite_skips}
         for hook in self._optimizer_state_dict_post_hooks.values():
             out = hook(self, sd)
             sd = sd if out is None else out
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore a state_dict(); the parameter structure and shapes are checked before anything changes."""
+        """Restore a state_dict(): everything is validated first (keys, counters, structure, shapes, dtypes,
+        finiteness); on any error a one-line ValueError is raised and nothing has changed."""
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             out = hook(self, state_dict)
             state_dict = state_dict if out is None else out
         self._sync_groups()
-        missing = [k for k in ("outer", "anchor", "micro_step", "phase", "inner_steps") if k not in state_dict]
-        if missing:
-            raise ValueError(f"not a Nexus state_dict: missing {', '.join(missing)}")
-        outer_sds, anchor = list(state_dict["outer"]), list(state_dict["anchor"])
-        if len(outer_sds) != len(self._outers):
-            raise ValueError(f"state_dict has {len(outer_sds)} outer optimizer(s), this Nexus has {len(self._outers)}")
-        if len(anchor) != len(self._anchor):
-            raise ValueError(f"state_dict anchor has {len(anchor)} param groups, the optimizer has {len(self._anchor)}")
-        for gi, (saved, mine) in enumerate(zip(anchor, self._anchor)):
-            if len(saved) != len(mine):
-                raise ValueError(f"param group {gi}: state_dict anchor has {len(saved)} parameters, "
-                                 f"the optimizer has {len(mine)}")
-            for pi, (s, m) in enumerate(zip(saved, mine)):
-                if not isinstance(s, torch.Tensor) or tuple(s.shape) != tuple(m.shape):
-                    shape = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
-                    raise ValueError(f"anchor of param group {gi} parameter {pi} has shape {shape}, "
-                                     f"the parameter has {tuple(m.shape)}")
-        phase, k = int(state_dict["phase"]), int(state_dict["inner_steps"])
-        if phase != 0 and k != self.inner_steps:
-            raise ValueError(f"state_dict was saved mid-walk with inner_steps={k}; resume with inner_steps={k} "
-                             "or from an outer boundary")
-        for o, sd in zip(self._outers, outer_sds):
-            o.load_state_dict(sd)
-        self._wait_for_anchor()
+        v = self._validate(state_dict)
+        snapshots = [o.state_dict() for o in self._outers]
+        loaded = []
+        try:
+            for o, sd in zip(self._outers, v["outer"]):
+                o.load_state_dict(sd)
+                loaded.append(o)
+        except Exception as e:  # torch found something the checks above did not: put back what was loaded
+            for o, snap in zip(loaded, snapshots):
+                o.load_state_dict(snap)
+            raise ValueError(f"outer optimizer state does not load: {str(e).splitlines()[0] if str(e) else e!r}") \
+                from None
+        self._wait_for_buffers()
         with torch.no_grad():
-            for saved, mine in zip(anchor, self._anchor):
+            for saved, mine in zip(v["buf"], self._buf):
                 for s, m in zip(saved, mine):
                     m.copy_(s)
-        self._micro_step, self._phase = int(state_dict["micro_step"]), phase
+        self._micro_step, self._phase = v["micro_step"], v["phase"]
+        self._touched = v["touched"]
+        self._gamma_mean = v["gamma_mean"]
+        self._skips, self._skips_pending = v["nonfinite_skips"], None
         self._sync_groups()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+    def _validate(self, sd: Any) -> dict:
+        """Everything load_state_dict needs, checked and normalised; raises a one-line ValueError otherwise."""
+        if not isinstance(sd, dict):
+            raise ValueError(f"not a Nexus state_dict: a {type(sd).__name__}, not a dict")
+        mode = sd.get("mode", "sequential")
+        if mode not in MODES:
+            raise ValueError(f"state_dict mode must be one of {list(MODES)}, got {mode!r}")
+        if mode != self.mode:
+            raise ValueError(f"state_dict is from a Nexus with mode={mode!r}; this one has mode={self.mode!r}")
+        key = self._buf_key
+        missing = [k for k in ("outer", key, "micro_step", "phase", "inner_steps") if k not in sd]
+        if missing:
+            raise ValueError(f"not a Nexus state_dict: missing {', '.join(missing)}")
+        micro, phase, k = sd["micro_step"], sd["phase"], sd["inner_steps"]
+        if not _is_int(k) or k < 1:
+            raise ValueError(f"state_dict inner_steps must be an integer >= 1, got {k!r}")
+        if not _is_int(micro) or micro < 0:
+            raise ValueError(f"state_dict micro_step must be an integer >= 0, got {micro!r}")
+        if not _is_int(phase) or not 0 <= phase < k or phase > micro:
+            raise ValueError(f"state_dict phase must be an integer in [0, min(inner_steps - 1, micro_step)] = "
+                             f"[0, {min(k - 1, micro) if _is_int(micro) else k - 1}], got {phase!r}")
+        if phase != 0 and k != self.inner_steps:
+            raise ValueError(f"state_dict was saved mid-walk with inner_steps={k}; resume with inner_steps={k} "
+                             "or from an outer boundary")
+        outer_sds = sd["outer"]
+        if not isinstance(outer_sds, (list, tuple)) or len(outer_sds) != len(self._outers):
+            n = len(outer_sds) if isinstance(outer_sds, (list, tuple)) else type(outer_sds).__name__
+            raise ValueError(f"state_dict has {n} outer optimizer state(s), this Nexus has {len(self._outers)}")
+        for oi, (o, osd) in enumerate(zip(self._outers, outer_sds)):
+            self._validate_outer(oi, o, osd)
+        buf = sd[key]
+        if not isinstance(buf, (list, tuple)) or len(buf) != len(self._buf):
+            n = len(buf) if isinstance(buf, (list, tuple)) else type(buf).__name__
+            raise ValueError(f"state_dict {key} has {n} param groups, the optimizer has {len(self._buf)}")
+        for gi, (saved, mine) in enumerate(zip(buf, self._buf)):
+            if not isinstance(saved, (list, tuple)) or len(saved) != len(mine):
+                n = len(saved) if isinstance(saved, (list, tuple)) else type(saved).__name__
+                raise ValueError(f"param group {gi}: state_dict {key} has {n} parameters, "
+                                 f"the optimizer has {len(mine)}")
+            for pi, (s, m) in enumerate(zip(saved, mine)):
+                where = f"{key} of param group {gi} parameter {pi}"
+                if not isinstance(s, torch.Tensor) or tuple(s.shape) != tuple(m.shape):
+                    shape = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+                    raise ValueError(f"{where} has shape {shape}, the parameter has {tuple(m.shape)}")
+                if s.dtype != m.dtype:
+                    raise ValueError(f"{where} has dtype {s.dtype}, the parameter has {m.dtype}")
+                if s.is_floating_point() and not bool(torch.isfinite(s).all()):
+                    raise ValueError(f"{where} holds non-finite values")
+        touched = sd.get("touched")
+        if touched is None:  # older checkpoints: mid-walk, every parameter counts as having had a gradient
+            touched = [[phase > 0] * len(g) for g in self._buf]
+        elif (not isinstance(touched, (list, tuple)) or len(touched) != len(self._buf)
+              or any(not isinstance(t, (list, tuple)) or len(t) != len(g) or not all(isinstance(x, bool) for x in t)
+                     for t, g in zip(touched, self._buf))):
+            raise ValueError("state_dict touched must be one list of booleans per param group, one per parameter")
+        gm = sd.get("gamma_mean")
+        if gm is None:
+            gm = [self._inner_lr(g) for g in self.param_groups]
+        elif (not isinstance(gm, (list, tuple)) or len(gm) != len(self._buf)
+              or not all(_is_real(x) and math.isfinite(x) and x > 0 for x in gm)):
+            raise ValueError(f"state_dict gamma_mean must be one finite number > 0 per param group, got {gm!r}")
+        skips = sd.get("nonfinite_skips", 0)
+        if not _is_int(skips) or skips < 0:
+            raise ValueError(f"state_dict nonfinite_skips must be an integer >= 0, got {skips!r}")
+        return {"outer": list(outer_sds), "buf": buf, "micro_step": int(micro), "phase": int(phase),
+                "touched": [list(t) for t in touched], "gamma_mean": [float(x) for x in gm],
+                "nonfinite_skips": int(skips)}
+
+    def _validate_outer(self, oi: int, o: Optimizer, osd: Any) -> None:
+        """What torch's load_state_dict checks (groups, parameter counts) plus Nexus's group keys, the lrs and the
+        shapes of full-size per-parameter states, so that loading the outer optimizer(s) cannot fail halfway."""
+        where = f"outer optimizer {oi}"
+        if not isinstance(osd, dict) or not isinstance(osd.get("param_groups"), (list, tuple)) \
+                or not isinstance(osd.get("state"), dict):
+            raise ValueError(f"{where}: state_dict must be a dict with 'state' and 'param_groups'")
+        groups = osd["param_groups"]
+        if len(groups) != len(o.param_groups):
+            raise ValueError(f"{where}: state_dict has {len(groups)} param groups, the optimizer has "
+                             f"{len(o.param_groups)}")
+        params: dict = {}
+        for gi, (sg, mg) in enumerate(zip(groups, o.param_groups)):
+            if not isinstance(sg, dict) or not isinstance(sg.get("params"), (list, tuple)) \
+                    or len(sg["params"]) != len(mg["params"]) or not all(_is_int(i) for i in sg["params"]):
+                n = len(sg["params"]) if isinstance(sg, dict) and isinstance(sg.get("params"), (list, tuple)) else "?"
+                raise ValueError(f"{where} param group {gi}: state_dict has {n} parameters, the optimizer has "
+                                 f"{len(mg['params'])}")
+            params.update(zip(sg["params"], mg["params"]))
+            if "inner_lr" in sg:
+                _check_inner_lr(sg["inner_lr"], f"{where} param group {gi}: ")
+            lr = sg.get("lr")
+            bad_lr = not (_is_real(lr) and math.isfinite(lr) and lr >= 0)
+            if lr is not None and not isinstance(lr, torch.Tensor) and bad_lr:
+                raise ValueError(f"{where} param group {gi}: lr must be a finite number >= 0, got {lr!r}")
+            base = sg.get("base_lr")
+            if base is not None and not (_is_real(base) and math.isfinite(base) and base > 0):
+                raise ValueError(f"{where} param group {gi}: base_lr must be a finite number > 0, got {base!r}")
+        for pid, st in osd["state"].items():
+            if pid not in params:
+                raise ValueError(f"{where}: state for unknown parameter id {pid!r}")
+            if not isinstance(st, dict):
+                raise ValueError(f"{where}: state of parameter {pid!r} is a {type(st).__name__}, not a dict")
+            p = params[pid]
+            for name in _FULL_SHAPE_STATES:
+                t = st.get(name)
+                if isinstance(t, torch.Tensor) and tuple(t.shape) != tuple(p.shape):
+                    raise ValueError(f"{where}: state '{name}' of parameter {pid!r} has shape {tuple(t.shape)}, "
+                                     f"the parameter has {tuple(p.shape)}")

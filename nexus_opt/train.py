@@ -22,7 +22,7 @@ from .models import model_from_spec
 from .suites import make_suite
 from .util import SEED_LIMIT, check_seed, resolve_device  # noqa: F401  (re-exported: their home is util)
 
-OPTIMIZERS = ("adamw", "nexus", "sgd")
+OPTIMIZERS = ("adamw", "nexus", "nexus-parallel", "sgd")  # nexus-parallel: Nexus without the walk
 
 
 @dataclasses.dataclass
@@ -86,20 +86,22 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
-    """AdamW/SGD with weight decay on matrices only (nanoGPT), or Nexus around that AdamW."""
+    """AdamW/SGD with weight decay on matrices only (nanoGPT), or Nexus (nexus-parallel: its first-order control,
+    mode="parallel") around that AdamW."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr)
-    eps = cfg.eps if cfg.eps is not None else (1e-10 if cfg.optimizer == "nexus" else 1e-8)
+    eps = cfg.eps if cfg.eps is not None else (1e-10 if cfg.optimizer.startswith("nexus") else 1e-8)
     adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=eps)
     if cfg.optimizer == "adamw":
         return adamw
     from .nexus import Nexus
 
-    return Nexus(adamw, inner_lr=cfg.inner_lr, inner_steps=cfg.accum)
+    mode = "parallel" if cfg.optimizer == "nexus-parallel" else "sequential"
+    return Nexus(adamw, inner_lr=cfg.inner_lr, inner_steps=cfg.accum, mode=mode)
 
 
 class _Metrics:
@@ -228,7 +230,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, trus
             d = suite.sample_domain(step, micro)
             batch = move_batch(suite.train_batch(d, step, micro, cfg.batch_size), device)
             loss = suite.loss_fn(model, batch)
-            if cfg.optimizer == "nexus":
+            if cfg.optimizer.startswith("nexus"):
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -240,7 +242,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, trus
         for d, v in zip(doms, values):
             if not math.isfinite(v):
                 raise TrainingDiverged(step + 1, d, last_ckpt)
-        if cfg.optimizer != "nexus":
+        if not cfg.optimizer.startswith("nexus"):
             opt.step()
             opt.zero_grad(set_to_none=True)
         done = step + 1

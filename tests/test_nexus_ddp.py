@@ -1,4 +1,5 @@
-"""Nexus under DistributedDataParallel (2 CPU processes, gloo) equals one process fed the same global micro-batches."""
+"""Nexus (both modes) under DistributedDataParallel (2 CPU processes, gloo) equals one process fed the same global
+micro-batches."""
 from __future__ import annotations
 
 import os
@@ -17,6 +18,7 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="torch.distributed with gloo is not available")
 
 WORLD, K, OUTER_STEPS, GLOBAL_BS = 2, 4, 6, 8
+MODES = ("sequential", "parallel")  # Nexus and its first-order control share the DDP semantics
 
 
 def _model():
@@ -36,10 +38,10 @@ def _batches():
     return out
 
 
-def _train(model, rank: int = 0, world: int = 1):
+def _train(model, rank: int = 0, world: int = 1, mode: str = "sequential"):
     """Rank r takes its share of every global micro-batch; DDP all-reduces each micro-batch gradient (no no_sync)."""
     opt = Nexus(torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.1),
-                inner_lr=0.05, inner_steps=K)
+                inner_lr=0.05, inner_steps=K, mode=mode)
     share = GLOBAL_BS // world
     for x, y in _batches():
         xs, ys = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
@@ -56,9 +58,10 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     try:
-        ddp = nn.parallel.DistributedDataParallel(_model())
-        flat = _train(ddp, rank, world)
-        torch.save(flat, os.path.join(outdir, f"rank{rank}.pt"))
+        for mode in MODES:
+            ddp = nn.parallel.DistributedDataParallel(_model())
+            flat = _train(ddp, rank, world, mode)
+            torch.save(flat, os.path.join(outdir, f"{mode}-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -73,7 +76,6 @@ def _free_port() -> int:
 def test_ddp_matches_single_process(tmp_path):
     import torch.multiprocessing as mp
 
-    single = _train(_model())
     # spawn, not fork: a forked child of a process whose OpenMP pool already ran can deadlock.
     ctx = mp.start_processes(_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=False,
                              start_method="spawn")
@@ -86,7 +88,12 @@ def test_ddp_matches_single_process(tmp_path):
         for p in ctx.processes:
             if p.is_alive():
                 p.terminate()
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
-    assert torch.equal(ranks[0], ranks[1])  # one global inner trajectory
-    assert (ranks[0] - single).abs().max().item() < 1e-10
-    assert (single - torch.cat([p.detach().reshape(-1) for p in _model().parameters()])).abs().max() > 1e-2
+    finals = {}
+    for mode in MODES:
+        single = _train(_model(), mode=mode)
+        ranks = [torch.load(tmp_path / f"{mode}-rank{r}.pt", weights_only=True) for r in range(WORLD)]
+        assert torch.equal(ranks[0], ranks[1])  # one global inner trajectory
+        assert (ranks[0] - single).abs().max().item() < 1e-10
+        assert (single - torch.cat([p.detach().reshape(-1) for p in _model().parameters()])).abs().max() > 1e-2
+        finals[mode] = single
+    assert (finals["sequential"] - finals["parallel"]).abs().max() > 1e-6
