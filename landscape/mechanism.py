@@ -270,10 +270,13 @@ class MechanismResult(Result):
         dr = [sh["d_drift"] for sh in self.shifts]
 
         def trend(v):
-            if len(v) < 2:
-                return "has one value"
-            return ("rises with gamma" if all(y > x for x, y in zip(v, v[1:])) else
-                    "falls with gamma" if all(y < x for x, y in zip(v, v[1:])) else "is not monotone in gamma")
+            if len(v) < 2 or all(y == v[0] for y in v):
+                return "does not change with gamma"
+            if all(y >= x for x, y in zip(v, v[1:])):
+                return "rises with gamma"
+            if all(y <= x for x, y in zip(v, v[1:])):
+                return "falls with gamma"
+            return "is not monotone in gamma"
 
         lines.append(f"Over gamma = {', '.join(f'{g:g}' for g in self.gammas)}, the Nexus-minus-control shift of the "
                      f"shared-basin fraction {trend(d)} ({', '.join(f'{x:+.0%}' for x in d)}) and the drift shift "

@@ -36,7 +36,7 @@ def test_gradient_and_hessian_equal_autograd(land):
             t = torch.tensor(x, dtype=torch.float64, requires_grad=True)
             (g,) = torch.autograd.grad(land.torch_loss(d, t), t)
             H = torch.autograd.functional.hessian(lambda z: land.torch_loss(d, z), t.detach())
-            assert land.loss(d, x) == pytest.approx(float(land.torch_loss(d, t)), abs=1e-12)
+            assert land.loss(d, x) == pytest.approx(float(land.torch_loss(d, t.detach())), abs=1e-12)
             np.testing.assert_allclose(land.grad(d, x), g.numpy(), atol=1e-12)
             np.testing.assert_allclose(land.hessian(d, x), H.numpy(), atol=1e-10)
 
@@ -145,8 +145,9 @@ def test_expected_outer_step_matches_second_order_expansion_on_the_paths(small):
             rel.append(errs[-1] / np.linalg.norm(second))
             c = (E - first) @ second / (np.linalg.norm(E - first) * np.linalg.norm(second))
             assert c > 0.99, (x, gamma, c)
-        assert 5.5 < errs[0] / errs[1] < 11.0, (x, errs)  # the residual is O(gamma^3)
-        assert rel[1] < 0.1, (x, rel)
+        assert 5.5 < errs[0] / errs[1] < 11.0, (x, errs)  # the residual is O(gamma^3) ...
+        assert rel[1] < 0.15 and 1.6 < rel[0] / rel[1] < 2.5, (x, rel)  # ... O(gamma) of the second-order part
+        # (up to 0.12 at gamma = 0.005 near the ridge, where the soft minimum bends the wells on a scale tau = 0.25)
         checked += 1
     assert checked >= 6, checked
 
