@@ -56,31 +56,32 @@ def _tiny_model_and_suite(seed=0):
 
 def test_nexus_loop_measures_only_at_outer_boundaries_at_the_anchor_weights():
     """A plain loop calling the tracker after every inner step: mid-walk calls are skipped, rows come at outer
-    steps (micro_step // K), and they equal a direct call on a model holding Nexus's anchor copy."""
+    steps (micro_step // K), and they equal a direct call on a separate model holding the anchor (outer) weights
+    that Nexus swaps in mid-walk (anchor_weights()) during the following walk."""
     model, s = _tiny_model_and_suite()
     K = 3
     opt = Nexus(torch.optim.AdamW(model.parameters(), lr=3e-3, eps=1e-10), inner_lr=0.05, inner_steps=K)
     tracker = GradSimTracker.from_suite(s, every=2, resamples=10)
     doms = s.train_domains
     anchors = {}
-    for micro in range(4 * K):
+    for micro in range(4 * K + 1):
         d = doms[micro % len(doms)]
         s.loss_fn(model, s.train_batch(d, micro, 0, 4)).backward()
         opt.step()
         opt.zero_grad()
         row = tracker(None, model, opt)
-        if opt.at_outer_boundary:
-            # the anchor Nexus keeps equals the weights the model now holds
-            anchors[micro // K + 1] = [a.clone() for g in opt._anchor for a in g]
-        else:
+        if not opt.at_outer_boundary:
             assert row is None
-    assert [r["step"] for r in tracker.rows] == [2, 4] and tracker.skipped_mid_walk == 4 * (K - 1)
+            with opt.anchor_weights():  # the outer weights of the last outer step, while the model walks
+                anchors[opt.micro_step // K] = [p.detach().clone() for p in model.parameters()]
+    assert [r["step"] for r in tracker.rows] == [2, 4] and tracker.skipped_mid_walk == 4 * (K - 1) + 1
     domains = {d: s.eval_batches(d) for d in s.domains}
     for row in tracker.rows:
-        ref = copy.deepcopy(model)  # a separate model holding the anchor copy taken at that outer step
+        ref = copy.deepcopy(model)
         with torch.no_grad():
             for p, a in zip(ref.parameters(), anchors[row["step"]]):
                 p.copy_(a)
+        assert any(not torch.equal(p, q) for p, q in zip(ref.parameters(), model.parameters()))  # mid-walk now
         obj = Objective(ref, domains, s.loss_fn, train_domains=s.train_domains, weights=s.weights, ood=s.ood_domains)
         _same(row, row_from_result(row["step"], gradient_similarity(obj, resamples=10, per_layer=False)))
 
