@@ -25,14 +25,15 @@ def parse_gammas(text: str) -> list[float]:
 
 def _table(r) -> Table:
     t = Table(title="where the runs end (two basins of equal training loss)", title_style="bold")
-    for c in ("arm", "gamma", "runs", "shared basin", "separated", "undecided", "train loss", "downstream loss",
-              "grad cosine at end", f"drift to shared ({r.settings['drift_steps']} steps)"):
+    for c in ("arm", "gamma", "runs", "shared", "separated", "train loss", "downstream", "cos end",
+              f"drift@{r.settings['drift_steps']}"):
         t.add_column(c, justify="left" if c == "arm" else "right")
     for row in r.table:
         t.add_row(row["arm"], "-" if row["gamma"] is None else f"{row['gamma']:g}", str(row["n"]),
-                  f"{row['frac_shared']:.0%}", f"{row['frac_separated']:.0%}", f"{row['frac_undecided']:.0%}",
-                  f"{row['train_mean']:.4f}", f"{row['downstream_mean']:.3f} ±{row['downstream_stderr'] or 0:.3f}",
-                  f"{row['end_cosine_mean']:+.3f}", f"{row['drift_mean']:+.3f} ±{row['drift_stderr'] or 0:.3f}")
+                  f"{row['frac_shared']:.0%}", f"{row['frac_separated']:.0%}", f"{row['train_mean']:.3f}",
+                  f"{row['downstream_mean']:.3f}", f"{row['end_cosine_mean']:+.2f}", f"{row['drift_mean']:+.3f}")
+    t.caption = ("shared/separated: fraction of runs ending in each basin; downstream: mean held-out loss at the end; "
+                 "cos end: mean cross-domain gradient cosine at the end; drift: movement towards the shared basin")
     return t
 
 

@@ -264,8 +264,10 @@ class MechanismResult(Result):
                 f"gamma={sh['gamma']:g}: shared-basin fraction control {c['frac_shared']:.0%}, Nexus "
                 f"{n['frac_shared']:.0%} (Nexus minus control {sh['d_frac_shared']:+.0%}: {sh['n_more_shared']} paired "
                 f"runs moved into the shared basin, {sh['n_less_shared']} out of it); mean downstream loss "
-                f"{c['downstream_mean']:.3f} vs {n['downstream_mean']:.3f}; drift towards the shared basin after {T0} "
-                f"outer steps, Nexus minus control {sh['d_drift']:+.3f} +- {sh['d_drift_stderr']:.3f}.")
+                f"control {c['downstream_mean']:.3f}, Nexus {n['downstream_mean']:.3f} (paired difference "
+                f"{sh['d_downstream']:+.3f} +- {sh['d_downstream_stderr']:.3f}); Nexus minus control: gradient "
+                f"cosine at the end {sh['d_end_cosine']:+.3f}, drift towards the shared basin after {T0} outer steps "
+                f"{sh['d_drift']:+.3f} +- {sh['d_drift_stderr']:.3f}.")
         d = [sh["d_frac_shared"] for sh in self.shifts]
         dr = [sh["d_drift"] for sh in self.shifts]
 

@@ -2,7 +2,6 @@
 control, and the exact expected outer step against the second-order expansion at points on the recorded paths."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
