@@ -61,15 +61,19 @@ def train_cmd(
     ckpt_every: int = typer.Option(100, help="Checkpoint every N steps (and at the end)."),
     resume_run: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
     trust_remote_code: bool = typer.Option(False, help="Allow --model-factory to import code."),
+    gradsim_every: int = typer.Option(0, help="Every N optimizer steps, record the domain gradient cosines (with "
+                                              "noise floor) on the fixed eval batches in metrics.jsonl (0: off)."),
 ):
     """Train on source-pure micro-batches; per-domain eval (OOD included); atomic checkpoints; --resume."""
     bar = _Bar(Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[doms]}"),
                         console=console, transient=False))
+    from landscape.tracking import tracker_hook  # gradsim rows (kind "gradsim") in metrics.jsonl
     try:
         if resume_run:
+            tracker = tracker_hook(gradsim_every, out_dir)
             res = resume(out_dir, steps=steps if steps != 200 else None, device=device, progress=bar,
-                         trust_remote_code=trust_remote_code)
+                         trust_remote_code=trust_remote_code, on_step_record=tracker)
         else:
             cfg = TrainConfig(
                 suite=suite, suite_options=parse_kv(suite_options, "--suite-options"),
@@ -79,7 +83,8 @@ def train_cmd(
                 steps=steps, batch_size=batch_size, accum=inner_steps or accum, warmup=warmup,
                 min_lr_ratio=min_lr_ratio, seed=seed, device=device, eval_every=eval_every,
                 ckpt_every=ckpt_every, out=out_dir)
-            res = train(cfg, progress=bar, trust_remote_code=trust_remote_code)
+            tracker = tracker_hook(gradsim_every, out_dir, cfg)
+            res = train(cfg, progress=bar, trust_remote_code=trust_remote_code, on_step_record=tracker)
     finally:
         if bar.started:
             bar.p.stop()
@@ -91,3 +96,5 @@ def train_cmd(
     t.add_row("[bold]train (weighted)", f"[bold]{res['train_loss']:.4f}")
     out.print(t)
     console.print(f"checkpoint: {res['checkpoint']}")
+    if tracker is not None:
+        console.print(f"gradsim: {len(tracker.rows)} rows in metrics.jsonl, {tracker.seconds:.1f} s of measuring")

@@ -142,7 +142,8 @@ def _set_rng_state(s: dict) -> None:
 
 
 def resume(out: str | Path, steps: int | None = None, device: str = "auto",
-           progress: Callable[[dict], None] | None = None, trust_remote_code: bool = False) -> dict:
+           progress: Callable[[dict], None] | None = None, trust_remote_code: bool = False,
+           on_step_record: Callable[[int, torch.nn.Module, object], dict | None] | None = None) -> dict:
     """Continue the run in `out` from its latest checkpoint with its saved config (optionally more steps)."""
     ckpt = ck.read_checkpoint(out)
     try:
@@ -151,14 +152,17 @@ def resume(out: str | Path, steps: int | None = None, device: str = "auto",
         cfg = TrainConfig(**saved)
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"checkpoint {ckpt.path} has no usable trainer config ({e}); it cannot be resumed") from None
-    return train(cfg, progress=progress, trust_remote_code=trust_remote_code, _resume=ckpt)
+    return train(cfg, progress=progress, trust_remote_code=trust_remote_code, _resume=ckpt,
+                 on_step_record=on_step_record)
 
 
 def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, trust_remote_code: bool = False,
-          on_step: Callable[[int, torch.nn.Module], None] | None = None, _resume: ck.Checkpoint | None = None) -> dict:
+          on_step: Callable[[int, torch.nn.Module], None] | None = None, _resume: ck.Checkpoint | None = None,
+          on_step_record: Callable[[int, torch.nn.Module, object], dict | None] | None = None) -> dict:
     """Train per `cfg` into cfg.out; returns the final eval losses and the last checkpoint's path.
 
-    `on_step(step, model)` runs after every optimizer step (the model then holds the outer weights).
+    `on_step(step, model)` runs after every optimizer step (the model then holds the outer weights);
+    `on_step_record(step, model, optimizer)` too, and a dict it returns is written to metrics.jsonl.
     """
     out = Path(cfg.out)
     resume_ckpt = _resume
@@ -250,6 +254,9 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, trus
             on_step(done, model)
         metrics.write({"kind": "train", "step": done, "lr": base_lrs[0] * f,
                        "micro": [{"domain": d, "loss": v} for d, v in zip(doms, values)]})
+        extra = on_step_record(done, model, opt) if on_step_record is not None else None  # e.g. a GradSimTracker
+        if extra:
+            metrics.write({"step": done, **extra})
         if progress:
             progress({"event": "step", "step": done, "steps": cfg.steps, "micro": list(zip(doms, values)),
                       "elapsed": time.time() - t0})
