@@ -5,6 +5,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from .. import limits
 from ..errors import UserError
 
 Batch = Mapping[str, torch.Tensor]
@@ -31,9 +32,12 @@ def normalize_weights(train_domains: list[str], weights: Mapping[str, float] | N
     unknown = sorted(set(weights) - set(train_domains))
     if unknown:
         raise UserError(f"mixture weight for unknown or untrained domain(s) {unknown}; trained domains are {train_domains}")
-    w = {d: float(weights.get(d, 0.0)) for d in train_domains}
-    if any(v < 0 or v != v for v in w.values()) or sum(w.values()) <= 0:
-        raise UserError(f"mixture weights must be non-negative with a positive sum, got {dict(weights)}")
+    try:
+        w = {d: float(weights.get(d, 0.0)) for d in train_domains}
+    except (TypeError, ValueError, OverflowError):
+        w = {d: float("nan") for d in train_domains}
+    if any(not (0 <= v < float("inf")) for v in w.values()) or not 0 < sum(w.values()) < float("inf"):
+        raise UserError(f"mixture weights must be finite non-negative numbers with a positive sum, got {dict(weights)}")
     s = sum(w.values())
     return {d: v / s for d, v in w.items()}
 
@@ -46,6 +50,7 @@ class Suite:
     """
 
     name: str = ""
+    SCHEMA: dict = {}  # option -> checker(value, name, where), see nexus_opt.limits
     domains: list[str] = []
     ood_domains: list[str] = []
     ood_description: str = ""
@@ -87,6 +92,16 @@ class Suite:
         w = torch.tensor([self.weights[d] for d in doms], dtype=torch.float64)
         return doms[int(torch.multinomial(w, 1, generator=generator(self.seed, 3, step, micro)))]
 
+    @classmethod
+    def data_elems(cls, options: dict) -> int:
+        """Values the suite holds in memory for these (validated) options: the memory estimate's share."""
+        return 0
+
+    @classmethod
+    def max_batch(cls, options: dict) -> int:
+        """The largest evaluation batch these options ask for."""
+        return 1
+
     # -- to implement -------------------------------------------------------------------------
     def _train_batch(self, domain: str, gen: torch.Generator, batch_size: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -98,3 +113,14 @@ class Suite:
 
     def default_model(self) -> tuple[str, dict]:
         raise NotImplementedError
+
+
+MAX_EVAL_BATCHES = 1024  # evaluation batches per domain: more is minutes per evaluation, never meaningful here
+
+
+def opt_int(lo: int = 1, hi: int = limits.MAX_DIM):
+    return lambda v, n, w: limits.check_int(v, n, lo, hi, where=w)
+
+
+def opt_float(lo: float = -1e12, hi: float = 1e12, **kw):
+    return lambda v, n, w: limits.check_float(v, n, lo, hi, where=w, **kw)
