@@ -253,6 +253,10 @@ def resume(out: str | Path, steps: int | None = None, device: str = "auto",
     if not isinstance(saved, dict):
         raise UserError(f"checkpoint {ckpt.path} has no usable trainer config; it cannot be resumed")
     saved = dict(saved)
+    missing = sorted(f.name for f in dataclasses.fields(TrainConfig) if f.name not in saved and f.name not in ("out", "device"))
+    if missing:
+        raise UserError(f"checkpoint {ckpt.path} has an incomplete trainer config (missing {missing}); "
+                        "it cannot be resumed")
     for k, v in (overrides or {}).items():
         if k in RESUME_FREE:
             continue
