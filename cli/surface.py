@@ -90,6 +90,7 @@ def plot_surface_cmd(
     if kind not in ("filled", "contour", "surface"):
         raise UserError(f"unknown --kind '{kind}'; choose filled, contour or surface")
     check_range(grid, "--grid", 2, MAX_GRID, "points per side (the surface costs grid^2 loss evaluations)")
+    check_range(steps, "--steps", 0, 10 ** 6, "descent steps per domain minimum")
     box = parse_span(span)
     parse_level(level)  # a bad --level is refused now, not after the surface was computed
     check_output_dir(out_dir, "--out")

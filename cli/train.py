@@ -113,7 +113,7 @@ def train_cmd(
                 suite=suite, suite_options=kv["suite_options"], weights=kv["weights"], model=model,
                 model_config=kv["model_config"], model_factory=model_factory,
                 optimizer=optimizer, lr=lr, eps=eps, weight_decay=weight_decay, inner_lr=inner_lr,
-                steps=200 if steps is None else steps, batch_size=batch_size, accum=inner_steps or accum,
+                steps=200 if steps is None else steps, batch_size=batch_size, accum=accum if inner_steps is None else inner_steps,
                 warmup=warmup, min_lr_ratio=min_lr_ratio, seed=seed, device=device, eval_every=eval_every,
                 ckpt_every=ckpt_every, out=out_dir)
             res = train(cfg, progress=bar, trust_remote_code=trust_remote_code, allow_large=large)

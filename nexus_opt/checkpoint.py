@@ -416,18 +416,20 @@ def validate_manifest(m: dict, mpath: Path) -> None:
     aliases = m.get("aliases", {})
     _expect(isinstance(aliases, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()),
             mpath, "'aliases' must map names to names")
-    model = m.get("model")
+    model = m.get("model", {})  # model and suite are optional for the format; `landscape.load` needs them
     _expect(isinstance(model, dict), mpath, "'model' must be an object")
     _expect(isinstance(model.get("config", {}), dict), mpath, "'model.config' must be an object")
     _expect(isinstance(model.get("name", ""), str), mpath, "'model.name' must be a string")
     _expect(model.get("factory") is None or isinstance(model["factory"], str), mpath, "'model.factory' must be a string")
-    suite = m.get("suite")
-    _expect(isinstance(suite, dict) and {"name", "seed", "weights", "options"} <= set(suite), mpath,
-            "'suite' must be an object with name, seed, weights and options")
-    _expect(isinstance(suite["name"], str), mpath, "'suite.name' must be a string")
-    _expect(isinstance(suite["seed"], int) and not isinstance(suite["seed"], bool), mpath, "'suite.seed' must be an integer")
-    _expect(suite["weights"] is None or isinstance(suite["weights"], dict), mpath, "'suite.weights' must be an object")
-    _expect(isinstance(suite["options"], dict), mpath, "'suite.options' must be an object")
+    if "suite" in m:
+        suite = m["suite"]
+        _expect(isinstance(suite, dict) and {"name", "seed", "weights", "options"} <= set(suite), mpath,
+                "'suite' must be an object with name, seed, weights and options")
+        _expect(isinstance(suite["name"], str), mpath, "'suite.name' must be a string")
+        _expect(isinstance(suite["seed"], int) and not isinstance(suite["seed"], bool), mpath,
+                "'suite.seed' must be an integer")
+        _expect(suite["weights"] is None or isinstance(suite["weights"], dict), mpath, "'suite.weights' must be an object")
+        _expect(isinstance(suite["options"], dict), mpath, "'suite.options' must be an object")
     for key in ("optimizer", "trainer", "metrics", "domains"):
         _expect(isinstance(m.get(key, {}), dict), mpath, f"'{key}' must be an object")
     trainer = m.get("trainer", {})

@@ -121,7 +121,14 @@ def _sample(cases: list, key) -> list:
     return out
 
 
-MANIFEST_SAMPLE = _sample(MANIFEST_CASES, key=lambda c: c[0])
+def _representative(path: tuple) -> bool:
+    """Fields sampled in CI: all but the 2nd, 3rd, ... copies of per-parameter optimizer entries and domain lists."""
+    repeated = ("__items__", "param_groups", "params", "train", "ood", "base_lrs")
+    return not any(isinstance(k, int) and k > 0 and i > 0 and path[i - 1] in repeated for i, k in enumerate(path))
+
+
+# CI: one case per object of the manifest (field and mutation picked by a stable hash), the full set on demand.
+MANIFEST_SAMPLE = _sample([c for c in MANIFEST_CASES if _representative(c[0])], key=lambda c: c[0][:-1])
 
 
 @pytest.fixture
@@ -227,14 +234,25 @@ def _with(args: list[str], option: str, value: str) -> list[str]:
     return args + [option, value]
 
 
+# The only hostile option values that succeed: each is a meaningful setting.
+DOCUMENTED_SUCCESS = {(c, "--seed", v) for c in ("train", "flatness", "gradsim", "closeness", "plot-surface")
+                      for v in ("0", "-1")} | {
+    ("gradsim", "--resamples", "0"),        # no bootstrap: cosines without error bars
+    ("train", "--weight-decay", "0"),       # plain Adam
+    ("train", "--warmup", "0"),             # no warmup
+    ("train", "--min-lr-ratio", "0"),       # cosine down to 0
+    ("plot-surface", "--steps", "0"),       # domain minima taken at theta (no descent)
+}
+
+
 def _option_check(bowls_run: Path, tmp_path: Path, command: str, option: str, value: str) -> None:
     t0 = time.time()
     r = invoke_cli(command, *_with(_base_args(command, bowls_run, tmp_path), option, value))
     took = time.time() - t0
     if r.exit_code != 0:
         assert_one_line_error(r.exit_code, r.stderr)
-    else:  # a documented success: the value is meaningful (e.g. --seed 0, --resamples 0)
-        assert value in ("0", "-1", "1e308", "inf") and "Traceback" not in r.stderr
+    else:  # a documented success: the value is meaningful
+        assert (command, option, value) in DOCUMENTED_SUCCESS, (command, option, value, r.stdout[-300:])
     assert took < SECONDS, f"{command} {option} {value} took {took:.1f}s"
 
 
@@ -262,7 +280,7 @@ def test_the_suite_counts_its_cases():
     print("hostile-input cases:", json.dumps(c))
     assert c["manifest_fields"] >= 100 and c["numeric_options"] >= 20
     assert c["manifest_cases_full"] == c["manifest_fields"] * len(MUTATIONS)
-    assert c["manifest_cases_sample"] == c["manifest_fields"]
+    assert 20 <= c["manifest_cases_sample"] <= c["manifest_fields"]
     assert {o for _, o, _ in OPTION_SAMPLE} == {o for _, o in OPTIONS}
 
 
