@@ -42,11 +42,13 @@ class RunLock:
     A second writer fails at once with a UserError naming the holder's pid; readers never take it. On
     acquiring, temporaries left by dead writers (.ckpt-*.tmp-PID, .ckpt-*.old-PID, .latest.json.tmp-PID)
     are cleaned up; an .old- directory whose checkpoint is missing (killed mid-replace) is put back.
-    Re-entrant within a process (a nested acquire of a held run directory is a no-op).
+    A second writer in the same process is refused too; `reentrant=True` (a save inside a locked run)
+    joins the lock this process already holds.
     """
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, reentrant: bool = False):
         self.run_dir = Path(run_dir)
+        self.reentrant = reentrant
         self.fd: int | None = None
         self.nested = False
 
@@ -54,6 +56,9 @@ class RunLock:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         key = os.path.realpath(self.run_dir)
         if key in _HELD:
+            if not self.reentrant:
+                raise UserError(f"run directory '{self.run_dir}' is being written by this process (pid {os.getpid()}); "
+                                "wait for that run to finish or choose another --out")
             self.nested = True
             return self
         path = self.run_dir / LOCK_NAME
@@ -230,7 +235,7 @@ def checkpoint_name(step: int) -> str:
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, manifest: dict, state) -> Path:
     """Atomically write run_dir/ckpt-<step>/ (weights, resumable state, manifest), then point latest.json at it."""
     run_dir = Path(run_dir)
-    with RunLock(run_dir):
+    with RunLock(run_dir, reentrant=True):
         return _save_checkpoint(run_dir, step, model, manifest, state)
 
 

@@ -121,6 +121,9 @@ def is_allocation_failure(e: BaseException) -> bool:
         return True
     if type(e).__name__ == "OutOfMemoryError":
         return True
+    if isinstance(e, ValueError):  # numpy refuses a size beyond the address space before trying
+        text = str(e).lower()
+        return "array is too big" in text or "maximum allowed dimension exceeded" in text
     if isinstance(e, RuntimeError):
         text = str(e).lower()
         return any(s in text for s in ("not enough memory", "defaultcpuallocator", "out of memory",
