@@ -20,7 +20,7 @@ from . import checkpoint as ck
 from . import limits
 from .errors import TrainingDiverged, UserError
 from .evaluate import evaluate, move_batch
-from .models import model_from_spec
+from .models import REGISTRY, model_from_spec
 from .suites import make_suite
 
 OPTIMIZERS = ("adamw", "nexus", "sgd")
@@ -90,6 +90,8 @@ class TrainConfig:
         if self.model_factory:
             return {"factory": self.model_factory, "config": dict(self.model_config)}
         name, cfg = suite.default_model()
+        if self.model and self.model not in REGISTRY:
+            raise UserError(f"unknown model '{self.model}'; choose one of {sorted(REGISTRY)}")
         if self.model and self.model != name:
             raise UserError(f"suite '{suite.name}' trains the '{name}' model; --model {self.model} cannot read its "
                             f"data: leave --model out, or bring your own with --model-factory")
@@ -305,11 +307,17 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, trus
     suite = make_suite(cfg.suite, seed=cfg.seed, weights=cfg.weights, options=cfg.suite_options,
                        allow_large=allow_large)
     spec = cfg.model_spec(suite)
+    torch.manual_seed(cfg.seed)
+    batch = max(cfg.batch_size, type(suite).max_batch(suite.options))
+    model = model_from_spec(spec, trust_remote_code=True, batch=batch, allow_large=allow_large,
+                            extra_data=type(suite).data_elems(suite.options)).to(device)
+    eval_sets = {d: [move_batch(b, device) for b in suite.eval_batches(d)] for d in suite.domains}
+    _probe(model, suite, eval_sets)  # everything above is refused before the run directory is touched
     with ck.RunLock(out):
         if _resume is None and ck.list_checkpoints(out):
             raise UserError(f"run directory '{out}' already has checkpoints; pass --resume to continue it or "
                             "choose another --out")
-        return _train_locked(cfg, out, device, suite, spec, progress, on_step, _resume, allow_large)
+        return _train_locked(cfg, out, device, model, eval_sets, suite, spec, progress, on_step, _resume)
 
 
 def _probe(model, suite, eval_sets) -> None:
@@ -329,11 +337,7 @@ def _probe(model, suite, eval_sets) -> None:
         model.train(training)
 
 
-def _train_locked(cfg, out, device, suite, spec, progress, on_step, resume_ckpt, allow_large) -> dict:
-    torch.manual_seed(cfg.seed)
-    batch = max(cfg.batch_size, type(suite).max_batch(suite.options))
-    model = model_from_spec(spec, trust_remote_code=True, batch=batch, allow_large=allow_large,
-                            extra_data=type(suite).data_elems(suite.options)).to(device)
+def _train_locked(cfg, out, device, model, eval_sets, suite, spec, progress, on_step, resume_ckpt) -> dict:
     opt = build_optimizer(model, cfg)
     base_lrs = [g["lr"] for g in opt.param_groups]
     start = 0
@@ -354,8 +358,6 @@ def _train_locked(cfg, out, device, suite, spec, progress, on_step, resume_ckpt,
         start = resume_ckpt.step
     out.mkdir(parents=True, exist_ok=True)
     metrics = _Metrics(out / "metrics.jsonl", start if resume_ckpt is not None else None)
-    eval_sets = {d: [move_batch(b, device) for b in suite.eval_batches(d)] for d in suite.domains}
-    _probe(model, suite, eval_sets)
     cfg_json = dataclasses.asdict(cfg)
     cfg_json["betas"] = list(cfg.betas)
     manifest_base = {"model": spec, "suite": suite.spec(), "optimizer": {"name": cfg.optimizer},
