@@ -383,6 +383,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     step = manifest.get("step")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise UserError(f"checkpoint manifest {mpath} has no valid step ({step!r}); use another checkpoint")
+    if valid_checkpoint_name(d.name) and int(d.name[len("ckpt-"):]) != step:
+        raise UserError(f"checkpoint manifest {mpath} says step {step} but its directory is {d.name} (edited or "
+                        "moved); use another checkpoint")
     files = manifest.get("files")
     if not isinstance(files, dict) or set(files) != {"model.safetensors", "state.safetensors"}:
         raise UserError(f"checkpoint manifest {mpath} lists the wrong files; use another checkpoint")
