@@ -91,9 +91,9 @@ def flatness_cmd(
     if backend == "pyhessian" and which == "both":
         which = "top"  # power iteration finds the top end only
     obj = load(checkpoint, device=device, trust_remote_code=trust_remote_code)
-    if (density or plot) and density_steps > obj.num_params():
-        raise UserError(f"--density-steps {density_steps} exceeds the {obj.num_params()} parameters of the model "
-                        f"(Lanczos is exact after n steps); use --density-steps {obj.num_params()} or fewer")
+    if (density or plot) and density_steps > obj.num_params():  # Lanczos is exact after n steps
+        console.print(f"--density-steps {density_steps} capped at the model's {obj.num_params()} parameters")
+        density_steps = obj.num_params()
     with progress_bar("HVPs") as bar:
         res = flatness(obj, k=top_k, domain=domain, trace=trace, density=density or bool(plot), seed=seed,
                        backend=backend, which=which, tol=tol, max_hvps=max_hvps, trace_probes=trace_probes,

@@ -180,7 +180,9 @@ def test_train_model_config_depth_1e6_refused_fast(tmp_path):
 def test_density_steps_capped_at_parameter_count(bowls_run):
     _one_line("flatness", bowls_run, "--density", "--density-steps", "1000000000", "--device", "cpu",
               contains="--density-steps")
-    _one_line("flatness", bowls_run, "--density", "--density-steps", "50", "--device", "cpu", contains="2 parameters")
+    r = invoke_cli("flatness", bowls_run, "--density", "--density-steps", "50", "--device", "cpu", "--no-trace", "-k", "1")
+    assert r.exit_code == 0, r.stderr
+    assert "--density-steps 50 capped at the model's 2 parameters" in " ".join(r.stderr.split())
 
 
 def test_gradsim_resamples_1e9_refused(bowls_run):
