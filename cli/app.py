@@ -1,15 +1,96 @@
-"""The typer application `landscape` and the wrapper that turns bad input into one line + exit 2."""
+"""The typer application `landscape` and its single error boundary: bad input of any kind is one line, exit 2.
+
+The boundary (`LandscapeGroup.main`) turns every `UserError`, click/typer usage error, OSError, allocation
+failure and RecursionError into `error: ...` on stderr with exit status 2. Anything else is a bug: one line
+with exit status 1, or its full traceback under the global `--debug` (or LANDSCAPE_DEBUG=1).
+Nothing here imports torch: `landscape --help` stays fast.
+"""
 from __future__ import annotations
 
-import functools
+import errno
+import os
 import sys
+from typing import Optional
 
 import typer
 
+try:  # typer >= 0.2x vendors its own click: its exceptions are the ones raised
+    from typer import _click as click
+except ImportError:  # pragma: no cover
+    import click
+from typer.core import TyperGroup
+
 from nexus_opt.errors import UserError
+from nexus_opt.limits import is_allocation_failure
+
+_STATE = {"debug": False}
+
+
+def _one_line(message) -> str:
+    return " ".join(str(message).split())
+
+
+def error_message(e: BaseException) -> Optional[str]:
+    """The one-line message of an expected failure (bad input, files, memory, nesting); None for a bug."""
+    if isinstance(e, UserError):
+        return _one_line(e)
+    if isinstance(e, click.exceptions.ClickException):
+        msg = e.format_message()
+        ctx = getattr(e, "ctx", None)
+        where = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+        return _one_line(msg).rstrip(".") + where
+    if is_allocation_failure(e):
+        first = (str(e).splitlines() or [""])[0][:160]
+        return (f"out of memory ({type(e).__name__}{': ' + first if first else ''}); the model, batch, grid or "
+                "iteration count is too large for this machine: choose smaller settings")
+    if isinstance(e, RecursionError):
+        return "input nested too deeply (RecursionError); a manifest or option must be a flat, small structure"
+    if isinstance(e, OSError):
+        what = e.strerror or (errno.errorcode.get(e.errno, "") if e.errno else "") or type(e).__name__
+        if e.filename is not None:
+            target = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+            return _one_line(f"{what}: {target}; check the path, its permissions and free space")
+        return _one_line(f"{what} (errno {e.errno}); check the output location, its permissions and free space")
+    return None
+
+
+class LandscapeGroup(TyperGroup):
+    """The root command group: runs the app in non-standalone mode and owns every exit path."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                              standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # `landscape` alone: the help text, as before
+            click.echo(e.ctx.get_help())
+            code = 2
+        except KeyboardInterrupt:
+            sys.stderr.write("interrupted\n")
+            code = 130
+        except typer.Abort:
+            sys.stderr.write("error: aborted\n")
+            code = 1
+        except Exception as e:  # noqa: BLE001 -- the boundary: classify, then one line
+            msg = error_message(e)
+            if msg is None:
+                if _STATE["debug"] or os.environ.get("LANDSCAPE_DEBUG"):
+                    raise
+                msg = (f"internal error ({type(e).__name__}: {_one_line(e)[:200]}); this is a bug: "
+                       "rerun with --debug for the traceback and report it")
+                code = 1
+            else:
+                code = 2
+            sys.stderr.write(f"error: {msg}\n")
+        else:
+            code = rv if isinstance(rv, int) else 0
+        if not standalone_mode:
+            return code
+        sys.exit(code)
+
 
 app = typer.Typer(
     name="landscape",
+    cls=LandscapeGroup,
     help="Train with Nexus or AdamW and measure where the optimizer lands: flatness, closeness of "
          "per-domain minima, gradient similarity, loss surfaces.",
     rich_markup_mode="rich",
@@ -21,33 +102,32 @@ app = typer.Typer(
 
 def fail(message: str) -> None:
     """Print `error: message` on one line to stderr and exit with status 2."""
-    sys.stderr.write(f"error: {' '.join(str(message).split())}\n")
+    sys.stderr.write(f"error: {_one_line(message)}\n")
     raise typer.Exit(2)
 
 
 def command(name: str, **kw):
-    """Register a subcommand whose UserError (and bad files) end as one line, exit 2, no traceback."""
+    """Register a subcommand; its failures are handled by the app's single error boundary."""
 
     def deco(fn):
-        @functools.wraps(fn)
-        def wrapper(*a, **k):
-            try:
-                return fn(*a, **k)
-            except UserError as e:
-                fail(str(e))
-            except OSError as e:  # a path that cannot be read or written: missing, a file, no permission, ...
-                if e.filename is None:  # not about a named path: a genuine failure, keep its traceback
-                    raise
-                fail(f"{e.strerror or e}: {e.filename}; check the path and its permissions")
-            except KeyboardInterrupt:
-                sys.stderr.write("interrupted\n")
-                raise typer.Exit(130)
-
-        return app.command(name, **kw)(wrapper)
+        return app.command(name, **kw)(fn)
 
     return deco
 
 
+def _version(value: bool) -> None:
+    if value:
+        from nexus_opt import __version__
+
+        typer.echo(f"landscape {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an unexpected error."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
     """Train with Nexus or AdamW and measure where the optimizer lands."""
+    _STATE["debug"] = debug

@@ -66,6 +66,8 @@ def closeness_cmd(
 
     if optimizer not in OPTIMIZERS:
         raise UserError(f"unknown optimizer '{optimizer}'; choose one of {sorted(OPTIMIZERS)}")
+    if lr is not None and not (0 < lr < float("inf")):
+        raise UserError(f"--lr must be a positive finite number, got {lr}")
     check_output_file(json_out, "--json")
     check_output_file(plot, "--plot", figure_formats() if plot else None)
     doms = parse_names(domains, "--domains")

@@ -14,6 +14,26 @@ from rich.table import Table
 console = Console(stderr=True)
 out = Console()
 
+# Caps of analyzer iteration counts: beyond these the answer does not change, only the time and memory grow.
+MAX_GRID = 1001          # plot-surface --grid: a million loss evaluations
+MAX_RESAMPLES = 100_000  # gradsim --resamples: the bootstrap stderr is settled long before
+MAX_LANCZOS_STEPS = 100_000  # flatness --density-steps before the parameter count is known (then <= n)
+
+
+def check_range(value, option: str, lo, hi, why: str = ""):
+    """A numeric option within [lo, hi] (and finite), else a UserError naming the option and the limits."""
+    import math
+
+    from nexus_opt.errors import UserError
+
+    if value is None:
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{option} must be a finite number, got {value}")
+    if not lo <= value <= hi:
+        raise UserError(f"{option} must be between {lo} and {hi}{' (' + why + ')' if why else ''}, got {value}")
+    return value
+
 
 def parse_kv(text: str | None, what: str) -> dict:
     """'a=1,b=2.5' -> {'a': 1, 'b': 2.5} (JSON values where they parse, strings otherwise)."""
@@ -89,8 +109,15 @@ def figure_formats(html: bool = False) -> list[str]:
 
 
 def write_json(data: dict, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+    """Write JSON to `path`; a failure (disk full, a device like /dev/full, permissions) names the path."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(json.dumps(data, indent=2) + "\n")
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
     console.print(f"wrote {path}")
 
 

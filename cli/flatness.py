@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .app import command
-from .common import check_output_file, console, figure_formats, out, progress_bar, write_json
+from .common import MAX_LANCZOS_STEPS, check_output_file, check_range, console, figure_formats, out, progress_bar, write_json
 
 
 def _g(v, digits: int = 5) -> str:
@@ -85,11 +85,15 @@ def flatness_cmd(
 
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
+    check_range(density_steps, "--density-steps", 1, MAX_LANCZOS_STEPS, "Lanczos steps")
     check_output_file(json_out, "--json")
     check_output_file(plot, "--plot", figure_formats(html=True) if plot else None)
     if backend == "pyhessian" and which == "both":
         which = "top"  # power iteration finds the top end only
     obj = load(checkpoint, device=device, trust_remote_code=trust_remote_code)
+    if (density or plot) and density_steps > obj.num_params():  # Lanczos is exact after n steps
+        console.print(f"--density-steps {density_steps} capped at the model's {obj.num_params()} parameters")
+        density_steps = obj.num_params()
     with progress_bar("HVPs") as bar:
         res = flatness(obj, k=top_k, domain=domain, trace=trace, density=density or bool(plot), seed=seed,
                        backend=backend, which=which, tol=tol, max_hvps=max_hvps, trace_probes=trace_probes,

@@ -8,7 +8,7 @@ from rich.columns import Columns
 from rich.table import Table
 
 from .app import command
-from .common import (analyse_each, check_output_file, comparison_table, console, figure_formats, out, parse_names,
+from .common import (MAX_RESAMPLES, analyse_each, check_range, check_output_file, comparison_table, console, figure_formats, out, parse_names,
                      write_results)
 
 
@@ -67,6 +67,7 @@ def gradsim_cmd(
     """Cosines between full-parameter domain gradients, with a split-half noise floor and bootstrap error bars."""
     from landscape.gradsim import gradient_similarity
 
+    check_range(resamples, "--resamples", 0, MAX_RESAMPLES, "the bootstrap error is settled long before")
     check_output_file(json_out, "--json")
     check_output_file(plot, "--plot", figure_formats() if plot else None)
     doms = parse_names(domains, "--domains")

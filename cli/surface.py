@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from .app import command
-from .common import check_output_dir, comparison_table, console, out, parse_names
+from .common import MAX_GRID, check_output_dir, check_range, comparison_table, console, out, parse_names
 
 
 def parse_span(text: Optional[str]):
@@ -89,8 +89,8 @@ def plot_surface_cmd(
         raise UserError(f"unknown batch mode '{batch}'; choose one of {list(BATCH_MODES)}")
     if kind not in ("filled", "contour", "surface"):
         raise UserError(f"unknown --kind '{kind}'; choose filled, contour or surface")
-    if grid < 2:
-        raise UserError(f"--grid must be at least 2, got {grid}")
+    check_range(grid, "--grid", 2, MAX_GRID, "points per side (the surface costs grid^2 loss evaluations)")
+    check_range(steps, "--steps", 0, 10 ** 6, "descent steps per domain minimum")
     box = parse_span(span)
     parse_level(level)  # a bad --level is refused now, not after the surface was computed
     check_output_dir(out_dir, "--out")
@@ -135,6 +135,12 @@ def plot_surface_cmd(
                 stems.append(stem)
                 written.append(npz)
                 del obj
+    from landscape.render.surface import mask_nonfinite, nonfinite_cells
+
+    bad = [(lab, n) for lab, r in zip(labels, results) for n in [sum(nonfinite_cells(r).values())] if n]
+    results = [mask_nonfinite(r) for r in results]  # a diverging corner is drawn masked; an all-NaN surface refused
+    for lab, n in bad:
+        console.print(f"[yellow]{lab}: {n} non-finite grid cell(s) drawn masked[/yellow]")
     for r, stem in zip(results, stems):
         written += write_figures(r, stem, level=level, kind=kind)
     if len(results) > 1:

@@ -7,8 +7,6 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from nexus_opt.train import TrainConfig, resume, train
-
 from .app import command
 from .common import console, out, parse_kv
 
@@ -35,8 +33,35 @@ class _Bar:
             self.p.console.print(f"[dim]step {ev['step']:>5}[/dim] eval {ls}")
 
 
+# CLI option -> TrainConfig field, for comparing what was given on --resume with the saved run
+_FIELDS = {"suite": "suite", "suite_options": "suite_options", "weights": "weights", "model": "model",
+           "model_config": "model_config", "model_factory": "model_factory", "optimizer": "optimizer", "lr": "lr",
+           "eps": "eps", "weight_decay": "weight_decay", "inner_lr": "inner_lr", "inner_steps": "accum",
+           "accum": "accum", "batch_size": "batch_size", "warmup": "warmup", "min_lr_ratio": "min_lr_ratio",
+           "seed": "seed", "eval_every": "eval_every", "ckpt_every": "ckpt_every"}
+
+
+def given_options(ctx: typer.Context, values: dict) -> dict:
+    """The options typed on the command line (not defaults), as TrainConfig fields."""
+    try:  # typer vendors its own click
+        from typer._click.core import ParameterSource
+    except ImportError:  # pragma: no cover
+        from click.core import ParameterSource
+
+    res = {}
+    for name, field in _FIELDS.items():
+        if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None):
+            res[field] = values[name]
+    return res
+
+
+def locals_for_resume(**kw) -> dict:
+    return kw
+
+
 @command("train")
 def train_cmd(
+    ctx: typer.Context,
     out_dir: str = typer.Option("runs/default", "--out", help="Run directory (checkpoints + metrics.jsonl)."),
     suite: str = typer.Option("text", help="Built-in suite: text, mix or bowls."),
     suite_options: Optional[str] = typer.Option(None, help="Suite options, e.g. 'block_size=64' or 'dim=2,preset=fig2-sum'."),
@@ -50,7 +75,8 @@ def train_cmd(
     weight_decay: float = typer.Option(0.1, help="Weight decay on matrices (the outer optimizer's)."),
     inner_lr: float = typer.Option(0.01, help="Nexus inner (normalized SGD) learning rate gamma."),
     inner_steps: Optional[int] = typer.Option(None, help="Nexus inner steps K (sets --accum)."),
-    steps: int = typer.Option(200, help="Optimizer steps."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps (default 200; with --resume: the saved run's, "
+                                                   "or more to extend it)."),
     batch_size: int = typer.Option(16, help="Micro-batch size."),
     accum: int = typer.Option(4, help="Micro-batches per step K (gradient accumulation)."),
     warmup: int = typer.Option(20, help="Linear warmup steps."),
@@ -63,28 +89,41 @@ def train_cmd(
     trust_remote_code: bool = typer.Option(False, help="Allow --model-factory to import code."),
     gradsim_every: int = typer.Option(0, help="Every N optimizer steps, record the domain gradient cosines (with "
                                               "noise floor) on the fixed eval batches in metrics.jsonl (0: off)."),
+    allow_large: bool = typer.Option(False, "--allow-large", help="Build models/data beyond this machine's "
+                                     "estimated memory (also LANDSCAPE_ALLOW_LARGE=1)."),
 ):
     """Train on source-pure micro-batches; per-domain eval (OOD included); atomic checkpoints; --resume."""
     bar = _Bar(Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[doms]}"),
                         console=console, transient=False))
+    from nexus_opt.train import TrainConfig, resume, train
+
+    kv = dict(suite_options=parse_kv(suite_options, "--suite-options"), weights=parse_kv(weights, "--weights") or None,
+              model_config=parse_kv(model_config, "--model-config"))
+    large = allow_large or None
     from landscape.tracking import tracker_hook  # gradsim rows (kind "gradsim") in metrics.jsonl
     try:
         if resume_run:
             tracker = tracker_hook(gradsim_every, out_dir)
-            res = resume(out_dir, steps=steps if steps != 200 else None, device=device, progress=bar,
-                         trust_remote_code=trust_remote_code, on_step_record=tracker)
+            values = dict(locals_for_resume(suite=suite, model=model, model_factory=model_factory,
+                                            optimizer=optimizer, lr=lr, eps=eps, weight_decay=weight_decay,
+                                            inner_lr=inner_lr, inner_steps=inner_steps, accum=accum,
+                                            batch_size=batch_size, warmup=warmup, min_lr_ratio=min_lr_ratio,
+                                            seed=seed, eval_every=eval_every, ckpt_every=ckpt_every), **kv)
+            res = resume(out_dir, steps=steps, device=device, progress=bar, trust_remote_code=trust_remote_code,
+                         overrides=given_options(ctx, values), allow_large=large,
+                         on_step_record=tracker)
         else:
             cfg = TrainConfig(
-                suite=suite, suite_options=parse_kv(suite_options, "--suite-options"),
-                weights=parse_kv(weights, "--weights") or None, model=model,
-                model_config=parse_kv(model_config, "--model-config"), model_factory=model_factory,
+                suite=suite, suite_options=kv["suite_options"], weights=kv["weights"], model=model,
+                model_config=kv["model_config"], model_factory=model_factory,
                 optimizer=optimizer, lr=lr, eps=eps, weight_decay=weight_decay, inner_lr=inner_lr,
-                steps=steps, batch_size=batch_size, accum=inner_steps or accum, warmup=warmup,
-                min_lr_ratio=min_lr_ratio, seed=seed, device=device, eval_every=eval_every,
+                steps=200 if steps is None else steps, batch_size=batch_size, accum=accum if inner_steps is None else inner_steps,
+                warmup=warmup, min_lr_ratio=min_lr_ratio, seed=seed, device=device, eval_every=eval_every,
                 ckpt_every=ckpt_every, out=out_dir)
             tracker = tracker_hook(gradsim_every, out_dir, cfg)
-            res = train(cfg, progress=bar, trust_remote_code=trust_remote_code, on_step_record=tracker)
+            res = train(cfg, progress=bar, trust_remote_code=trust_remote_code, allow_large=large,
+                        on_step_record=tracker)
     finally:
         if bar.started:
             bar.p.stop()

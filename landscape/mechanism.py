@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from nexus_opt.errors import UserError
-from nexus_opt.train import check_seed
+from nexus_opt.util import check_seed
 
 from .result import Result
 

@@ -16,7 +16,7 @@ import torch
 
 from nexus_opt.errors import UserError
 from nexus_opt.evaluate import move_batch
-from nexus_opt.train import check_seed
+from nexus_opt.util import check_seed
 
 from .gradsim import GradSimResult, gradient_similarity
 from .objective import Objective

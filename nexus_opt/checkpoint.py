@@ -10,10 +10,13 @@ A manifest carries a SHA-256 of each file and of its own content, so any corrupt
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +27,101 @@ from .errors import UserError
 
 FORMAT = "nexus-landscape-checkpoint"
 FORMAT_VERSION = 1
+MAX_DEPTH = 64          # nesting of a manifest: deeper is never written by this package
+LOCK_NAME = ".lock"     # the writer's lock file inside a run directory (holds the writer's pid)
+_STALE = re.compile(r"^\.(ckpt-\d+)\.(tmp|old)-(\d+)$|^\.?(latest\.json|metrics\.jsonl)\.tmp(?:-(\d+))?$")
+
+
+# -- one writer per run directory ------------------------------------------------------------------
+_HELD: dict[str, "RunLock"] = {}
+
+
+class RunLock:
+    """An exclusive OS lock (flock) on run_dir/.lock, held while a run writes; the holder's pid is in the file.
+
+    A second writer fails at once with a UserError naming the holder's pid; readers never take it. On
+    acquiring, temporaries left by dead writers (.ckpt-*.tmp-PID, .ckpt-*.old-PID, .latest.json.tmp-PID)
+    are cleaned up; an .old- directory whose checkpoint is missing (killed mid-replace) is put back.
+    A second writer in the same process is refused too; `reentrant=True` (a save inside a locked run)
+    joins the lock this process already holds.
+    """
+
+    def __init__(self, run_dir: str | Path, reentrant: bool = False):
+        self.run_dir = Path(run_dir)
+        self.reentrant = reentrant
+        self.fd: int | None = None
+        self.nested = False
+
+    def __enter__(self) -> "RunLock":
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        key = os.path.realpath(self.run_dir)
+        if key in _HELD:
+            if not self.reentrant:
+                raise UserError(f"run directory '{self.run_dir}' is being written by this process (pid {os.getpid()}); "
+                                "wait for that run to finish or choose another --out")
+            self.nested = True
+            return self
+        path = self.run_dir / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise
+            try:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            except OSError:
+                holder = "unknown"
+            os.close(fd)
+            raise UserError(f"run directory '{self.run_dir}' is being written by another process (pid {holder}); "
+                            "wait for it to finish or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        _HELD[key] = self
+        try:
+            clean_stale(self.run_dir)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.nested or self.fd is None:
+            return
+        _HELD.pop(os.path.realpath(self.run_dir), None)
+        try:
+            os.ftruncate(self.fd, 0)
+        except OSError:
+            pass
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+
+
+def clean_stale(run_dir: Path) -> list[str]:
+    """Remove the temporaries of writers that are gone (call with the run's lock held); returns their names."""
+    removed = []
+    for p in sorted(Path(run_dir).iterdir()):
+        m = _STALE.match(p.name)
+        if not m:
+            continue
+        pid = m.group(3) or m.group(5)
+        if pid is not None and int(pid) == os.getpid():
+            continue  # every other writer holds the lock while it writes: with ours held, theirs are dead
+        if m.group(2) == "old":
+            final = Path(run_dir) / m.group(1)
+            if not final.exists() and _is_checkpoint_dir(p):  # killed between the two renames: restore it
+                os.replace(p, final)
+                removed.append(p.name)
+                continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p.name)
+    return removed
 
 
 # -- nested state <-> (JSON skeleton, flat tensors) ------------------------------------------------
@@ -137,7 +235,11 @@ def checkpoint_name(step: int) -> str:
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, manifest: dict, state) -> Path:
     """Atomically write run_dir/ckpt-<step>/ (weights, resumable state, manifest), then point latest.json at it."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir, reentrant=True):
+        return _save_checkpoint(run_dir, step, model, manifest, state)
+
+
+def _save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, manifest: dict, state) -> Path:
     final = run_dir / checkpoint_name(step)
     tmp = run_dir / f".{final.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -193,6 +295,7 @@ class Checkpoint:
     def model_state(self) -> dict[str, torch.Tensor]:
         """Weights by state-dict name, tied tensors restored from their aliases."""
         t = self._load("model.safetensors")
+        _check_finite(t, self.path / "model.safetensors")
         for alias, name in self.manifest.get("aliases", {}).items():
             if name not in t:
                 raise UserError(f"checkpoint {self.path} is inconsistent: alias '{alias}' of missing '{name}'")
@@ -201,11 +304,32 @@ class Checkpoint:
 
     def state(self):
         """The resumable trainer/optimizer state saved beside the weights."""
-        return unpack(self.manifest["state"], self._load("state.safetensors"))
+        t = self._load("state.safetensors")
+        _check_finite(t, self.path / "state.safetensors")
+        return unpack(self.manifest["state"], t)
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """Refuse non-finite floating values: they would give numbers (eigenvalues of NaN) instead of an error."""
+    for k, v in tensors.items():
+        if v.is_floating_point() or v.is_complex():
+            if not bool(torch.isfinite(v).all()):
+                n = int((~torch.isfinite(v)).sum())
+                raise UserError(f"checkpoint tensor '{k}' in {where} has {n} non-finite value(s) (NaN/Inf); "
+                                "use an earlier checkpoint of the run")
 
 
 def _is_checkpoint_dir(p: Path) -> bool:
     return (p / "manifest.json").is_file()
+
+
+_NAME = re.compile(r"^ckpt-\d{6,}$")
+
+
+def valid_checkpoint_name(name) -> bool:
+    """latest.json may only name a checkpoint directly inside its run directory: 'ckpt-NNNNNN', nothing else
+    (no '..', no separators, no absolute path, no hidden temporary)."""
+    return isinstance(name, str) and bool(_NAME.match(name))
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -223,11 +347,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if latest.is_file():
         try:
             name = json.loads(latest.read_text())["checkpoint"]
-            if isinstance(name, str) and "/" not in name and _is_checkpoint_dir(p / name):
+            if valid_checkpoint_name(name) and _is_checkpoint_dir(p / name):
                 return p / name
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
             pass
-    cands = sorted(c for c in p.glob("ckpt-*") if c.is_dir() and _is_checkpoint_dir(c))
+    cands = list_checkpoints(p)
     if not cands:
         raise UserError(f"no checkpoint found in '{path}' (no manifest.json, no ckpt-* directory); train first")
     return cands[-1]
@@ -235,7 +359,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Every complete ckpt-* directory of a run, by step."""
-    return sorted(c for c in Path(run_dir).glob("ckpt-*") if c.is_dir() and _is_checkpoint_dir(c))
+    return sorted(c for c in Path(run_dir).glob("ckpt-*") if valid_checkpoint_name(c.name) and c.is_dir()
+                  and not c.is_symlink() and _is_checkpoint_dir(c))
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -244,8 +369,10 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     mpath = d / "manifest.json"
     try:
         manifest = json.loads(mpath.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise UserError(f"checkpoint manifest {mpath} is corrupt ({type(e).__name__}); use another checkpoint") from None
+    if _depth(manifest) > MAX_DEPTH:
+        raise UserError(f"checkpoint manifest {mpath} is nested more than {MAX_DEPTH} levels deep; use another checkpoint")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(f"{mpath} is not a {FORMAT} manifest; pass a directory written by `landscape train`")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -256,6 +383,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     step = manifest.get("step")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise UserError(f"checkpoint manifest {mpath} has no valid step ({step!r}); use another checkpoint")
+    if valid_checkpoint_name(d.name) and int(d.name[len("ckpt-"):]) != step:
+        raise UserError(f"checkpoint manifest {mpath} says step {step} but its directory is {d.name} (edited or "
+                        "moved); use another checkpoint")
     files = manifest.get("files")
     if not isinstance(files, dict) or set(files) != {"model.safetensors", "state.safetensors"}:
         raise UserError(f"checkpoint manifest {mpath} lists the wrong files; use another checkpoint")
@@ -265,4 +395,51 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             raise UserError(f"checkpoint {d} is missing {name}; use another checkpoint")
         if _sha256(f) != digest:
             raise UserError(f"checkpoint file {f} fails its checksum (corrupt or truncated); use another checkpoint")
+    validate_manifest(manifest, mpath)
     return Checkpoint(d, manifest)
+
+
+def _depth(obj) -> int:
+    """Nesting depth of a JSON value, without recursion (a hostile manifest may be nested 100000 deep)."""
+    best, stack = 0, [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        best = max(best, d)
+        if d > MAX_DEPTH:
+            return d
+        if isinstance(o, dict):
+            stack.extend((v, d + 1) for v in o.values())
+        elif isinstance(o, list):
+            stack.extend((v, d + 1) for v in o)
+    return best
+
+
+def _expect(cond: bool, mpath: Path, what: str) -> None:
+    if not cond:
+        raise UserError(f"checkpoint manifest {mpath} is malformed: {what}; use another checkpoint")
+
+
+def validate_manifest(m: dict, mpath: Path) -> None:
+    """The manifest's schema, checked before any field is used (types, required keys, sizes)."""
+    aliases = m.get("aliases", {})
+    _expect(isinstance(aliases, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()),
+            mpath, "'aliases' must map names to names")
+    model = m.get("model", {})  # model and suite are optional for the format; `landscape.load` needs them
+    _expect(isinstance(model, dict), mpath, "'model' must be an object")
+    _expect(isinstance(model.get("config", {}), dict), mpath, "'model.config' must be an object")
+    _expect(isinstance(model.get("name", ""), str), mpath, "'model.name' must be a string")
+    _expect(model.get("factory") is None or isinstance(model["factory"], str), mpath, "'model.factory' must be a string")
+    if "suite" in m:
+        suite = m["suite"]
+        _expect(isinstance(suite, dict) and {"name", "seed", "weights", "options"} <= set(suite), mpath,
+                "'suite' must be an object with name, seed, weights and options")
+        _expect(isinstance(suite["name"], str), mpath, "'suite.name' must be a string")
+        _expect(isinstance(suite["seed"], int) and not isinstance(suite["seed"], bool), mpath,
+                "'suite.seed' must be an integer")
+        _expect(suite["weights"] is None or isinstance(suite["weights"], dict), mpath, "'suite.weights' must be an object")
+        _expect(isinstance(suite["options"], dict), mpath, "'suite.options' must be an object")
+    for key in ("optimizer", "trainer", "metrics", "domains"):
+        _expect(isinstance(m.get(key, {}), dict), mpath, f"'{key}' must be an object")
+    trainer = m.get("trainer", {})
+    _expect(isinstance(trainer.get("config", {}), dict), mpath, "'trainer.config' must be an object")
+    _expect(isinstance(m.get("state"), (dict, list)), mpath, "'state' must be an object")

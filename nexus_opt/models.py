@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import limits
 from .errors import UserError
 
 
@@ -110,21 +111,89 @@ class GPT(nn.Module):
 
 REGISTRY: dict[str, type[nn.Module]] = {"mlp": MLP, "gpt": GPT, "point": Point}
 
+# The schema of each registered model's config: key -> checker (before anything is built).
+def _I(v, name, where):
+    return limits.check_int(v, name, 1, limits.MAX_DIM, where=where)
 
-def build_model(name: str, config: dict | None = None) -> nn.Module:
-    """Instantiate a registered model from its name and JSON config."""
-    if name not in REGISTRY:
-        raise UserError(f"unknown model '{name}'; choose one of {sorted(REGISTRY)}")
+
+def _activation(v, name, where):
+    if not isinstance(v, str):
+        raise UserError(f"{where}{name} must be a string, got {v!r}")
+    return v
+
+
+def _init_list(v, name, where):
+    if v is None:
+        return None
+    if not isinstance(v, list) or len(v) > limits.MAX_DIM:
+        raise UserError(f"{where}{name} must be a list of numbers, got {type(v).__name__}")
+    return [limits.check_float(x, f"{name}[{i}]", where=where) for i, x in enumerate(v)]
+
+
+SCHEMA: dict[str, dict] = {
+    "mlp": {"in_dim": _I, "hidden": _I, "depth": lambda v, n, w: limits.check_int(v, n, 0, limits.MAX_DIM, where=w), "out_dim": _I,
+            "activation": _activation},
+    "gpt": {"vocab_size": _I, "block_size": _I, "n_layer": lambda v, n, w: limits.check_int(v, n, 0, limits.MAX_DIM, where=w), "n_head": _I,
+            "n_embd": _I, "dropout": lambda v, n, w: limits.check_float(v, n, 0.0, 1.0, where=w, hi_open=True)},
+    "point": {"dim": _I, "init": _init_list},
+}
+
+
+def validate_config(name: str, config) -> dict:
+    """The model config checked against its schema: known keys, right types, sane sizes (else a UserError)."""
+    if not isinstance(config, dict):
+        raise UserError(f"model config must be an object, got {type(config).__name__}")
+    schema = SCHEMA[name]
+    unknown = sorted(map(str, set(config) - set(schema)))
+    if unknown:
+        raise UserError(f"unknown config key(s) {unknown} for model '{name}'; known: {sorted(schema)}")
+    where = f"model '{name}' config "
+    return {k: schema[k](v, k, where) for k, v in config.items()}
+
+
+def estimate(name: str, config: dict) -> tuple[int, int, int]:
+    """(parameters, activation values per example, layers) of a registered model, from its config alone."""
+    import inspect
+
+    kw = {k: p.default for k, p in inspect.signature(REGISTRY[name]).parameters.items()}
+    kw.update(config)
+    if name == "mlp":
+        dims = [kw["in_dim"]] + [kw["hidden"]] * kw["depth"]
+        params = sum(a * b + b for a, b in zip(dims[:-1], dims[1:])) + dims[-1] * kw["out_dim"] + kw["out_dim"]
+        return params, 2 * sum(dims) + kw["out_dim"], kw["depth"]
+    if name == "gpt":
+        e, T, L, V = kw["n_embd"], kw["block_size"], kw["n_layer"], kw["vocab_size"]
+        params = V * e + T * e + L * (12 * e * e + 13 * e) + 2 * e
+        acts = T * (L * (20 * e + 2 * kw["n_head"] * T) + 2 * V + 2 * e)
+        return params, acts, L
+    return kw["dim"], kw["dim"], 0
+
+
+def build_model(name: str, config: dict | None = None, batch: int = 1, allow_large: bool | None = None,
+                extra_data: int = 0) -> nn.Module:
+    """Instantiate a registered model from its name and JSON config (validated and sized first).
+
+    `batch` (examples per forward) and `extra_data` (data values held beside it) enter the memory estimate.
+    """
+    if not isinstance(name, str) or name not in REGISTRY:
+        raise UserError(f"unknown model {name!r}; choose one of {sorted(REGISTRY)}")
+    config = validate_config(name, config or {})
+    params, acts, layers = estimate(name, config)
+    limits.check_work(f"model '{name}' {config}", params, acts * max(1, batch), extra_data, allow_large, layers)
     try:
-        return REGISTRY[name](**(config or {}))
+        return REGISTRY[name](**config)
     except (TypeError, ValueError, RuntimeError) as e:  # e.g. a negative size: torch raises RuntimeError
+        if isinstance(e, RuntimeError) and limits.is_allocation_failure(e):
+            raise
         raise UserError(f"bad config for model '{name}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
-def model_from_spec(spec: dict, trust_remote_code: bool = False) -> nn.Module:
+def model_from_spec(spec: dict, trust_remote_code: bool = False, batch: int = 1, allow_large: bool | None = None,
+                    extra_data: int = 0) -> nn.Module:
     """Build a model from a manifest spec: {"name", "config"} (registry) or {"factory": "module:function", "config"}.
 
     A factory imports code, so it runs only with trust_remote_code=True (like a "trust remote code" switch).
+    Registered models are validated against their schema and sized (see `nexus_opt.limits`) before building.
     """
     if not isinstance(spec, dict):
         raise UserError("checkpoint model spec is not an object; the manifest is malformed")
@@ -133,11 +202,13 @@ def model_from_spec(spec: dict, trust_remote_code: bool = False) -> nn.Module:
         raise UserError("checkpoint model config is not an object; the manifest is malformed")
     if spec.get("factory"):
         factory = spec["factory"]
+        if not isinstance(factory, str):
+            raise UserError(f"model factory must be a 'module:function' string, got {factory!r}")
         if not trust_remote_code:
             raise UserError(f"the checkpoint's model comes from the user factory '{factory}', which imports code; "
                             "pass trust_remote_code=True (CLI: --trust-remote-code) if you trust it")
         return _call_factory(factory, config)
-    return build_model(spec.get("name", ""), config)
+    return build_model(spec.get("name", ""), config, batch=batch, allow_large=allow_large, extra_data=extra_data)
 
 
 def _call_factory(factory: str, config: dict) -> nn.Module:

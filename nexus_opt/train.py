@@ -16,13 +16,16 @@ from typing import Callable
 import torch
 
 from . import checkpoint as ck
+from . import limits
 from .errors import TrainingDiverged, UserError
 from .evaluate import evaluate, move_batch
-from .models import model_from_spec
+from .models import REGISTRY, model_from_spec
 from .suites import make_suite
 from .util import SEED_LIMIT, check_seed, resolve_device  # noqa: F401  (re-exported: their home is util)
 
 OPTIMIZERS = ("adamw", "nexus", "nexus-parallel", "sgd")  # nexus-parallel: Nexus without the walk
+MAX_STEPS = 10 ** 9   # steps, eval/checkpoint intervals, warmup
+LR_MAX = 1e8          # beyond this a float32 update overflows at once: refused rather than diverging
 
 
 @dataclasses.dataclass
@@ -55,25 +58,43 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"unknown optimizer '{self.optimizer}'; choose one of {list(OPTIMIZERS)}")
-        for name in ("steps", "batch_size", "accum", "eval_every", "ckpt_every"):
-            if int(getattr(self, name)) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        I, F = limits.check_int, limits.check_float
+        for name, hi in (("steps", MAX_STEPS), ("batch_size", 1 << 20), ("accum", 1 << 16),
+                         ("eval_every", MAX_STEPS), ("ckpt_every", MAX_STEPS)):
+            setattr(self, name, I(getattr(self, name), f"--{name.replace('_', '-')}", 1, hi))
+        self.warmup = I(self.warmup, "--warmup", 0, MAX_STEPS)
         for name in ("lr", "inner_lr"):
-            v = getattr(self, name)
-            if not (v > 0 and math.isfinite(v)):
-                raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
-        if self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise UserError("--warmup must be >= 0 and --min-lr-ratio in [0, 1]")
+            setattr(self, name, F(getattr(self, name), f"--{name.replace('_', '-')}", 0.0, LR_MAX, lo_open=True))
+        if self.eps is not None:
+            self.eps = F(self.eps, "--eps", 0.0, 1.0, lo_open=True)
+        self.weight_decay = F(self.weight_decay, "--weight-decay", 0.0, 1e4)
+        self.min_lr_ratio = F(self.min_lr_ratio, "--min-lr-ratio", 0.0, 1.0)
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
+            raise UserError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        self.betas = tuple(F(b, "beta", 0.0, 1.0, hi_open=True) for b in self.betas)
         self.seed = check_seed(self.seed)
-        self.betas = tuple(self.betas)
+        for name in ("suite", "device", "out"):
+            if not isinstance(getattr(self, name), str):
+                raise UserError(f"--{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("model", "model_factory"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise UserError(f"--{name.replace('_', '-')} must be a string, got {getattr(self, name)!r}")
+        for name in ("suite_options", "model_config"):
+            if not isinstance(getattr(self, name), dict):
+                raise UserError(f"--{name.replace('_', '-')} must be key=value pairs, got {getattr(self, name)!r}")
+        if self.weights is not None and not isinstance(self.weights, dict):
+            raise UserError(f"--weights must be domain=number pairs, got {self.weights!r}")
         return self
 
     def model_spec(self, suite) -> dict:
         if self.model_factory:
             return {"factory": self.model_factory, "config": dict(self.model_config)}
         name, cfg = suite.default_model()
+        if self.model and self.model not in REGISTRY:
+            raise UserError(f"unknown model '{self.model}'; choose one of {sorted(REGISTRY)}")
         if self.model and self.model != name:
-            name, cfg = self.model, {}
+            raise UserError(f"suite '{suite.name}' trains the '{name}' model; --model {self.model} cannot read its "
+                            f"data: leave --model out, or bring your own with --model-factory")
         return {"name": name, "config": {**cfg, **self.model_config}}
 
 
@@ -135,47 +156,154 @@ def _rng_state() -> dict:
     return s
 
 
-def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["cpu"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(s["cuda"]))
+def _set_rng_state(s) -> None:
+    """Restore the saved generator states; a malformed state is a UserError, nothing half-restored."""
+    ok = isinstance(s, dict) and isinstance(s.get("cpu"), torch.Tensor) and s["cpu"].dtype == torch.uint8 \
+        and s["cpu"].dim() == 1
+    cuda = s.get("cuda") if isinstance(s, dict) else None
+    if ok and cuda is not None:
+        ok = isinstance(cuda, (list, tuple)) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8
+                                                     for t in cuda)
+    if not ok:
+        raise UserError("the checkpoint's saved random-generator state is malformed; it cannot be resumed")
+    before = torch.get_rng_state()
+    try:
+        torch.set_rng_state(s["cpu"])
+        if cuda is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(list(cuda))
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        torch.set_rng_state(before)
+        raise UserError("the checkpoint's saved random-generator state is malformed; it cannot be resumed") from None
+
+
+# Options that may differ from the saved run on --resume (they do not change what is computed).
+RESUME_FREE = ("out", "device", "steps")
+
+
+def _same(given, saved) -> bool:
+    if isinstance(given, dict) and isinstance(saved, dict):  # key=value overrides: each given key must agree
+        return all(k in saved and _same(v, saved[k]) for k, v in given.items())
+    if isinstance(given, (list, tuple)) and isinstance(saved, (list, tuple)):
+        return len(given) == len(saved) and all(_same(a, b) for a, b in zip(given, saved))
+    return given == saved
+
+
+def _run_dir_of(out: Path) -> Path:
+    """--resume's run directory: `out` itself, or the run directory of a checkpoint directory given as --out
+    when it is that run's latest checkpoint (else a UserError: resuming there would rewrite later ones)."""
+    if not (out / "manifest.json").is_file():
+        return out
+    run = out.parent
+    latest = ck.resolve_checkpoint(run) if ck.list_checkpoints(run) else None
+    if latest is not None and latest.resolve() == out.resolve():
+        return run
+    raise UserError(f"--out {out} is a checkpoint directory, not a run directory, and not its run's latest "
+                    f"checkpoint ({latest.name if latest is not None else 'none'}); resume with --out {run}")
 
 
 def resume(out: str | Path, steps: int | None = None, device: str = "auto",
            progress: Callable[[dict], None] | None = None, trust_remote_code: bool = False,
+           overrides: dict | None = None, allow_large: bool | None = None,
            on_step_record: Callable[[int, torch.nn.Module, object], dict | None] | None = None) -> dict:
-    """Continue the run in `out` from its latest checkpoint with its saved config (optionally more steps)."""
-    ckpt = ck.read_checkpoint(out)
+    """Continue the run in `out` from its latest checkpoint with its saved config.
+
+    `steps` may extend the run (never shorten it below the saved step count); `overrides` are the other
+    options the caller gave explicitly: each must agree with the saved run, else a UserError names the
+    saved value (a resumed run keeps its settings). `out` may be the run's latest checkpoint directory.
+    """
+    run = _run_dir_of(Path(out))
+    ckpt = ck.read_checkpoint(run)
+    trainer = ckpt.manifest.get("trainer")
+    saved = trainer.get("config") if isinstance(trainer, dict) else None
+    if not isinstance(saved, dict):
+        raise UserError(f"checkpoint {ckpt.path} has no usable trainer config; it cannot be resumed")
+    saved = dict(saved)
+    missing = sorted(f.name for f in dataclasses.fields(TrainConfig) if f.name not in saved and f.name not in ("out", "device"))
+    if missing:
+        raise UserError(f"checkpoint {ckpt.path} has an incomplete trainer config (missing {missing}); "
+                        "it cannot be resumed")
+    for k, v in (overrides or {}).items():
+        if k in RESUME_FREE:
+            continue
+        if k not in saved or not _same(v, saved[k]):
+            flag = "--" + k.replace("_", "-")
+            raise UserError(f"{flag} {v!r} contradicts the saved run ({k}={saved.get(k)!r}); --resume keeps the "
+                            f"saved settings: drop {flag}, or start a new run with another --out")
+    if steps is not None:
+        old = saved.get("steps")
+        if isinstance(old, int) and not isinstance(steps, bool) and isinstance(steps, int) and steps < old:
+            raise UserError(f"--steps {steps} is shorter than the saved run (steps={old}); --resume can only "
+                            f"keep or extend it: pass --steps {old} or more, or leave --steps out")
+        saved["steps"] = steps
+    saved.update(out=str(run), device=device)
     try:
-        saved = dict(ckpt.manifest["trainer"]["config"])
-        saved.update(out=str(out), device=device, steps=int(steps or saved["steps"]))
         cfg = TrainConfig(**saved)
-    except (KeyError, TypeError, ValueError) as e:
+    except TypeError as e:
         raise UserError(f"checkpoint {ckpt.path} has no usable trainer config ({e}); it cannot be resumed") from None
-    return train(cfg, progress=progress, trust_remote_code=trust_remote_code, _resume=ckpt,
+    return train(cfg, progress=progress, trust_remote_code=trust_remote_code, _resume=ckpt, allow_large=allow_large,
                  on_step_record=on_step_record)
+
+
+def _check_base_lrs(v, n_groups: int) -> list:
+    if not isinstance(v, (list, tuple)) or len(v) != n_groups:
+        raise UserError(f"the checkpoint's saved learning rates do not match the optimizer's {n_groups} group(s)")
+    return [limits.check_float(x, "saved base learning rate", 0.0, LR_MAX, lo_open=True) for x in v]
 
 
 def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, trust_remote_code: bool = False,
           on_step: Callable[[int, torch.nn.Module], None] | None = None, _resume: ck.Checkpoint | None = None,
+          allow_large: bool | None = None,
           on_step_record: Callable[[int, torch.nn.Module, object], dict | None] | None = None) -> dict:
     """Train per `cfg` into cfg.out; returns the final eval losses and the last checkpoint's path.
 
     `on_step(step, model)` runs after every optimizer step (the model then holds the outer weights);
     `on_step_record(step, model, optimizer)` too, and a dict it returns is written to metrics.jsonl.
+    The run directory is locked for the whole run (one writer at a time, see `checkpoint.RunLock`).
+    `allow_large` lifts the size limits of `nexus_opt.limits` (default: LANDSCAPE_ALLOW_LARGE).
     """
-    out = Path(cfg.out)
-    resume_ckpt = _resume
-    if resume_ckpt is None and out.exists() and ck.list_checkpoints(out):
-        raise UserError(f"run directory '{out}' already has checkpoints; pass --resume to continue it or choose another --out")
     cfg.validate()
+    out = Path(cfg.out)
+    if _resume is None and (out / "manifest.json").is_file():
+        raise UserError(f"--out {out} is a checkpoint directory; choose a new run directory")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; choose a directory")
     if cfg.model_factory and not trust_remote_code:
         raise UserError(f"--model-factory '{cfg.model_factory}' imports code; pass --trust-remote-code to allow it")
     device = resolve_device(cfg.device)
-    suite = make_suite(cfg.suite, seed=cfg.seed, weights=cfg.weights, options=cfg.suite_options)
+    suite = make_suite(cfg.suite, seed=cfg.seed, weights=cfg.weights, options=cfg.suite_options,
+                       allow_large=allow_large)
     spec = cfg.model_spec(suite)
     torch.manual_seed(cfg.seed)
-    model = model_from_spec(spec, trust_remote_code=True).to(device)
+    batch = max(cfg.batch_size, type(suite).max_batch(suite.options))
+    model = model_from_spec(spec, trust_remote_code=True, batch=batch, allow_large=allow_large,
+                            extra_data=type(suite).data_elems(suite.options)).to(device)
+    eval_sets = {d: [move_batch(b, device) for b in suite.eval_batches(d)] for d in suite.domains}
+    _probe(model, suite, eval_sets)  # everything above is refused before the run directory is touched
+    with ck.RunLock(out):
+        if _resume is None and ck.list_checkpoints(out):
+            raise UserError(f"run directory '{out}' already has checkpoints; pass --resume to continue it or "
+                            "choose another --out")
+        return _train_locked(cfg, out, device, model, eval_sets, suite, spec, progress, on_step, _resume)
+
+
+def _probe(model, suite, eval_sets) -> None:
+    """One evaluation forward before any work: a model that cannot read the suite's data fails in one line."""
+    first = eval_sets[suite.domains[0]][0]
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            suite.loss_fn(model, first)
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        if limits.is_allocation_failure(e):
+            raise
+        raise UserError(f"the model does not fit the data of suite '{suite.name}': "
+                        f"{(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
+    finally:
+        model.train(training)
+
+
+def _train_locked(cfg, out, device, model, eval_sets, suite, spec, progress, on_step, resume_ckpt) -> dict:
     opt = build_optimizer(model, cfg)
     base_lrs = [g["lr"] for g in opt.param_groups]
     start = 0
@@ -183,15 +311,19 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, trus
         try:
             model.load_state_dict(resume_ckpt.model_state())
             state = resume_ckpt.state()
+            if not isinstance(state, dict) or not {"optimizer", "rng", "base_lrs"} <= set(state):
+                raise UserError(f"cannot resume from {resume_ckpt.path}: its trainer state is incomplete")
+            base_lrs = _check_base_lrs(state["base_lrs"], len(opt.param_groups))
             opt.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"cannot resume from {resume_ckpt.path}: {str(e).splitlines()[0]}") from None
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            if limits.is_allocation_failure(e):
+                raise
+            raise UserError(f"cannot resume from {resume_ckpt.path}: "
+                            f"{(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
         _set_rng_state(state["rng"])
-        base_lrs = list(state["base_lrs"])
         start = resume_ckpt.step
     out.mkdir(parents=True, exist_ok=True)
     metrics = _Metrics(out / "metrics.jsonl", start if resume_ckpt is not None else None)
-    eval_sets = {d: [move_batch(b, device) for b in suite.eval_batches(d)] for d in suite.domains}
     cfg_json = dataclasses.asdict(cfg)
     cfg_json["betas"] = list(cfg.betas)
     manifest_base = {"model": spec, "suite": suite.spec(), "optimizer": {"name": cfg.optimizer},

@@ -47,24 +47,40 @@ def normalize_weights(train_domains: list[str], weights: Mapping[str, float] | N
     unknown = sorted(set(weights) - set(train_domains))
     if unknown:
         raise UserError(f"mixture weight for unknown or untrained domain(s) {unknown}; trained domains are {train_domains}")
-    w = {d: float(weights.get(d, 0.0)) for d in train_domains}
-    if any(v < 0 or v != v for v in w.values()) or sum(w.values()) <= 0:
-        raise UserError(f"mixture weights must be non-negative with a positive sum, got {dict(weights)}")
+    try:
+        w = {d: float(weights.get(d, 0.0)) for d in train_domains}
+    except (TypeError, ValueError, OverflowError):
+        w = {d: float("nan") for d in train_domains}
+    if any(not (0 <= v < float("inf")) for v in w.values()) or not 0 < sum(w.values()) < float("inf"):
+        raise UserError(f"mixture weights must be finite non-negative numbers with a positive sum, got {dict(weights)}")
     s = sum(w.values())
     return {d: v / s for d, v in w.items()}
 
 
 # -- devices and batches -----------------------------------------------------------------------------------
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
 def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available else cpu; a clear error when cuda is asked for but absent."""
+    """'auto' -> cuda when available else cpu; cpu, cuda[:N] or mps otherwise, each checked to exist."""
+    if not isinstance(device, str):
+        raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
     try:
-        return torch.device(device)
-    except RuntimeError:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
         raise UserError(f"unknown device '{device}'; use auto, cpu or cuda") from None
+    if dev.type not in DEVICE_TYPES:
+        raise UserError(f"device '{device}' cannot train or analyse (no storage); use auto, cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UserError("--device mps was asked for but torch sees no MPS device; use --device cpu or auto")
+    return dev
 
 
 def batch_size(batch) -> int:

@@ -61,11 +61,40 @@ def parse_level(level=None) -> tuple[str, float]:
     return kind, e
 
 
+def nonfinite_cells(r) -> dict[str, int]:
+    """Grid cells per domain whose loss is NaN or infinite (a diverging corner): drawn masked, counted."""
+    return {d: int((~np.isfinite(np.asarray(z, dtype=float))).sum()) for d, z in r.losses.items()}
+
+
+def mask_nonfinite(r):
+    """A copy of a surface result whose non-finite cells are NaN (masked in every figure); a UserError when a
+    domain has no finite cell at all (nothing could be drawn: the weights or the data are broken)."""
+    import dataclasses
+
+    losses = {}
+    try:
+        shape = (len(np.asarray(r.y, dtype=float).reshape(-1)), len(np.asarray(r.x, dtype=float).reshape(-1)))
+        items = [(d, np.asarray(z, dtype=float)) for d, z in dict(r.losses).items()]
+    except (TypeError, ValueError) as e:
+        raise UserError(f"the surface is malformed ({type(e).__name__}); recompute it with `landscape plot-surface`") from None
+    if not items:
+        raise UserError("the surface has no loss values; recompute it with `landscape plot-surface`")
+    for d, z in items:
+        if z.shape != shape:
+            raise UserError(f"the surface of '{d}' has shape {z.shape} but its grid is {shape[0]}x{shape[1]}; the "
+                            "file is inconsistent: recompute it with `landscape plot-surface`")
+        if z.size == 0 or not np.isfinite(z).any():
+            raise UserError(f"the surface of '{d}' has no finite loss on its {z.size} grid cells; nothing can be "
+                            "drawn: check the checkpoint's weights, or recompute with a smaller --span")
+        losses[d] = np.where(np.isfinite(z), z, np.nan)
+    return dataclasses.replace(r, losses=losses)
+
+
 def resolve_levels(r, level=None) -> dict[str, float]:
     """Each domain's low-loss level for the overlay (see the module docstring for the forms of `level`)."""
     kind, e = parse_level(level)
     names = [d for d in r.losses if d != TRAIN]
-    mins = {d: float(np.nanmin(r.losses[d])) for d in names}
+    mins = {d: float(np.nanmin(np.where(np.isfinite(r.losses[d]), r.losses[d], np.nan))) for d in names}
     if kind == "abs":
         return {d: mins[d] + e for d in names}
     if kind == "rel":
@@ -216,6 +245,7 @@ def compare_figure(results: Sequence, labels: Sequence[str] | None = None, level
     """Overlays of several checkpoints side by side (e.g. sum of minima vs intersection of minima)."""
     if not results:
         raise UserError("nothing to compare: give at least one surface")
+    results = [mask_nonfinite(r) for r in results]
     labels = list(labels) if labels else [f"checkpoint {i + 1}" for i in range(len(results))]
     if len(labels) != len(results):
         raise UserError(f"{len(labels)} labels for {len(results)} surfaces; give one label per surface")
@@ -238,6 +268,7 @@ def write_figures(r, stem: str | Path, formats: Sequence[str] = ("png", "svg"), 
     """Panels (`stem.ext`) and overlay (`stem_overlay.ext`) in each format, plus `stem.html`; the paths."""
     stem = Path(stem)
     paths = []
+    r = mask_nonfinite(r)
     for fig_fn, suffix in ((lambda p: panels_figure(r, kind, p), ""), (lambda p: overlay_figure(r, level, p), "_overlay")):
         fig = fig_fn(None)
         for ext in formats:

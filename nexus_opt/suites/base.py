@@ -5,6 +5,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from .. import limits
 from ..errors import UserError
 from ..util import generator, mix_seed, normalize_weights  # noqa: F401  (re-exported: their home is util)
 
@@ -16,6 +17,7 @@ class Suite:
     """
 
     name: str = ""
+    SCHEMA: dict = {}  # option -> checker(value, name, where), see nexus_opt.limits
     domains: list[str] = []
     ood_domains: list[str] = []
     ood_description: str = ""
@@ -57,6 +59,16 @@ class Suite:
         w = torch.tensor([self.weights[d] for d in doms], dtype=torch.float64)
         return doms[int(torch.multinomial(w, 1, generator=generator(self.seed, 3, step, micro)))]
 
+    @classmethod
+    def data_elems(cls, options: dict) -> int:
+        """Values the suite holds in memory for these (validated) options: the memory estimate's share."""
+        return 0
+
+    @classmethod
+    def max_batch(cls, options: dict) -> int:
+        """The largest evaluation batch these options ask for."""
+        return 1
+
     # -- to implement -------------------------------------------------------------------------
     def _train_batch(self, domain: str, gen: torch.Generator, batch_size: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -68,3 +80,14 @@ class Suite:
 
     def default_model(self) -> tuple[str, dict]:
         raise NotImplementedError
+
+
+MAX_EVAL_BATCHES = 1024  # evaluation batches per domain: more is minutes per evaluation, never meaningful here
+
+
+def opt_int(lo: int = 1, hi: int = limits.MAX_DIM):
+    return lambda v, n, w: limits.check_int(v, n, lo, hi, where=w)
+
+
+def opt_float(lo: float = -1e12, hi: float = 1e12, **kw):
+    return lambda v, n, w: limits.check_float(v, n, lo, hi, where=w, **kw)

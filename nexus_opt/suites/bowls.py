@@ -4,7 +4,23 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
-from .base import Suite, generator
+from .. import limits
+from .base import Suite, generator, opt_float, opt_int
+
+
+def _preset(v, name, where):
+    if v is not None and not isinstance(v, str):
+        raise UserError(f"{where}{name} must be a preset name, got {v!r}")
+    return v
+
+
+def _curvature(v, name, where):
+    if not isinstance(v, (list, tuple)) or len(v) != 2:
+        raise UserError(f"{where}{name} must be two numbers [lo, hi], got {v!r}")
+    lo, hi = (limits.check_float(x, name, 1e-12, 1e12, where=where) for x in v)
+    if lo > hi:
+        raise UserError(f"{where}{name} must have lo <= hi, got {v!r}")
+    return [lo, hi]
 
 # The paper's Figure 2 (nexus.md): parabolas 8 (x - m)^2 + c, i.e. A = 16; c makes the training loss 1.0 at x = 0.
 PRESETS = {
@@ -24,6 +40,8 @@ class Bowls(Suite):
     """Random SPD bowls in any dimension (`dim`, `n_domains`, `spread`, `noise`) or a Figure 2 preset."""
 
     name = "bowls"
+    SCHEMA = {"dim": opt_int(1, 1 << 14), "n_domains": opt_int(1, 1024), "spread": opt_float(),
+              "noise": opt_float(0.0), "preset": _preset, "curvature": _curvature}
     ood_description = "a bowl never trained on (preset 'target', or 'ood'), with its minimum beyond the trained ones"
 
     def __init__(self, seed: int = 0, weights=None, dim: int = 2, n_domains: int = 2, spread: float = 1.0,
@@ -57,6 +75,11 @@ class Bowls(Suite):
         self.dim = dim
         super().__init__(seed, weights, dim=dim, n_domains=n_domains, spread=spread, noise=noise, preset=preset,
                          curvature=list(curvature))
+
+    @classmethod
+    def data_elems(cls, o: dict) -> int:
+        d = 1 if o.get("preset") else o.get("dim", 2)
+        return (o.get("n_domains", 2) + 1) * (3 * d * d + 2 * d)
 
     def _batch(self, domain: str, m: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"A": self.A[domain][None].float(), "m": m[None].float(), "c": torch.tensor([self.c[domain]])}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Suite, generator
+from .base import MAX_EVAL_BATCHES, Suite, generator, opt_float, opt_int
 
 
 def mse_loss(model: torch.nn.Module, batch) -> torch.Tensor:
@@ -23,6 +23,8 @@ class Mix(Suite):
     """
 
     name = "mix"
+    SCHEMA = {"in_dim": opt_int(), "n_domains": opt_int(1, 26), "alpha": opt_float(), "noise": opt_float(0.0),
+              "width": opt_int(), "eval_batches": opt_int(1, MAX_EVAL_BATCHES), "eval_batch_size": opt_int(1, 1 << 20)}
     ood_description = "inputs from an untrained region; target = shared part + the mean of the domain-specific parts"
 
     def __init__(self, seed: int = 0, weights=None, in_dim: int = 8, n_domains: int = 3, alpha: float = 0.5,
@@ -37,6 +39,15 @@ class Mix(Suite):
         self.in_dim, self.alpha = in_dim, alpha
         super().__init__(seed, weights, in_dim=in_dim, n_domains=n_domains, alpha=alpha, noise=noise, width=width,
                          eval_batches=eval_batches, eval_batch_size=eval_batch_size)
+
+    @classmethod
+    def data_elems(cls, o: dict) -> int:
+        k, d, w = o.get("n_domains", 3) + 1, o.get("in_dim", 8), o.get("width", 16)
+        return k * (w * d + w + d + o.get("eval_batches", 4) * o.get("eval_batch_size", 64) * (d + 1))
+
+    @classmethod
+    def max_batch(cls, o: dict) -> int:
+        return o.get("eval_batch_size", 64)
 
     def _f(self, k: str, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(x @ self.W[k].T) @ self.v[k]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .base import Suite, mix_seed
+from .base import MAX_EVAL_BATCHES, Suite, mix_seed, opt_int
 
 _MAX_BYTES = 1_500_000
 
@@ -99,6 +99,8 @@ class Text(Suite):
     name = "text"
     domains = ["code", "prose", "math", "wordmath"]
     ood_domains = ["wordmath"]
+    SCHEMA = {"block_size": opt_int(2, 1 << 16), "eval_batches": opt_int(1, MAX_EVAL_BATCHES),
+              "eval_batch_size": opt_int(1, 1 << 20)}
     ood_description = ("English arithmetic word problems: each trained domain has either the words or the "
                        "arithmetic, none has them composed")
 
@@ -109,6 +111,15 @@ class Text(Suite):
         super().__init__(seed, weights, block_size=block_size, eval_batches=eval_batches,
                          eval_batch_size=eval_batch_size)
         self._corpus: dict[tuple[str, str], torch.Tensor] = {}
+
+    @classmethod
+    def data_elems(cls, o: dict) -> int:
+        return len(cls.domains) * (o.get("eval_batches", 4) * o.get("eval_batch_size", 16)
+                                   * (o.get("block_size", 64) + 1) + _MAX_BYTES)
+
+    @classmethod
+    def max_batch(cls, o: dict) -> int:
+        return o.get("eval_batch_size", 16)
 
     def _docs(self, domain: str) -> tuple[bytes, ...]:
         if domain == "code":
