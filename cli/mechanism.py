@@ -48,7 +48,7 @@ def mechanism_cmd(
 ):
     """The paper's mechanism isolated: AdamW, Nexus without the walk (the control) and Nexus on a 2-D toy with
     a shared and a separated basin of equal training loss; fractions ending in each, downstream loss, per gamma."""
-    from landscape.mechanism import mechanism_toy
+    from landscape.app.mechanism import mechanism_toy
     from landscape.render.mechanism import write_mechanism_figure
 
     check_output_dir(out_dir, "--out")

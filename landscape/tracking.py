@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from nexus_opt.errors import UserError
-from nexus_opt.evaluate import move_batch
+from nexus_opt.util import move_batch
 from nexus_opt.util import check_seed
 
 from .gradsim import GradSimResult, gradient_similarity

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, invoke_cli
-from landscape.mechanism import (SEPARATED, SHARED, MechanismResult, expansion_terms, expected_displacement,
+from landscape.app.mechanism import (SEPARATED, SHARED, MechanismResult, expansion_terms, expected_displacement,
                                  landscape_from_dict, make_landscape, mechanism_toy, ridge_starts, run_arm)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

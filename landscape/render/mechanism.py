@@ -10,13 +10,20 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from ..mechanism import ARM_LABELS, MechanismResult, landscape_from_dict
+from typing import TYPE_CHECKING
+
+from .style import ARM_LABELS
+
+if TYPE_CHECKING:  # render does not import the application layer at run time
+    from ..app.mechanism import MechanismResult
 
 ARM_STYLE = {"adamw": dict(color="tab:red", ls="-"), "control": dict(color="tab:blue", ls="--"),
              "nexus": dict(color="tab:green", ls="-")}
 
 
 def _grid(r: MechanismResult, n: int = 161):
+    from ..app.mechanism_landscape import landscape_from_dict
+
     land = landscape_from_dict(r.landscape)
     pts = np.concatenate([np.asarray(p).reshape(-1, 2) for ps in r.sample_paths.values() for p in ps]
                          + [np.asarray(r.starts)])

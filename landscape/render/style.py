@@ -33,3 +33,7 @@ def color(i: int) -> str:
 def domain_colors(names: Sequence[str], skip: Sequence[str] = ("train",)) -> dict[str, str]:
     """A stable colour per domain, in order of `names` (the training loss, in `skip`, is drawn in black)."""
     return {d: color(i) for i, d in enumerate(n for n in names if n not in skip)}
+
+
+# the mechanism toy's arms (landscape.app.mechanism)
+ARM_LABELS = {"adamw": "AdamW", "control": "control (Nexus parallel)", "nexus": "Nexus"}
