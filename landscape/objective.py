@@ -25,6 +25,17 @@ class _LossModule(torch.nn.Module):
         return self.loss_fn(self.model, batch)
 
 
+@contextlib.contextmanager
+def _restoring(buffers):
+    """Copy each (buffer, saved value) back after the block."""
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in buffers:
+                b.copy_(v)
+
+
 class Objective:
     """`Objective(model, domains, loss_fn)`: `domains` maps a name to a fixed sequence of batches and
     `loss_fn(model, batch)` returns the batch's mean loss. A domain's loss is the size-weighted mean
@@ -149,7 +160,8 @@ class Objective:
         if not params:
             raise UserError("the model has no trainable parameters (requires_grad=True); nothing to analyse")
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), self.evaluating(train_mode):
+        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]  # e.g. BatchNorm running statistics
+        with torch.random.fork_rng(devices=devices), self.evaluating(train_mode), _restoring(buffers):
             for d in names:
                 for i, batch in enumerate(self.domains[d]):
                     where = f"domain '{d}', batch {i}"
