@@ -4,14 +4,19 @@ tree: run it on the old and the new tree to compare defaults (issue 10).
     python bench/bench_flatness_cli.py RUN [--repo DIR] [--threads 2]
 
 Train RUN first, e.g. `python -m cli.main train --suite mix --model mlp --steps 100 --out /tmp/numerics_run`.
-Measured on the shared 2-core CPU box (load average ~8 from other jobs, so absolute times are inflated;
-1,377-parameter MLP, mix suite):
+Measured 2026-11-30 on the shared 2-core CPU box while other jobs ran (load average 3-12, so times swing by
+several x between runs; 1,377-parameter MLP from `train --suite mix --model mlp --steps 100`), whole command
+including Python/torch start-up, analysis time in brackets:
 
-    code                      default        --domain each
-    before (main, tol 1e-8,   60.8 s         > 300 s (killed)
-      99 trace probes)
-    after (tol 1e-4,          see report     see report
-      adaptive trace)
+    threads  code                                        default              --domain each
+    1        before (main: tol 1e-8, 99 Hutch++ probes)  11.5 s [5.2 s, 179]  11.1 s
+    1        after  (tol 1e-4 + multiplicity check,      7.6 s  [2.5 s, 168]  10.6 s
+                     adaptive trace to 1% stderr)
+    2        before                                      26.8 s [20.7 s]      56.6 s
+    2        after                                       36.8 s [30.6 s]      36.4 s
+
+[x s, n]: analysis seconds and HVPs. With 2 threads on a loaded 2-core box, thread contention dominates
+(the same 168 HVPs took 2.5 s on 1 thread and 30.6 s on 2); the 1-thread rows are the comparable ones.
 """
 from __future__ import annotations
 
