@@ -25,20 +25,34 @@ def closeness_table(results: list, labels: list[str]) -> Table:
     for d in doms:
         def has(r, d=d):
             return d in r.domains
-        row(f"[bold]{d}[/bold] ||theta - theta*||", lambda r, d=d: _g(r.distance[d]["raw"]) + (
-            f" ({100 * r.distance[d]['relative']:.2f}%)" if r.distance[d]["relative"] is not None else "")
-            if has(r) else "-")
-        row(f"  {d} loss start -> min", lambda r, d=d: f"{r.loss_start[d]:.4g} -> {r.loss_min[d]:.4g}"
-            if has(r) else "-")
+
+        def dist(r, d=d):
+            if not has(r):
+                return "-"
+            if not r.converged[d]:  # how far it walked is not the distance to a minimum
+                return f"[yellow]n/a (not converged; walked {_g(r.reached.get(d))})[/yellow]"
+            rel = r.distance[d]["relative"]
+            return _g(r.distance[d]["raw"]) + (f" ({100 * rel:.2f}%)" if rel is not None else "")
+        row(f"[bold]{d}[/bold] ||theta - theta*||", dist)
+        row(f"  {d} loss start -> min", lambda r, d=d: (f"{r.loss_start[d]:.4g} -> {r.loss_min[d]:.4g}"
+                                                       + ("" if r.converged[d] else " (reached)")) if has(r) else "-")
         row(f"  {d} barrier", lambda r, d=d: _g(r.barrier[d], ".3g") if has(r) else "-")
         row(f"  {d} curvature along", lambda r, d=d: _g(r.curvature_along.get(d)) if has(r) else "-")
-        row(f"  {d} converged (steps)", lambda r, d=d: (("yes" if r.converged[d] else "[yellow]no[/yellow]")
-                                                       + f" ({r.steps[d]})") if has(r) else "-")
-    row("mean pairwise ||theta_i* - theta_j*||", lambda r: _g(
-        sum(r.pairwise[i][j] for i in range(len(r.domains)) for j in range(i + 1, len(r.domains)))
-        / max(1, len(r.domains) * (len(r.domains) - 1) // 2)), style="bold")
-    row("spread sigma^2", lambda r: _g(r.spread), style="bold")
-    row("mean sq distance (measured)", lambda r: _g(r.mean_sq_distance), style="bold")
+        row(f"  {d} converged (evals)", lambda r, d=d: (("yes" if r.converged[d] else
+                                                         f"[yellow]no: {(r.stop or {}).get(d, 'budget')}[/yellow]")
+                                                        + f" ({(r.evals or {}).get(d, r.steps[d])})") if has(r) else "-")
+
+    def pair_mean(r):
+        vals = [r.pairwise[i][j] for i in range(len(r.domains)) for j in range(i + 1, len(r.domains))] \
+            if r.pairwise else []
+        if not vals or any(v is None for v in vals):
+            return "n/a (a descent did not converge)" if vals else "n/a"
+        return _g(sum(vals) / len(vals))
+    unconv = "n/a (a descent did not converge)"
+    row("mean pairwise ||theta_i* - theta_j*||", pair_mean, style="bold")
+    row("spread sigma^2", lambda r: unconv if r.spread is None else _g(r.spread), style="bold")
+    row("mean sq distance (measured)", lambda r: unconv if r.mean_sq_distance is None else _g(r.mean_sq_distance),
+        style="bold")
     row("Theorem 3.1 bound", lambda r: _g(r.bound.get("value")) if r.bound.get("value") is not None
         else f"n/a ({r.bound.get('note', '')})", style="bold")
     row("bound holds", lambda r: {True: "yes", False: "[red]no[/red]", None: "n/a"}[r.bound.get("holds")])
@@ -49,9 +63,14 @@ def closeness_table(results: list, labels: list[str]) -> Table:
 @command("closeness")
 def closeness_cmd(
     checkpoints: List[str] = typer.Argument(..., help="Checkpoint directories (a run directory means its latest)."),
-    steps: int = typer.Option(300, help="Maximum descent steps per domain."),
-    lr: Optional[float] = typer.Option(None, help="Descent learning rate (default: adam 1e-3, sgd 1e-2, lbfgs 1)."),
-    optimizer: str = typer.Option("adam", help="Descent optimizer: adam, sgd or lbfgs (full batch)."),
+    optimizer: str = typer.Option("newton-cg", help="Descent: newton-cg (trust-region Newton-CG on exact HVPs, "
+                                                     "default), lbfgs, adam or sgd (full batch)."),
+    max_evals: Optional[int] = typer.Option(None, help="Budget per domain in gradient/HVP/loss evaluations "
+                                                       "(default: newton-cg 5000, lbfgs 2000, adam/sgd 300)."),
+    rtol: float = typer.Option(1e-8, help="Converged when ||grad|| <= max(rtol * ||grad at the checkpoint||, atol)."),
+    atol: float = typer.Option(1e-12, help="Absolute floor of the gradient-norm test."),
+    steps: Optional[int] = typer.Option(None, help="Optional cap on iterations (adam/sgd: steps) per domain."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate of lbfgs (1), adam (1e-3) or sgd (1e-2)."),
     domains: Optional[str] = typer.Option(None, help="Comma-separated domains to descend on (default: trained)."),
     seed: int = typer.Option(0, help="Seed recorded with the result (the descent itself is deterministic)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -60,12 +79,13 @@ def closeness_cmd(
     keep_minima: bool = typer.Option(False, help="Store each theta_k* in the JSON (large for big models)."),
     trust_remote_code: bool = typer.Option(False, help="Allow a checkpoint's user model factory to be imported."),
 ):
-    """Descend on each domain from the checkpoint; report distances, spread, cross-losses and the Thm 3.1 bound."""
+    """Descend on each domain from the checkpoint to its nearest minimum (Newton-CG until the gradient norm falls
+    by rtol); report distances, spread, cross-losses and the Thm 3.1 bound (n/a where a descent did not converge)."""
     from landscape.closeness import OPTIMIZERS, closeness
     from nexus_opt.errors import UserError
 
     if optimizer not in OPTIMIZERS:
-        raise UserError(f"unknown optimizer '{optimizer}'; choose one of {sorted(OPTIMIZERS)}")
+        raise UserError(f"unknown optimizer '{optimizer}'; choose one of {list(OPTIMIZERS)}")
     if lr is not None and not (0 < lr < float("inf")):
         raise UserError(f"--lr must be a positive finite number, got {lr}")
     check_output_file(json_out, "--json")
@@ -73,7 +93,8 @@ def closeness_cmd(
     doms = parse_names(domains, "--domains")
     results, labels = analyse_each(
         checkpoints, lambda obj, bar: closeness(obj, steps=steps, lr=lr, optimizer=optimizer, domains=doms,
-                                                seed=seed, keep_minima=keep_minima, progress=bar),
+                                                seed=seed, keep_minima=keep_minima, progress=bar,
+                                                max_evals=max_evals, rtol=rtol, atol=atol),
         device, trust_remote_code)
     out.print(closeness_table(results, labels))
     if json_out:

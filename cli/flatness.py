@@ -30,7 +30,8 @@ def summary_table(results: dict, title: str) -> Table:
     for col in ("domain", "loss", "λmax", "λmin", "trace ± stderr", "max rel. residual", "converged", "HVPs", "time"):
         t.add_column(col, justify="left" if col == "domain" else "right")
     for name, r in results.items():
-        tr = "-" if r.trace is None else f"{r.trace:.5g} ± {_g(r.trace_stderr, 2)}"
+        tr = "-" if r.trace is None else f"{r.trace:.5g} ± {_g(r.trace_stderr, 2)}" + (
+            " (budget)" if getattr(r, "trace_stop", None) == "budget" else "")
         conv = "[green]yes[/green]" if r.converged else "[red]no[/red]"
         lmin = r.bottom_eigenvalues[0] if r.bottom_eigenvalues else None
         lmax = r.eigenvalues[0] if r.eigenvalues else None
@@ -66,10 +67,15 @@ def flatness_cmd(
     density: bool = typer.Option(False, "--density", help="Estimate the spectral density (stochastic Lanczos)."),
     density_probes: int = typer.Option(4, help="Probes of the spectral density (run as one block)."),
     density_steps: int = typer.Option(80, help="Lanczos steps per density probe."),
-    backend: str = typer.Option("lanczos", help="lanczos, eigsh (scipy ARPACK) or pyhessian (cross-check)."),
-    tol: float = typer.Option(1e-8, help="Relative accuracy of the eigenvalues."),
+    backend: str = typer.Option("lanczos", help="lanczos, eigsh (scipy ARPACK), dense (exact, small models) or "
+                                                "pyhessian (cross-check)."),
+    tol: float = typer.Option(1e-4, help="Relative accuracy of the eigenvalues (e.g. 1e-8 for tight values)."),
     max_hvps: Optional[int] = typer.Option(None, help="Budget of Hessian-vector products for the eigenvalues."),
-    trace_probes: Optional[int] = typer.Option(None, help="Probes of the trace estimate (default 99)."),
+    trace_probes: Optional[int] = typer.Option(None, help="Fixed probe count of the trace (default: adaptive, "
+                                                          "see --trace-target)."),
+    trace_target: float = typer.Option(0.01, help="Adaptive trace: stop once stderr <= this x |trace| "
+                                                  "(or after --trace-max-probes)."),
+    trace_max_probes: int = typer.Option(200, help="Adaptive trace: most probes to spend."),
     seed: int = typer.Option(0, help="Seed of the start vector and the probes."),
     train_mode: bool = typer.Option(False, help="Differentiate in train mode (BatchNorm batch statistics, "
                                                 "dropout with fixed masks); default eval mode."),
@@ -78,7 +84,8 @@ def flatness_cmd(
     plot: Optional[str] = typer.Option(None, help="Write the spectrum figure (PNG/SVG/PDF, or .html: interactive); implies --density."),
     trust_remote_code: bool = typer.Option(False, help="Allow a checkpoint's user model factory to be imported."),
 ):
-    """Sharpness of the loss at a checkpoint: extreme Hessian eigenvalues to 1e-8, trace with error bars."""
+    """Sharpness of the loss at a checkpoint: extreme Hessian eigenvalues (with multiplicities, to --tol), trace
+    with error bars."""
     from landscape import load
     from landscape.flatness import FlatnessReport, flatness
     from nexus_opt.errors import UserError
@@ -98,7 +105,7 @@ def flatness_cmd(
         res = flatness(obj, k=top_k, domain=domain, trace=trace, density=density or bool(plot), seed=seed,
                        backend=backend, which=which, tol=tol, max_hvps=max_hvps, trace_probes=trace_probes,
                        density_probes=density_probes, density_steps=density_steps, train_mode=train_mode,
-                       progress=bar)
+                       progress=bar, trace_target=trace_target, trace_max_probes=trace_max_probes)
     results = res.results if isinstance(res, FlatnessReport) else {res.domain: res}
     first = next(iter(results.values()))
     show = console if json_out == "-" else out  # stdout carries only the JSON when it is asked for there

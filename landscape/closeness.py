@@ -13,10 +13,22 @@ from nexus_opt.util import check_seed
 
 from .gradsim import Progress, check_domains, domain_gradient, preserved
 from .objective import Objective
-from .params import get_flat, layer_slices, unflatten
+from .params import get_flat, layer_slices, set_flat, unflatten
 from .result import Result
 
-OPTIMIZERS = {"adam": 1e-3, "sgd": 1e-2, "lbfgs": 1.0}  # name -> default learning rate
+OPTIMIZERS = {"newton-cg": None, "lbfgs": 1.0, "adam": 1e-3, "sgd": 1e-2}  # name -> default learning rate
+DEFAULT_MAX_EVALS = {"newton-cg": 5000, "lbfgs": 2000, "adam": 300, "sgd": 300}
+NEAREST_MINIMUM = """\
+The "nearest minimum" theta_k* of domain k is the point the default descent reaches from the checkpoint
+theta: trust-region Newton-CG (Steihaug) on domain k's full-batch loss in float64, stopped when
+||grad L_k|| <= max(rtol * ||grad L_k(theta)||, atol). Every step is a conjugate-gradient combination of
+Krylov vectors g, Hg, H^2 g, ..., so the walk never leaves theta + range(H) for a quadratic loss: on a convex
+quadratic theta_k* is the unique minimiser, and where the minimisers form an affine set (over-parameterised
+least squares, min ||Xw - y||^2 with more weights than examples) theta_k* is the minimiser closest to theta in
+Euclidean norm, the projection theta + X^+(y - X theta). On a non-convex loss it is the stationary point the
+trust-region path reaches (negative curvature met by CG is followed to the trust boundary, so it does not stop
+at the saddles it sees). A descent that stops on its budget of gradient and Hessian-vector evaluations has not
+reached a minimum: it is marked converged=False and nothing that compares minima is computed from it."""
 
 
 @dataclasses.dataclass
@@ -25,14 +37,20 @@ class DescentResult(Result):
 
     domain: str = ""
     theta: object = None  # flat float64 CPU tensor (a list after JSON)
-    losses: list = dataclasses.field(default_factory=list)  # loss before step 1, after each step
-    steps: int = 0  # steps taken
-    converged: bool = False  # stopped by the plateau rule, not the step budget
+    losses: list = dataclasses.field(default_factory=list)  # loss at the start, then after each accepted step
+    steps: int = 0  # outer iterations (newton-cg, lbfgs) or steps (adam, sgd) taken
+    converged: bool = False  # ||grad|| <= max(rtol * ||grad at start||, atol) at theta
     best_step: int = 0  # the iterate returned as theta: the lowest loss of the trace
     loss_min: float = 0.0  # L(theta) = losses[best_step]
     grad_norm: Optional[float] = None  # ||grad L|| at theta
-    optimizer: str = "adam"
-    lr: float = 0.0
+    grad_norm_start: Optional[float] = None  # ||grad L|| at the checkpoint
+    evals: int = 0  # gradient + Hessian-vector + loss evaluations spent
+    max_evals: int = 0
+    stop: str = ""  # why it stopped: 'gradient', 'budget', 'stalled' (plateau / trust region collapsed), 'steps'
+    optimizer: str = "newton-cg"
+    lr: Optional[float] = None
+    rtol: float = 0.0
+    atol: float = 0.0
     tol: float = 0.0
     window: int = 0
     seed: int = 0
@@ -44,33 +62,47 @@ class DescentResult(Result):
 
 @dataclasses.dataclass
 class ClosenessResult(Result):
-    """Where the per-domain minima near a checkpoint lie: distances, spread, cross-losses, barriers, Thm 3.1."""
+    """Where the per-domain minima near a checkpoint lie: distances, spread, cross-losses, barriers, Thm 3.1.
+
+    Only converged descents are minima. For a domain whose descent did not converge, its distance, cross-loss
+    row, barrier and curvature are null (`reached` keeps how far it walked, a number that is *not* the distance
+    to a minimum), and every summary over domains (pairwise, spread, mean_sq_distance, center_distance, bound)
+    is null unless every descent converged (`all_converged`)."""
 
     domains: list = dataclasses.field(default_factory=list)  # descended domains (rows of the matrices)
     columns: list = dataclasses.field(default_factory=list)  # every domain of the objective (cross_loss columns)
     ood: list = dataclasses.field(default_factory=list)  # which columns are OOD
     theta_norm: float = 0.0  # ||theta|| of the checkpoint
     train_loss: Optional[float] = None  # training loss at theta
-    distance: dict = dataclasses.field(default_factory=dict)  # k -> {raw, relative, per_layer: {name: norm}}
-    pairwise: list = dataclasses.field(default_factory=list)  # ||theta_i* - theta_j*||
-    spread: float = 0.0  # sigma^2 = mean_k ||theta_k* - mean_j theta_j*||^2
-    mean_sq_distance: float = 0.0  # (1/N) sum_k ||theta - theta_k*||^2
-    center_distance: float = 0.0  # ||theta - mean_k theta_k*||
+    distance: dict = dataclasses.field(default_factory=dict)  # k -> {raw, relative, per_layer} (null: unconverged)
+    reached: dict = dataclasses.field(default_factory=dict)  # k -> ||theta - end of descent|| (converged or not)
+    pairwise: Optional[list] = None  # ||theta_i* - theta_j*|| (null entries: an unconverged domain)
+    spread: Optional[float] = None  # sigma^2 = mean_k ||theta_k* - mean_j theta_j*||^2
+    mean_sq_distance: Optional[float] = None  # (1/N) sum_k ||theta - theta_k*||^2
+    center_distance: Optional[float] = None  # ||theta - mean_k theta_k*||
     loss_start: dict = dataclasses.field(default_factory=dict)  # L_k(theta)
-    loss_min: dict = dataclasses.field(default_factory=dict)  # L_k(theta_k*)
-    loss_drop: dict = dataclasses.field(default_factory=dict)  # L_k(theta) - L_k(theta_k*)
-    cross_loss: list = dataclasses.field(default_factory=list)  # [i][j] = L_{columns[j]}(theta_{domains[i]}*)
-    cross_train: dict = dataclasses.field(default_factory=dict)  # k -> training loss at theta_k*
+    loss_min: dict = dataclasses.field(default_factory=dict)  # L_k at the end of the descent (the minimum if converged)
+    loss_drop: dict = dataclasses.field(default_factory=dict)  # L_k(theta) - loss_min[k]
+    cross_loss: Optional[list] = None  # [i][j] = L_{columns[j]}(theta_{domains[i]}*) (null rows: unconverged)
+    cross_train: dict = dataclasses.field(default_factory=dict)  # k -> training loss at theta_k* (null: unconverged)
     barrier: dict = dataclasses.field(default_factory=dict)  # k -> max_t L_k(line) - chord
     barrier_profile: dict = dataclasses.field(default_factory=dict)  # k -> L_k at barrier_points equispaced t
     curvature_along: dict = dataclasses.field(default_factory=dict)  # k -> u^T H_k u / u^T u, u = theta_k* - theta
     bound: dict = dataclasses.field(default_factory=dict)  # Theorem 3.1 at theta (see closeness())
     converged: dict = dataclasses.field(default_factory=dict)
     steps: dict = dataclasses.field(default_factory=dict)
+    evals: dict = dataclasses.field(default_factory=dict)  # k -> gradient/HVP/loss evaluations spent
+    stop: dict = dataclasses.field(default_factory=dict)  # k -> why the descent stopped
     grad_norm_min: dict = dataclasses.field(default_factory=dict)  # ||grad L_k(theta_k*)||
+    grad_norm_start: dict = dataclasses.field(default_factory=dict)  # ||grad L_k(theta)||
     settings: dict = dataclasses.field(default_factory=dict)
     seed: int = 0
     minima: Optional[dict] = None  # k -> theta_k* as a list (keep_minima=True only)
+
+    @property
+    def all_converged(self) -> bool:
+        """Every descent reached its minimum (the summaries are then all measured)."""
+        return bool(self.domains) and all(self.converged.get(d) for d in self.domains)
 
 
 # -- losses at flat weights --------------------------------------------------------------------------
@@ -97,36 +129,204 @@ def _loss_grad(obj: Objective, leaves: dict, terms) -> float:
     return total
 
 
-def descend(obj: Objective, domain: str | None, *, steps: int = 300, lr: float | None = None,
-            optimizer: str = "adam", tol: float = 1e-6, window: int = 10, seed: int = 0,
+def _check_settings(optimizer, steps, max_evals, lr, rtol, atol) -> None:
+    if optimizer not in OPTIMIZERS:
+        raise UserError(f"unknown optimizer '{optimizer}'; choose one of {list(OPTIMIZERS)}")
+    if steps is not None and int(steps) < 0:
+        raise UserError(f"steps must be >= 0, got {steps}")
+    if max_evals is not None and int(max_evals) < 1:
+        raise UserError(f"max_evals must be at least 1 (or None: the default budget), got {max_evals}")
+    if lr is not None:
+        if optimizer == "newton-cg":
+            raise UserError("newton-cg takes no learning rate (its steps come from the Hessian); drop lr or "
+                            "choose --optimizer adam, sgd or lbfgs")
+        if not (lr > 0 and math.isfinite(lr)):
+            raise UserError(f"lr must be a positive number, got {lr}")
+    if not (0 <= float(rtol) < 1) or not (float(atol) >= 0) or not math.isfinite(float(atol)):
+        raise UserError(f"rtol must be in [0, 1) and atol >= 0, got rtol={rtol}, atol={atol}")
+
+
+def _steihaug(hv, g: torch.Tensor, delta: float, eta: float, max_iter: int):
+    """Steihaug-Toint truncated CG for min_p g.p + p.Hp/2 with ||p|| <= delta: (p, Hp, products, hit boundary).
+    Every iterate is in span{g, Hg, ...}: from p = 0, CG never adds a component outside range(H)."""
+    p, Hp = torch.zeros_like(g), torch.zeros_like(g)
+    r = g.clone()
+    d = -r
+    rr = float(r @ r)
+    gn = math.sqrt(rr)
+    used = 0
+
+    def to_boundary(p, d):
+        pd, dd, pp = float(p @ d), float(d @ d), float(p @ p)
+        return (-pd + math.sqrt(max(pd * pd + dd * (delta * delta - pp), 0.0))) / dd
+
+    while used < max_iter:
+        Hd = hv(d)
+        used += 1
+        dHd = float(d @ Hd)
+        if dHd <= 0:  # non-positive curvature: follow it to the trust boundary
+            tau = to_boundary(p, d)
+            return p + tau * d, Hp + tau * Hd, used, True
+        alpha = rr / dHd
+        p_next = p + alpha * d
+        if float(p_next.norm()) >= delta:
+            tau = to_boundary(p, d)
+            return p + tau * d, Hp + tau * Hd, used, True
+        p, Hp = p_next, Hp + alpha * Hd
+        r = r + alpha * Hd
+        rr_next = float(r @ r)
+        if math.sqrt(rr_next) <= eta * gn:
+            break
+        d = -r + (rr_next / rr) * d
+        rr = rr_next
+    return p, Hp, used, False
+
+
+class _Counter:
+    """Evaluations spent (gradients, Hessian-vector products, losses) against a budget, with progress."""
+
+    def __init__(self, budget: int, progress, name: str):
+        self.used, self.budget, self.progress, self.name = 0, budget, progress, name
+
+    def add(self, k: int = 1) -> None:
+        self.used += k
+        if self.progress:
+            self.progress(min(self.used, self.budget), self.budget, f"descend {self.name}")
+
+    @property
+    def left(self) -> int:
+        return self.budget - self.used
+
+
+def _newton_cg(work: Objective, name: str, domain, x: torch.Tensor, *, rtol, atol, max_evals, steps, seed,
+               progress):
+    """Trust-region Newton-CG on the float64 copy `work`, from flat x: (x, losses, grads, steps, stop, evals)."""
+    from .hvp import HessianOperator
+
+    params = work.params()
+    cnt = _Counter(max_evals, progress, name)
+
+    def at(xv):
+        set_flat(params, xv)
+        op = HessianOperator(work, domain, dtype=None, copy=False, cache=True, seed=seed)
+        g = op.gradient().to("cpu", torch.float64)
+        cnt.add()
+        return op, g
+
+    def loss(xv) -> float:
+        with torch.no_grad():
+            v = float(sum(c * float(work.functional_loss(unflatten(xv.to(work.device), params), b))
+                          for c, b in work.terms(domain)))
+        cnt.add()
+        return v
+
+    f = loss(x)
+    op, g = at(x)
+    g0 = float(g.norm())
+    target = max(rtol * g0, atol)
+    losses, gnorms, it, stop = [f], [g0], 0, "budget"
+    delta = max(1.0, float(x.norm()))
+    delta_max = 1e8 * delta
+    while True:
+        gn = gnorms[-1]
+        if not math.isfinite(f) or not math.isfinite(gn):
+            raise UserError(f"descent on domain '{name}' reached a non-finite loss or gradient ({f:.4g}); the "
+                            "loss is not defined along the way (try --optimizer adam with a small --lr)")
+        if gn <= target:
+            stop = "gradient"
+            break
+        if steps is not None and it >= steps:
+            stop = "steps"
+            break
+        if cnt.left < 3:
+            break
+        eta = min(0.5, math.sqrt(gn / max(g0, 1e-300)), gn / max(g0, 1e-300) * 10)
+        eta = max(eta, 0.5 * target / gn)  # no need to solve beyond the final target
+
+        def hv(d):
+            cnt.add()
+            return op.matvec(d.to(op.device)).to("cpu", torch.float64)
+
+        p, Hp, used, boundary = _steihaug(hv, g, delta, eta, max(1, min(op.n, cnt.left - 2)))
+        pred = -(float(g @ p) + 0.5 * float(p @ Hp))
+        pn = float(p.norm())
+        if pn == 0.0 or pred <= 0:
+            stop = "stalled"
+            break
+        f_new = loss(x + p)
+        noise = 1e-12 * max(abs(f), 1e-300)
+        rho = (f - f_new) / pred if pred > noise else (1.0 if f_new <= f + noise else -1.0)
+        if rho < 0.25:
+            delta = 0.25 * pn
+        elif rho > 0.75 and boundary:
+            delta = min(2.0 * delta, delta_max)
+        if rho > 1e-4:
+            op.release()
+            x = x + p
+            f = f_new
+            op, g = at(x)
+            losses.append(f)
+            gnorms.append(float(g.norm()))
+            it += 1
+        elif delta <= 1e-14 * max(1.0, float(x.norm())):
+            stop = "stalled"
+            break
+    op.release()
+    set_flat(params, x)
+    return x, losses, gnorms, it, stop, cnt.used
+
+
+def descend(obj: Objective, domain: str | None, *, optimizer: str = "newton-cg", steps: int | None = None,
+            max_evals: int | None = None, rtol: float = 1e-8, atol: float = 1e-12, lr: float | None = None,
+            tol: float = 1e-12, window: int = 10, seed: int = 0, validate: bool = True,
             progress: Progress | None = None) -> DescentResult:
-    """Full-batch single-domain descent from the current weights (on a copy) to the domain's nearby minimum.
+    """Full-batch single-domain descent from the current weights (on a float64 copy) to the domain's nearest
+    minimum (see NEAREST_MINIMUM); converged means ||grad|| <= max(rtol * ||grad at start||, atol).
 
     The loss is the domain's fixed batches weighted as obj.terms says (domain None/'train': the training loss),
-    in eval mode, in the model's dtype on its device. `optimizer`: 'adam' (default lr 1e-3), 'sgd' (plain
-    gradient descent, lr 1e-2) or 'lbfgs' (strong-Wolfe line search, lr 1.0; one iteration per step).
-    Plateau rule: stop (converged=True) once the best loss so far improved by at most
-    tol * max(|best|, total drop so far) over the last `window` steps. `theta` is the lowest-loss iterate
-    (`best_step`; with Adam's oscillations not always the last). A non-finite loss, or a whole window of
-    losses above the starting one, raises UserError (divergence).
-    The caller's model is never moved.
+    in eval mode. `optimizer`: 'newton-cg' (default: trust-region Newton-CG on exact float64 Hessian-vector
+    products; no learning rate), 'lbfgs' (strong-Wolfe line search, lr 1.0), 'adam' (lr 1e-3) or 'sgd' (lr 1e-2).
+    The budget `max_evals` counts gradient, Hessian-vector and loss evaluations (default 5000 for newton-cg,
+    2000 for lbfgs, 300 for adam/sgd); `steps` optionally caps the iterations too. First-order methods also stop
+    on a plateau of the best loss (tol, window) -- stalled, which is not convergence. A non-finite loss raises
+    UserError (divergence). The caller's model is never moved.
     """
-    if optimizer not in OPTIMIZERS:
-        raise UserError(f"unknown optimizer '{optimizer}'; choose one of {sorted(OPTIMIZERS)}")
-    if int(steps) < 0:
-        raise UserError(f"steps must be >= 0, got {steps}")
-    if lr is not None and not (lr > 0 and math.isfinite(lr)):
-        raise UserError(f"lr must be a positive number, got {lr}")
+    _check_settings(optimizer, steps, max_evals, lr, rtol, atol)
     if not tol >= 0 or int(window) < 1:
         raise UserError(f"tol must be >= 0 and window >= 1, got tol={tol}, window={window}")
-    steps, window = int(steps), int(window)
-    lr = float(OPTIMIZERS[optimizer] if lr is None else lr)
+    window = int(window)
+    budget = int(max_evals) if max_evals is not None else DEFAULT_MAX_EVALS[optimizer]
+    if steps is not None and optimizer in ("adam", "sgd") and max_evals is None:
+        budget = int(steps) + 1  # one gradient per step (and one at the end)
+    steps = None if steps is None else int(steps)
+    lr = None if optimizer == "newton-cg" else float(OPTIMIZERS[optimizer] if lr is None else lr)
     terms = obj.terms(domain)  # validates the domain
     name = "train" if domain is None else str(domain)
-    params = obj.params()
-    if not params:
+    if not obj.params():
         raise UserError("the model has no trainable parameters")
-    leaves = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
+    if validate:
+        obj.validate(obj.train_domains if name == "train" else [name])
+    work = obj.to(dtype=torch.float64)
+    x0 = get_flat(work.params(), torch.float64).cpu()
+    with preserved(work, False, seed):
+        if optimizer == "newton-cg":
+            x, losses, gnorms, it, stop, used = _newton_cg(work, name, domain, x0.clone(), rtol=rtol, atol=atol,
+                                                            max_evals=budget, steps=steps, seed=seed,
+                                                            progress=progress)
+            return DescentResult(domain=name, theta=x, losses=losses, steps=it, converged=stop == "gradient",
+                                 best_step=len(losses) - 1, loss_min=losses[-1], grad_norm=gnorms[-1],
+                                 grad_norm_start=gnorms[0], evals=used, max_evals=budget, stop=stop,
+                                 optimizer=optimizer, lr=None, rtol=float(rtol), atol=float(atol), tol=float(tol),
+                                 window=window, seed=int(seed))
+        return _first_order(work, name, terms=work.terms(domain), optimizer=optimizer, lr=lr, steps=steps,
+                            budget=budget, rtol=rtol, atol=atol, tol=tol, window=window, seed=seed,
+                            progress=progress)
+
+
+def _first_order(work: Objective, name: str, *, terms, optimizer, lr, steps, budget, rtol, atol, tol, window, seed,
+                 progress) -> DescentResult:
+    """Adam, SGD or L-BFGS on the float64 copy, stopping on the gradient test, a plateau, steps or the budget."""
+    leaves = {n: p.detach().clone().requires_grad_(True) for n, p in work.params().items()}
     vals = list(leaves.values())
     if optimizer == "adam":
         opt = torch.optim.Adam(vals, lr=lr)
@@ -136,69 +336,79 @@ def descend(obj: Objective, domain: str | None, *, steps: int = 300, lr: float |
         # max_eval bounds the line search too (its default, 5/4 max_iter, would allow a single trial point)
         opt = torch.optim.LBFGS(vals, lr=lr, max_iter=1, max_eval=25, history_size=20,
                                 line_search_fn="strong_wolfe", tolerance_grad=0.0, tolerance_change=0.0)
+    cnt = _Counter(budget, progress, name)
 
     def closure():
-        return _loss_grad(obj, leaves, terms)
+        cnt.add()
+        return _loss_grad(work, leaves, terms)
+
+    def gnorm() -> float:
+        return math.sqrt(sum(float(v.grad.double().pow(2).sum()) for v in vals if v.grad is not None))
+
+    def flat() -> torch.Tensor:
+        return torch.cat([v.detach().reshape(-1) for v in vals]).clone()
 
     def check(value: float, t: int) -> None:
         if not math.isfinite(value):
             raise UserError(f"descent on domain '{name}' diverged (loss {losses[-1] if losses else value:.4g}, "
                             f"started at {losses[0] if losses else value:.4g}) by step {t}; lower --lr "
-                            f"(was {lr:g}) or use --optimizer lbfgs")
+                            f"(was {lr:g}) or use the default --optimizer newton-cg")
 
-    def flat() -> torch.Tensor:
-        return torch.cat([v.detach().reshape(-1) for v in vals]).clone()
-
-    losses, best, converged = [], [], False  # best[t] = min(losses[:t + 1])
-    best_theta, best_step = None, 0
-    with preserved(obj, False, seed):
-        for t in range(steps + 1):
-            here = flat()
-            if t == steps:  # the final iterate: evaluate only
-                loss = closure()
-            elif optimizer == "lbfgs":
-                loss = float(opt.step(closure))
-            else:
-                opt.zero_grad(set_to_none=True)
-                loss = closure()
-                opt.step()
-            check(loss, t)
-            losses.append(loss)
-            if not best or loss < best[-1]:
-                best_theta, best_step = here, t
-            best.append(min(loss, best[-1]) if best else loss)
-            if progress and t < steps:
-                progress(t + 1, steps, f"descend {name}")
-            if t < steps and len(best) > window and (
-                    best[-1 - window] - best[-1] <= tol * max(abs(best[-1]), losses[0] - best[-1])):
-                if min(losses[-window:]) > losses[0]:  # a whole window above the start: blowing up
-                    check(float("inf"), t)
-                converged = True
-                losses.append(closure())  # the iterate after this last step, for the trace
-                check(losses[-1], t + 1)
-                if losses[-1] < best[-1]:
-                    best_theta, best_step = flat(), t + 1
+    losses, best, stop = [], [], "budget"
+    f = closure()
+    check(f, 0)
+    g0 = gnorm()
+    target = max(rtol * g0, atol)
+    losses.append(f)
+    best.append(f)
+    best_theta, best_step, best_g = flat(), 0, g0
+    t = 0
+    while True:
+        if best_g <= target and best_step == len(losses) - 1:
+            stop = "gradient"
+            break
+        if steps is not None and t >= steps:
+            stop = "steps"
+            break
+        if cnt.left < (26 if optimizer == "lbfgs" else 1):
+            break
+        if optimizer == "lbfgs":
+            opt.step(closure)  # leaves the parameters at the new iterate
+            f = closure()
+        else:
+            opt.step()
+            f = closure()
+        t += 1
+        check(f, t)
+        losses.append(f)
+        g = gnorm()
+        if f < best[-1] or (f == best[-1] and g < best_g):
+            best_theta, best_step, best_g = flat(), t, g
+        best.append(min(f, best[-1]))
+        if len(best) > window and best[-1 - window] - best[-1] <= tol * max(abs(best[-1]), losses[0] - best[-1]):
+            if min(losses[-window:]) > losses[0]:  # a whole window above the start: blowing up
+                check(float("inf"), t)
+            if not best_g <= target:
+                stop = "stalled"
                 break
-        if best_step != len(losses) - 1:  # .grad holds the last iterate's gradient; we need theta's
-            with torch.no_grad():
-                for v, w in zip(vals, unflatten(best_theta, leaves).values()):
-                    v.copy_(w)
-            _loss_grad(obj, leaves, terms)
-        grad_norm = math.sqrt(sum(float(v.grad.double().pow(2).sum()) for v in vals))
     theta = best_theta.to(device="cpu", dtype=torch.float64)
-    return DescentResult(domain=name, theta=theta, losses=losses, steps=len(losses) - 1, converged=converged,
-                         best_step=best_step, loss_min=losses[best_step], grad_norm=grad_norm, optimizer=optimizer,
-                         lr=lr, tol=float(tol), window=window, seed=int(seed))
+    return DescentResult(domain=name, theta=theta, losses=losses, steps=t, converged=bool(best_g <= target),
+                         best_step=best_step, loss_min=losses[best_step], grad_norm=best_g, grad_norm_start=g0,
+                         evals=cnt.used, max_evals=budget, stop=stop if best_g > target else "gradient",
+                         optimizer=optimizer, lr=lr, rtol=float(rtol), atol=float(atol), tol=float(tol),
+                         window=window, seed=int(seed))
 
 
 def _num(x) -> Optional[float]:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def closeness(obj: Objective, steps: int = 300, lr: float | None = None, optimizer: str = "adam", domains=None,
-              seed: int = 0, keep_minima: bool = False, barrier_points: int = 11, curvature: bool = True,
-              progress: Progress | None = None) -> ClosenessResult:
-    """Closeness of the per-domain minima theta_k* found by `descend` from the checkpoint theta.
+def closeness(obj: Objective, steps: int | None = None, lr: float | None = None, optimizer: str = "newton-cg",
+              domains=None, seed: int = 0, keep_minima: bool = False, barrier_points: int = 11,
+              curvature: bool = True, progress: Progress | None = None, *, max_evals: int | None = None,
+              rtol: float = 1e-8, atol: float = 1e-12) -> ClosenessResult:
+    """Closeness of the per-domain minima theta_k* found by `descend` from the checkpoint theta (see
+    NEAREST_MINIMUM for what the minimum is and how convergence is decided).
 
     Reports per domain k (default: the trained domains): ||theta - theta_k*|| (raw, relative to ||theta||,
     per layer); the pairwise matrix ||theta_i* - theta_j*||; the spread sigma^2 = (1/N) sum_k
@@ -215,22 +425,26 @@ def closeness(obj: Objective, steps: int = 300, lr: float | None = None, optimiz
     The theorem assumes theta is a stationary point of the average loss, so `bound` also reports
     ||(1/N) sum_k g_k|| (stationarity) and the force balance sum_k ||g_k||^2 vs -sum_{i != j} g_i.g_j.
     The bound is null when lambda_min <= 0 or curvature=False. `minima` holds theta_k* only with keep_minima.
+    Unconverged descents: see ClosenessResult (their numbers are null, never printed as minima).
     """
     names = check_domains(obj, domains, obj.train_domains)
-    if int(steps) < 1:
+    _check_settings(optimizer, steps, max_evals, lr, rtol, atol)
+    if steps is not None and int(steps) < 1:
         raise UserError(f"steps must be at least 1: closeness descends from the checkpoint to each domain's "
                         f"minimum, got {steps}")
     seed = check_seed(seed, "seed")
     if int(barrier_points) < 2:
         raise UserError(f"barrier_points must be >= 2, got {barrier_points}")
-    if optimizer not in OPTIMIZERS:
-        raise UserError(f"unknown optimizer '{optimizer}'; choose one of {sorted(OPTIMIZERS)}")
+    obj.validate(list(dict.fromkeys(names + list(obj.domains))))  # every column's loss is evaluated later
     n_pts, N = int(barrier_points), len(names)
     params = obj.params()
     theta = get_flat(params, torch.float64).cpu()
     theta_norm = float(theta.norm())
-    total = N * (int(steps) + 3)  # per domain: descent steps + 1, evaluation, curvature
-    done = N * (int(steps) + 1)
+    budget = int(max_evals) if max_evals is not None else DEFAULT_MAX_EVALS[optimizer]
+    if steps is not None and optimizer in ("adam", "sgd") and max_evals is None:
+        budget = int(steps) + 1
+    total = N * (budget + 2)  # per domain: the descent's budget, evaluation, curvature
+    done = N * budget
 
     def tick(what: str) -> None:
         nonlocal done
@@ -240,71 +454,89 @@ def closeness(obj: Objective, steps: int = 300, lr: float | None = None, optimiz
 
     runs: dict[str, DescentResult] = {}
     for k, d in enumerate(names):
-        def sub(done, _tot, what, k=k):
+        def sub(used, _tot, what, k=k):
             if progress:
-                progress(k * (int(steps) + 1) + done, total, what)
-        runs[d] = descend(obj, d, steps=steps, lr=lr, optimizer=optimizer, seed=seed, progress=sub)
+                progress(k * budget + used, total, what)
+        runs[d] = descend(obj, d, steps=steps, lr=lr, optimizer=optimizer, max_evals=budget, rtol=rtol, atol=atol,
+                          seed=seed, validate=False, progress=sub)
         if progress:
-            progress((k + 1) * (int(steps) + 1), total, f"descend {d}")
-    minima = {d: runs[d].theta for d in names}
+            progress((k + 1) * budget, total, f"descend {d}")
+    ends = {d: runs[d].theta for d in names}
+    conv = {d: bool(runs[d].converged) for d in names}
+    ok = [d for d in names if conv[d]]
+    everyone = len(ok) == N
 
     slices = layer_slices(params)
-    distance = {}
+    distance, reached = {}, {}
     for d in names:
-        diff = minima[d] - theta
+        diff = ends[d] - theta
         raw = float(diff.norm())
-        distance[d] = {"raw": raw, "relative": raw / theta_norm if theta_norm > 0 else None,
-                       "per_layer": {n: float(diff[s].norm()) for n, s in slices.items()}}
-    stack = torch.stack([minima[d] for d in names])
-    pairwise = [[float((a - b).norm()) for b in stack] for a in stack]
-    center = stack.mean(0)
-    spread = float(((stack - center) ** 2).sum(1).mean())
-    mean_sq = float(((stack - theta) ** 2).sum(1).mean())
+        reached[d] = raw
+        distance[d] = ({"raw": raw, "relative": raw / theta_norm if theta_norm > 0 else None,
+                        "per_layer": {n: float(diff[s].norm()) for n, s in slices.items()}} if conv[d]
+                       else {"raw": None, "relative": None, "per_layer": None})
+    pairwise = [[float((ends[a] - ends[b]).norm()) if conv[a] and conv[b] else None for b in names] for a in names]
+    spread = mean_sq = center_dist = None
+    if everyone:
+        stack = torch.stack([ends[d] for d in names])
+        center = stack.mean(0)
+        spread = float(((stack - center) ** 2).sum(1).mean())
+        mean_sq = float(((stack - theta) ** 2).sum(1).mean())
+        center_dist = float((theta - center).norm())
 
     columns = list(obj.domains)
     with preserved(obj, False, seed):
         loss_start = {d: loss_at(obj, theta, d) for d in names}
         train_loss = loss_at(obj, theta, None)
-        cross = [[loss_at(obj, minima[i], j) for j in columns] for i in names]
-        cross_train = {i: loss_at(obj, minima[i], None) for i in names}
-        loss_min = {d: cross[k][columns.index(d)] for k, d in enumerate(names)}
+        cross = [[loss_at(obj, ends[i], j) for j in columns] if conv[i] else None for i in names]
+        cross_train = {i: loss_at(obj, ends[i], None) if conv[i] else None for i in names}
+        loss_min = {d: loss_at(obj, ends[d], d) for d in names}
         ts = np.linspace(0.0, 1.0, n_pts)
         profile, barrier = {}, {}
         for d in names:
-            vals = [loss_start[d] if t == 0 else loss_min[d] if t == 1 else
-                    loss_at(obj, theta + float(t) * (minima[d] - theta), d) for t in ts]
-            chord = (1 - ts) * loss_start[d] + ts * loss_min[d]
-            profile[d] = vals
-            barrier[d] = float(np.max(np.array(vals) - chord))
+            if conv[d]:
+                vals = [loss_start[d] if t == 0 else loss_min[d] if t == 1 else
+                        loss_at(obj, theta + float(t) * (ends[d] - theta), d) for t in ts]
+                chord = (1 - ts) * loss_start[d] + ts * loss_min[d]
+                profile[d] = vals
+                barrier[d] = float(np.max(np.array(vals) - chord))
+            else:
+                profile[d], barrier[d] = None, None
             tick(f"evaluate {d}")
         grads = {d: domain_gradient(obj, d)[0].cpu() for d in names}
 
     curv: dict[str, Optional[float]] = {d: None for d in names}
     if curvature:
         from .hvp import curvature_along  # the flatness module's Rayleigh quotients along flat directions
-        dirs = [minima[d] - theta for d in names]
-        for k, d in enumerate(names):
-            if float(dirs[k].norm()) > 0:
-                curv[d] = _num(float(curvature_along(obj, [dirs[k]], domain=d)[0]))
+        for d in names:
+            u = ends[d] - theta
+            if conv[d] and float(u.norm()) > 0:
+                curv[d] = _num(float(curvature_along(obj, [u], domain=d)[0]))
             tick(f"curvature {d}")
     else:
         for d in names:
             tick("curvature skipped")
 
     bound = _theorem31(names, grads, curv, mean_sq, curvature)
+    if not everyone:
+        bound.update(value=None, holds=None, lambda_min=None, measured=None,
+                     note=f"descent did not converge on {[d for d in names if not conv[d]]}: no minima to compare")
+    first = runs[names[0]]
     return ClosenessResult(
         domains=names, columns=columns, ood=list(obj.ood), theta_norm=theta_norm, train_loss=train_loss,
-        distance=distance, pairwise=pairwise, spread=spread, mean_sq_distance=mean_sq,
-        center_distance=float((theta - center).norm()),
+        distance=distance, reached=reached, pairwise=pairwise,
+        spread=spread, mean_sq_distance=mean_sq, center_distance=center_dist,
         loss_start=loss_start, loss_min=loss_min, loss_drop={d: loss_start[d] - loss_min[d] for d in names},
         cross_loss=cross, cross_train=cross_train, barrier=barrier, barrier_profile=profile, curvature_along=curv,
-        bound=bound, converged={d: runs[d].converged for d in names}, steps={d: runs[d].steps for d in names},
+        bound=bound, converged=conv, steps={d: runs[d].steps for d in names},
+        evals={d: runs[d].evals for d in names}, stop={d: runs[d].stop for d in names},
         grad_norm_min={d: runs[d].grad_norm for d in names},
-        settings={"steps": int(steps), "lr": runs[names[0]].lr, "optimizer": optimizer, "tol": runs[names[0]].tol,
-                  "window": runs[names[0]].window, "barrier_points": n_pts, "curvature": bool(curvature),
-                  "num_params": int(theta.numel()), "device": str(obj.device),
-                  "dtype": str(obj.dtype).replace("torch.", "")},
-        seed=int(seed), minima={d: minima[d].tolist() for d in names} if keep_minima else None)
+        grad_norm_start={d: runs[d].grad_norm_start for d in names},
+        settings={"steps": steps, "max_evals": budget, "lr": first.lr, "optimizer": optimizer, "rtol": float(rtol),
+                  "atol": float(atol), "tol": first.tol, "window": first.window, "barrier_points": n_pts,
+                  "curvature": bool(curvature), "num_params": int(theta.numel()), "device": str(obj.device),
+                  "dtype": str(obj.dtype).replace("torch.", ""), "descent_dtype": "float64"},
+        seed=int(seed), minima={d: ends[d].tolist() for d in names if conv[d]} if keep_minima else None)
 
 
 def _theorem31(names: list[str], grads: dict, curv: dict, measured: float, curvature: bool) -> dict:
@@ -319,13 +551,15 @@ def _theorem31(names: list[str], grads: dict, curv: dict, measured: float, curva
     off = ~torch.eye(N, dtype=torch.bool)
     dissim = float((1 - cos)[off].sum())
     lam = [curv[d] for d in names]
-    lam_min = min(lam) if curvature and all(v is not None for v in lam) else None
+    lam_min = min(lam) if curvature and all(v is not None for v in lam) and measured is not None else None
     out = {"measured": measured, "G": G, "grad_norms": {d: float(norms[k]) for k, d in enumerate(names)},
            "cos_dissimilarity": dissim, "lambda_min": lam_min, "N": N,
            "stationarity": float(g.mean(0).norm()),
            "force_balance": {"sum_sq_norms": float((norms ** 2).sum()), "minus_sum_cross": float(-dots[off].sum())},
            "value": None, "holds": None, "note": ""}
-    if not curvature:
+    if measured is None:
+        out["note"] = "not every descent converged"
+    elif not curvature:
         out["note"] = "curvature=False: lambda_min not measured"
     elif lam_min is None:
         out["note"] = "a domain's minimum coincides with theta or its curvature is undefined"

@@ -12,12 +12,12 @@ from nexus_opt.util import check_seed
 
 from .density import SpectralDensity, spectral_density
 from .hvp import HessianOperator
-from .lanczos import EigenResult, eigsh, lanczos
+from .lanczos import EigenResult, dense, eigsh, lanczos, verify_extremes
 from .objective import Objective
 from .result import Result
 from .trace import METHODS as TRACE_METHODS, estimate_trace
 
-BACKENDS = ("lanczos", "eigsh", "pyhessian")
+BACKENDS = ("lanczos", "eigsh", "dense", "pyhessian")
 Progress = Callable[[int, int, str], None]  # progress(done, total, what), as the other analyzers
 
 
@@ -51,6 +51,8 @@ class FlatnessResult(Result):
     backend: str
     seed: int
     settings: dict
+    trace_target: float | None = None  # adaptive trace: target relative standard error (None: fixed probes)
+    trace_stop: str | None = None  # 'target', 'budget', 'exact' or 'probes' (fixed count)
 
     @property
     def lambda_max(self) -> float | None:
@@ -86,13 +88,19 @@ class FlatnessReport(Result):
 
 
 def flatness(obj: Objective, k: int = 5, domain: str | None = None, trace: bool = True, density: bool = False,
-             seed: int = 0, backend: str = "lanczos", which: str = "both", tol: float = 1e-8,
+             seed: int = 0, backend: str = "lanczos", which: str = "both", tol: float = 1e-4,
              max_hvps: int | None = None, trace_method: str = "hutch++", trace_probes: int | None = None,
              dtype: torch.dtype = torch.float64, train_mode: bool = False, progress: Progress | None = None, *,
              density_probes: int = 4, density_steps: int = 80, mode: str = "double_backward", cache: bool = True,
-             device=None) -> FlatnessResult | FlatnessReport:
-    """Top/bottom Hessian eigenvalues (to `tol` relative accuracy), trace and optional spectral density of a
-    domain's loss; `domain='each'` gives a FlatnessReport over every domain.
+             device=None, trace_target: float = 0.01, trace_max_probes: int = 200) -> FlatnessResult | FlatnessReport:
+    """Top/bottom Hessian eigenvalues (to `tol` relative accuracy; default 1e-4, tight on request, e.g. 1e-8),
+    trace and optional spectral density of a domain's loss; `domain='each'` gives a FlatnessReport over every domain.
+
+    Eigenvalues come with their multiplicities (lanczos and eigsh lock the found ones and verify from a fresh
+    start that nothing further out is missing; `dense` is exact for small n). The trace is adaptive by default:
+    probes until its standard error is at most `trace_target` (1%) of |trace| or `trace_max_probes` (200) are
+    spent (`trace_stop` says which); `trace_probes` fixes the count instead. The loss is checked first
+    (Objective.validate): a non-finite, non-scalar or parameter-free loss is refused before any work.
 
     Works on a copy in `dtype` (float64) in eval mode (`train_mode=True`: batch statistics, fixed dropout
     masks); the caller's model is never changed. `max_hvps` bounds the eigenvalue part; `mode` picks exact
@@ -126,8 +134,13 @@ def flatness(obj: Objective, k: int = 5, domain: str | None = None, trace: bool 
                         f"got {density_probes} and {density_steps}")
     if max_hvps is not None and int(max_hvps) < 1:
         raise UserError(f"max_hvps must be at least 1 (or None: the default budget), got {max_hvps}")
+    if trace and trace_probes is None and not (0 < float(trace_target) < 1):
+        raise UserError(f"trace_target must be a relative standard error in (0, 1), got {trace_target}")
+    if trace and trace_probes is None and int(trace_max_probes) < 12:
+        raise UserError(f"trace_max_probes must be at least 12, got {trace_max_probes}")
     seed = check_seed(seed, "seed")
     names = obj.resolve(domain)
+    obj.validate(obj.train_domains if names == ["train"] else names, train_mode=train_mode)
     n = obj.num_params()
     if k > n:
         raise UserError(f"k={k} eigenvalues asked for, but the model has only {n} parameters; use k <= {n}")
@@ -139,7 +152,7 @@ def flatness(obj: Objective, k: int = 5, domain: str | None = None, trace: bool 
                              which=which, tol=tol, max_hvps=max_hvps, trace_method=trace_method,
                              trace_probes=trace_probes, density_probes=density_probes, density_steps=density_steps,
                              dtype=dtype, train_mode=train_mode, mode=mode, cache=cache, device=device,
-                             progress=progress)
+                             progress=progress, trace_target=trace_target, trace_max_probes=trace_max_probes)
     if domain == "each":
         return FlatnessReport(results=results, hvps=sum(r.hvps["total"] for r in results.values()),
                               wall_time_s=time.perf_counter() - t0)
@@ -148,7 +161,7 @@ def flatness(obj: Objective, k: int = 5, domain: str | None = None, trace: bool 
 
 def _one(obj: Objective, work: Objective, name: str, *, k, trace, density, seed, backend, which, tol, max_hvps,
          trace_method, trace_probes, density_probes, density_steps, dtype, train_mode, mode, cache, device,
-         progress) -> FlatnessResult:
+         progress, trace_target=0.01, trace_max_probes=200) -> FlatnessResult:
     """Flatness of one domain on the private copy `work` (obj itself is only handed to PyHessian)."""
     t_start = time.perf_counter()
     op = HessianOperator(work, name, dtype=None, mode=mode, train_mode=train_mode, cache=cache, copy=False,
@@ -163,6 +176,10 @@ def _one(obj: Objective, work: Objective, name: str, *, k, trace, density, seed,
     if backend == "pyhessian":
         from .pyhessian_backend import pyhessian_eigen
         eig = pyhessian_eigen(obj, k, name, seed=seed, dtype=dtype, train_mode=train_mode, device=device)
+        # power iteration finds the largest |eigenvalues| once each: check nothing above them was missed
+        eig = verify_extremes(op, eig, k, "top", tol=max(float(tol), 1e-3), seed=seed, repair=False)
+    elif backend == "dense":
+        eig = dense(op, k, which, progress=tick("eigenvalues"))
     elif backend == "eigsh":
         eig = eigsh(op, k, which, tol=tol, max_hvps=max_hvps, seed=seed, progress=tick("eigenvalues"))
     else:
@@ -179,7 +196,8 @@ def _one(obj: Objective, work: Objective, name: str, *, k, trace, density, seed,
             tr = pyhessian_trace(obj, name, 100 if trace_probes is None else trace_probes, seed=seed, dtype=dtype, train_mode=train_mode,
                                  device=device)
         else:
-            tr = estimate_trace(op, trace_method, trace_probes, seed=seed, progress=tick("trace"))
+            tr = estimate_trace(op, trace_method, trace_probes, seed=seed, target=trace_target,
+                                max_probes=trace_max_probes, progress=tick("trace"))
         timings["trace"] = time.perf_counter() - t
         hvps["trace"] = tr.hvps
 
@@ -204,7 +222,8 @@ def _one(obj: Objective, work: Objective, name: str, *, k, trace, density, seed,
         converged=bool(conv), trace=tr.estimate if tr else None, trace_stderr=tr.stderr if tr else None,
         trace_method=tr.method if tr else None, trace_probes=tr.probes if tr else None, density=dens,
         hvps=hvps, wall_time_s=time.perf_counter() - t_start, timings=timings, backend=backend, seed=seed,
-        settings=settings)
+        settings=settings, trace_target=getattr(tr, "target_rel_stderr", None) if tr else None,
+        trace_stop=getattr(tr, "stop", None) if tr else None)
 
 
 def _ends(eig: EigenResult, which: str):

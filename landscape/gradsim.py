@@ -101,19 +101,25 @@ def check_domains(obj: Objective, domains, default: list[str]) -> list[str]:
 
 
 def _split_examples(batch, parts: int = CHUNKS) -> list[tuple[object, int]] | str:
-    """A batch cut into up to `parts` chunks of examples, as (chunk, size) pairs, or why it cannot be cut."""
-    if not isinstance(batch, Mapping) or not batch:
-        return "the domain has one batch that is not a dict of tensors"
-    vals = list(batch.values())
-    if not all(isinstance(v, torch.Tensor) and v.dim() >= 1 for v in vals):
-        return "the domain has one batch whose values are not all tensors with a batch dimension"
-    n = int(vals[0].shape[0])
-    if any(int(v.shape[0]) != n for v in vals):
+    """A batch cut into up to `parts` chunks of examples, as (chunk, size) pairs, or why it cannot be cut.
+    Any nesting of tuples, lists and dicts works (torch.utils._pytree): every tensor leaf is cut along its
+    leading dimension, which must be common to all of them; non-tensor leaves are kept as they are."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    leaves, spec = tree_flatten(batch)
+    tensors = [v for v in leaves if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return "the domain has one batch with no tensors to split"
+    if not all(v.dim() >= 1 for v in tensors):
+        return "the domain has one batch with a tensor that has no batch dimension"
+    n = int(tensors[0].shape[0])
+    if any(int(v.shape[0]) != n for v in tensors):
         return "the domain has one batch whose tensors disagree on the leading (batch) dimension"
     if n < 2:
         return "the domain has one batch of one example: nothing to split"
     bounds = np.linspace(0, n, min(parts, n) + 1).round().astype(int)
-    return [({k: v[a:b] for k, v in batch.items()}, int(b - a)) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [(tree_unflatten([v[a:b] if isinstance(v, torch.Tensor) else v for v in leaves], spec), int(b - a))
+            for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 # -- cosine algebra on a Gram matrix ---------------------------------------------------------------------
@@ -170,6 +176,7 @@ def gradient_similarity(obj: Objective, seed: int = 0, domains=None, resamples: 
     params = obj.params()
     if not params:
         raise UserError("the model has no trainable parameters")
+    obj.validate(names, train_mode=train_mode)
 
     # Plan: rows of X are per-batch (or per-half) gradients; each domain is a weighted sum of rows.
     plan = {}  # domain -> dict(full=[(row, coef)], units=[(row, coef)], halves=([...], [...]) | None, reason)

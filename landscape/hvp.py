@@ -241,6 +241,10 @@ class HessianOperator:
             return self.batched
         if self.train_mode:  # dropout masks must match the cached graph's
             return "grads_batched"
+        if self.device.type == "cpu" and self.cache and self._timing.get("grads_batched") != math.inf:
+            # on CPUs double backward on the retained graph is the faster one (anchors.md), and trying
+            # forward-over-reverse costs seconds of torch.func warm-up per process
+            return "grads_batched"
         for m in ("grads_batched", "fwd_rev"):
             if m not in self._timing:
                 return m

@@ -95,8 +95,35 @@ def _result(which: str, out: dict, ends, **info) -> EigenResult:
 def lanczos(op, k: int = 5, which: str = "both", *, tol: float = 1e-8, max_hvps: int | None = None,
             max_basis: int | None = None, seed: int = 0, v0: torch.Tensor | None = None,
             return_vectors: bool = False, basis_bytes: float = 2 ** 31, strict: bool = False,
-            progress: Callable[[int, int], None] | None = None) -> EigenResult:
-    """k extreme eigenpairs of a symmetric operator (`op.n`, `op.matvec`) by thick-restart Lanczos.
+            verify: bool = True, progress: Callable[[int, int], None] | None = None) -> EigenResult:
+    """k extreme eigenpairs of a symmetric operator (`op.n`, `op.matvec`) by thick-restart Lanczos, with
+    multiplicities: once converged, the found eigenvectors are locked (deflated) and a fresh Lanczos run from
+    a new random start looks for anything further out; each eigenvalue it finds is locked in and the check
+    repeats, so an exactly repeated or clustered eigenvalue is returned as often as it occurs. `converged`
+    is True only when that final check found nothing beyond (verify=False skips it; see `verify_extremes`).
+    Within one run (`_lanczos_run`): """
+    max_total = int(max_hvps) if max_hvps else None
+    start = getattr(op, "hvps", None)
+    res = _lanczos_run(op, k, which, tol=tol, max_hvps=max_hvps, max_basis=max_basis, seed=seed, v0=v0,
+                       return_vectors=True, basis_bytes=basis_bytes, strict=strict, progress=progress)
+    if verify:
+        res = verify_extremes(op, res, k, which, tol=tol, seed=seed, strict=strict, basis_bytes=basis_bytes,
+                              max_hvps=None if max_total is None else max(0, max_total - res.hvps),
+                              progress=progress)
+    if start is not None:
+        res.hvps = op.hvps - start
+    if not return_vectors:
+        res.vectors = res.bottom_vectors = None
+    return res
+
+
+def _lanczos_run(op, k: int = 5, which: str = "both", *, tol: float = 1e-8, max_hvps: int | None = None,
+                 max_basis: int | None = None, seed: int = 0, v0: torch.Tensor | None = None,
+                 return_vectors: bool = False, basis_bytes: float = 2 ** 31, strict: bool = False,
+                 deflate: torch.Tensor | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> EigenResult:
+    """k extreme eigenpairs of a symmetric operator (`op.n`, `op.matvec`) by thick-restart Lanczos, restricted
+    to the orthogonal complement of the orthonormal columns of `deflate` (n, L) when given.
 
     The basis (at most `max_basis` vectors, default what fits in `basis_bytes`) lives on the CPU in float64
     and is re-orthogonalised in full (two Gram-Schmidt passes) at every step, so both ends converge together
@@ -105,9 +132,13 @@ def lanczos(op, k: int = 5, which: str = "both", *, tol: float = 1e-8, max_hvps:
     the space is exhausted, or at max_hvps. The start vector is a Gaussian from `seed`.
     """
     which = _which(which)
-    n = int(op.n)
+    n_full = int(op.n)
+    D = None if deflate is None or deflate.shape[1] == 0 else deflate.detach().to("cpu", torch.float64)
+    n = n_full - (0 if D is None else D.shape[1])  # dimension of the searched space
     if k < 1:
         raise UserError(f"k must be at least 1, got {k}")
+    if n < 1:
+        raise UserError("nothing left to search: the deflated space is empty")
     k = min(int(k), n)
     ends = _ends(which)
     kw = min(n, k * len(ends))
@@ -118,17 +149,24 @@ def lanczos(op, k: int = 5, which: str = "both", *, tol: float = 1e-8, max_hvps:
     start_hvps = getattr(op, "hvps", 0)
     gen = torch.Generator().manual_seed(int(seed) + 1)
 
-    V = torch.zeros(m_max + 1, n, dtype=torch.float64)  # rows are the basis vectors (contiguous)
+    def project(x: torch.Tensor) -> torch.Tensor:  # remove the deflated directions (twice: to working precision)
+        if D is not None:
+            for _ in range(2):
+                x = x - D @ (D.T @ x)
+        return x
+
+    V = torch.zeros(m_max + 1, n_full, dtype=torch.float64)  # rows are the basis vectors (contiguous)
     T = np.zeros((m_max + 1, m_max + 1))
-    v = start_vector(n, seed) if v0 is None else v0.detach().reshape(-1).to("cpu", torch.float64)
-    if v.numel() != n or not float(v.norm()) > 0:
-        raise UserError(f"start vector must be a non-zero vector of {n} entries")
+    v = start_vector(n_full, seed) if v0 is None else v0.detach().reshape(-1).to("cpu", torch.float64)
+    if v.numel() != n_full or not float(v.norm()) > 0:
+        raise UserError(f"start vector must be a non-zero vector of {n_full} entries")
+    v = project(v)
     V[0] = v / v.norm()
     j, used, restarts, iterations = 0, 0, 0, 0
     theta = S = res = None
     beta = 0.0
     while True:
-        w = op.matvec(V[j]).detach().to("cpu", torch.float64)
+        w = project(op.matvec(V[j]).detach().to("cpu", torch.float64))
         used += 1
         iterations += 1
         B = V[:j + 1]
@@ -150,7 +188,7 @@ def lanczos(op, k: int = 5, which: str = "both", *, tol: float = 1e-8, max_hvps:
         if done or m == n or used >= max_hvps:
             break
         if beta <= 64 * np.finfo(float).eps * scale * math.sqrt(m):  # invariant subspace: continue elsewhere
-            w = torch.randn(n, generator=gen, dtype=torch.float64)
+            w = project(torch.randn(n_full, generator=gen, dtype=torch.float64))
             for _ in range(2):
                 w -= V[:m].T @ (V[:m] @ w)
             if float(w.norm()) <= 1e-8:
@@ -185,6 +223,122 @@ def lanczos(op, k: int = 5, which: str = "both", *, tol: float = 1e-8, max_hvps:
     return _result(which, out, ends, hvps=hvps, iterations=iterations, restarts=restarts, backend="lanczos")
 
 
+def _end_lists(res: EigenResult, which: str) -> dict:
+    """Per end: [values, residuals, converged, errors, vectors (n, k) or None] as mutable lists."""
+    ends = _ends(which)
+    out = {ends[0]: [list(res.eigenvalues), list(res.residuals), list(res.converged),
+                     list(res.errors or [float("nan")] * len(res.eigenvalues)), res.vectors]}
+    if which == "both":
+        out["bottom"] = [list(res.bottom_eigenvalues), list(res.bottom_residuals), list(res.bottom_converged),
+                         list(res.bottom_errors or [float("nan")] * len(res.bottom_eigenvalues)), res.bottom_vectors]
+    return out
+
+
+def _further(end: str, a: float, b: float) -> bool:
+    """Is a further out than b at this end?"""
+    return a > b if end == "top" else a < b if end == "bottom" else abs(a) > abs(b)
+
+
+def verify_extremes(op, res: EigenResult, k: int, which: str, *, tol: float = 1e-8, seed: int = 0,
+                    strict: bool = False, max_hvps: int | None = None, repair: bool = True, max_rounds: int | None = None,
+                    basis_bytes: float = 2 ** 31, progress=None) -> EigenResult:
+    """Check that no eigenvalue beyond the found ones is missing (a repeated or clustered eigenvalue that one
+    Krylov space holds only once). The found eigenvectors are deflated and a Lanczos run from a fresh random
+    start finds the extreme eigenvalue of the rest at each end; if it lies further out than the k-th found value
+    (by more than the tolerance) it is locked in (`repair`) and the check repeats, else the result stands.
+    `converged` becomes False when a check does not converge, the budget runs out, or (repair=False) something
+    was missing. `res` must carry its vectors."""
+    ends = _ends(which)
+    lists = _end_lists(res, which)
+    n = int(op.n)
+    if not res.all_converged or any(v[4] is None for v in lists.values()):
+        return res
+    rounds = 0
+    limit = max_rounds if max_rounds is not None else 2 * k * len(ends) + 2
+    spent = 0
+    ok = True
+    while True:
+        Vs = torch.cat([lists[e][4].to("cpu", torch.float64) for e in ends], dim=1)
+        U, sv, _ = torch.linalg.svd(Vs, full_matrices=False)  # the span (both ends may share a vector)
+        rank = int((sv > 1e-6 * float(sv.max())).sum()) if sv.numel() else 0
+        if rank >= n:
+            break  # every direction is found
+        D = U[:, :rank]
+        left = None if max_hvps is None else max_hvps - spent
+        if left is not None and left < 4:
+            ok = False
+            break
+        before = getattr(op, "hvps", 0)
+        chk = _lanczos_run(op, 1, which, tol=tol, seed=int(seed) + 7919 * (rounds + 1), return_vectors=True,
+                           max_hvps=left, strict=strict, deflate=D, basis_bytes=basis_bytes, progress=progress)
+        spent += getattr(op, "hvps", before + chk.hvps) - before
+        if not chk.all_converged:
+            ok = False
+            break
+        found = _end_lists(chk, which)
+        scale = max([abs(x) for e in ends for x in lists[e][0] + found[e][0]] + [np.finfo(float).tiny])
+        new = False
+        for e in ends:
+            v, kth = found[e][0][0], lists[e][0][-1]
+            margin = _thresh(kth, tol, scale) + found[e][3][0]
+            if _further(e, v, kth) and abs(v - kth) > margin:
+                new = True
+                if not repair:
+                    continue
+                entries = list(zip(*[x if i < 4 else list(x.T) for i, x in enumerate(lists[e])]))
+                entries.append((v, found[e][1][0], found[e][2][0], found[e][3][0], found[e][4][:, 0]))
+                entries.sort(key=lambda t: -t[0] if e == "top" else t[0] if e == "bottom" else -abs(t[0]))
+                entries = entries[:len(lists[e][0])]
+                lists[e] = [[t[0] for t in entries], [t[1] for t in entries], [t[2] for t in entries],
+                            [t[3] for t in entries], torch.stack([t[4] for t in entries], dim=1)]
+        rounds += 1
+        if not new:
+            break
+        if not repair or rounds >= limit:
+            ok = False
+            break
+    out = {e: (lists[e][0], lists[e][1], [bool(c) and ok for c in lists[e][2]], lists[e][4], lists[e][3])
+           for e in ends}
+    return _result(which, out, ends, hvps=res.hvps + spent, iterations=res.iterations + spent,
+                   restarts=res.restarts + rounds, backend=res.backend)
+
+
+DENSE_MAX_N = 4000
+
+
+def dense(op, k: int = 5, which: str = "both", *, max_n: int = DENSE_MAX_N, return_vectors: bool = False,
+          progress=None) -> EigenResult:
+    """Exact eigenpairs of the dense float64 Hessian built from n Hessian-vector products (identity blocks),
+    by LAPACK eigh: for small models (n <= max_n) and as the truth the iterative backends are tested against."""
+    which = _which(which)
+    n = int(op.n)
+    if n > max_n:
+        raise UserError(f"the dense backend builds the full {n} x {n} Hessian; it is limited to {max_n} "
+                        "parameters: use backend 'lanczos' (or raise max_n if you have the memory)")
+    k = min(int(k), n)
+    start = getattr(op, "hvps", 0)
+    cols = []
+    block = 256
+    for s0 in range(0, n, block):
+        E = torch.zeros(n, min(block, n - s0), dtype=torch.float64)
+        E[s0 + torch.arange(E.shape[1]), torch.arange(E.shape[1])] = 1.0
+        cols.append(op.matmat(E).detach().to("cpu", torch.float64))
+        if progress is not None:
+            progress(min(n, s0 + block), n)
+    H = torch.cat(cols, dim=1)
+    H = 0.5 * (H + H.T)
+    vals, vecs = scipy.linalg.eigh(H.numpy(), check_finite=False)
+    ends = _ends(which)
+    out = {}
+    for end in ends:
+        idx = _select(vals, k, end)
+        out[end] = (vals[idx].tolist(), [0.0] * len(idx), [True] * len(idx),
+                    torch.from_numpy(np.ascontiguousarray(vecs[:, idx])) if return_vectors else None,
+                    [0.0] * len(idx))
+    return _result(which, out, ends, hvps=getattr(op, "hvps", start + n) - start, iterations=n, restarts=0,
+                   backend="dense")
+
+
 def _thresh(value: float, tol: float, scale: float) -> float:
     """Tolerance unit for one Ritz value: |value|, floored at 1e-3 of the spectral norm (values near zero)."""
     return tol * max(abs(value), 1e-3 * scale)
@@ -213,6 +367,8 @@ def _converged(theta, res, est, i, tol, scale, strict) -> bool:
 
 
 def _all_converged(theta, res, k, ends, tol, scale, strict) -> bool:
+    if len(theta) < k * len(ends):  # both ends would share Ritz values: not k distinct ones at each
+        return False
     est = error_estimates(theta, res)
     for end in ends:
         idx = _select(theta, k, end)
@@ -233,11 +389,27 @@ def _keep(theta: np.ndarray, k: int, ends: list[str], m: int) -> np.ndarray:
 
 
 def eigsh(op, k: int = 5, which: str = "both", *, tol: float = 1e-8, max_hvps: int | None = None,
-          seed: int = 0, return_vectors: bool = False, progress=None) -> EigenResult:
-    """The same eigenpairs by scipy's ARPACK (implicitly restarted Lanczos) on `op.to_scipy()`.
+          seed: int = 0, return_vectors: bool = False, verify: bool = True, progress=None) -> EigenResult:
+    """The same eigenpairs by scipy's ARPACK (implicitly restarted Lanczos) on `op.to_scipy()`, then the same
+    deflated check for missing multiplicities as `lanczos` (verify=False skips it).
 
     Residuals are measured afterwards with one batched product of the returned vectors (counted in hvps).
     """
+    start = op.hvps
+    res = _eigsh(op, k, which, tol=tol, max_hvps=max_hvps, seed=seed, progress=progress)
+    if verify:
+        res = verify_extremes(op, res, k, which, tol=tol, seed=seed, progress=progress,
+                              max_hvps=None if not max_hvps else max(0, int(max_hvps) - res.hvps))
+    res.hvps = op.hvps - start
+    if not return_vectors:
+        res.vectors = res.bottom_vectors = None
+    return res
+
+
+def _eigsh(op, k: int = 5, which: str = "both", *, tol: float = 1e-8, max_hvps: int | None = None,
+           seed: int = 0, progress=None) -> EigenResult:
+    """ARPACK's answer with measured residuals and vectors (no multiplicity check)."""
+    return_vectors = True
     from scipy.sparse.linalg import ArpackNoConvergence
     from scipy.sparse.linalg import eigsh as _eigsh
 

@@ -25,6 +25,17 @@ class _LossModule(torch.nn.Module):
         return self.loss_fn(self.model, batch)
 
 
+@contextlib.contextmanager
+def _restoring(buffers):
+    """Copy each (buffer, saved value) back after the block."""
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in buffers:
+                b.copy_(v)
+
+
 class Objective:
     """`Objective(model, domains, loss_fn)`: `domains` maps a name to a fixed sequence of batches and
     `loss_fn(model, batch)` returns the batch's mean loss. A domain's loss is the size-weighted mean
@@ -130,6 +141,58 @@ class Objective:
         """The batch loss with the model's parameters replaced by `params` (name -> tensor); no mutation."""
         return functional_call(self._wrapped, {"model." + k: v for k, v in params.items()}, (batch,),
                                tie_weights=True, strict=False)
+
+    def validate(self, domains=None, train_mode: bool = False) -> None:
+        """Refuse a bad loss before any work: evaluate each batch's loss once (one forward and backward) and
+        raise UserError naming the domain and batch index if it is not a finite scalar that depends on the
+        trainable parameters. `domains`: None/'each' (every domain), 'train' (the trained ones), a name or a
+        list. The model's mode flags, RNG and .grad fields are left as they were."""
+        if domains is None or domains == "each":
+            names = list(self.domains)
+        elif isinstance(domains, str):
+            names = self.train_domains if domains == TRAIN else self.resolve(domains)
+        else:
+            names = []
+            for d in domains:
+                names += self.train_domains if d == TRAIN else self.resolve(d)
+            names = list(dict.fromkeys(names))
+        params = list(self.params().values())
+        if not params:
+            raise UserError("the model has no trainable parameters (requires_grad=True); nothing to analyse")
+        devices = [self.device] if self.device.type == "cuda" else []
+        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]  # e.g. BatchNorm running statistics
+        with torch.random.fork_rng(devices=devices), self.evaluating(train_mode), _restoring(buffers):
+            for d in names:
+                for i, batch in enumerate(self.domains[d]):
+                    where = f"domain '{d}', batch {i}"
+                    try:
+                        loss = self.loss_fn(self.model, batch)
+                    except UserError:
+                        raise
+                    except Exception as e:  # the user's loss_fn itself fails: say where, in one line
+                        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                        raise UserError(f"the loss failed on {where}: {type(e).__name__}: {msg}") from None
+                    if not isinstance(loss, torch.Tensor):
+                        raise UserError(f"the loss on {where} is a {type(loss).__name__}, not a tensor; loss_fn "
+                                        "must return a scalar tensor built from the model's output")
+                    if loss.numel() != 1:
+                        raise UserError(f"the loss on {where} has shape {tuple(loss.shape)}, not a scalar; reduce "
+                                        "it in loss_fn (e.g. reduction='mean')")
+                    value = float(loss.detach().reshape(()))
+                    if not torch.isfinite(torch.tensor(value)):
+                        raise UserError(f"the loss on {where} is {value}; fix the model, data or loss_fn before "
+                                        "analysing it")
+                    if not loss.requires_grad or loss.grad_fn is None:
+                        raise UserError(f"the loss on {where} does not depend on the trainable parameters (no "
+                                        "gradient); build it from the model's output")
+                    grads = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
+                    if all(g is None for g in grads):
+                        raise UserError(f"the loss on {where} does not depend on the trainable parameters; build "
+                                        "it from the model's output")
+                    bad = [g for g in grads if g is not None and not bool(torch.isfinite(g).all())]
+                    if bad:
+                        raise UserError(f"the loss gradient on {where} is not finite; fix the model, data or "
+                                        "loss_fn before analysing it")
 
     # -- copies --------------------------------------------------------------------------------
     def to(self, device=None, dtype: torch.dtype | None = None) -> "Objective":

@@ -140,7 +140,8 @@ def pyhessian_eigen(obj: Objective, k: int = 5, domain=None, *, seed: int = 0, m
     return EigenResult(which="top", eigenvalues=vals, residuals=res,
                        converged=[bool(r <= math.sqrt(tol) * abs(v)) if not math.isnan(r) else False
                                   for v, r in zip(vals, res)],
-                       errors=[float("nan")] * len(vals), hvps=hvps, iterations=hvps, backend="pyhessian")
+                       errors=list(res), hvps=hvps, iterations=hvps, backend="pyhessian",
+                       vectors=V.detach().to("cpu", torch.float64) if check else None)
 
 
 def pyhessian_trace(obj: Objective, domain=None, probes: int = 100, *, seed: int = 0, dtype=torch.float64,

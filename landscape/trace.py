@@ -29,6 +29,9 @@ class TraceEstimate(Result):
     seed: int
     exact_part: float = 0.0
     samples: list[float] = dataclasses.field(default_factory=list)
+    target_rel_stderr: float | None = None  # adaptive runs: stop once stderr <= target * |estimate|
+    stop: str = "probes"  # 'probes' (fixed count), 'target' (reached), 'budget' (max probes spent), 'exact'
+
 
 
 def rademacher(n: int, count: int, seed: int, start: int = 0, salt: int = _SALT) -> torch.Tensor:
@@ -97,9 +100,60 @@ def hutchpp(op, probes: int = 99, *, seed: int = 0, block: int = 32,
                          hvps=2 * s + rest, seed=seed, exact_part=exact, samples=x.tolist())
 
 
+def adaptive(op, method: str = "hutch++", *, target: float = 0.01, max_probes: int = 200, seed: int = 0,
+             block: int = 10, min_samples: int = 10, progress=None) -> TraceEstimate:
+    """Probes until the standard error is at most `target` x |estimate| or `max_probes` products are spent
+    (`stop` says which). Hutch++: first the exact trace on a sketched top subspace (2s products, s = about a
+    tenth of the budget), then Hutchinson on the deflated rest in blocks of `block` (seeded probe streams)."""
+    if method not in METHODS:
+        raise UserError(f"unknown trace method '{method}'; choose one of {list(METHODS)}")
+    if not (0 < float(target) < 1):
+        raise UserError(f"the trace target relative standard error must be in (0, 1), got {target}")
+    least = 4 if method == "hutch++" else 2
+    if int(max_probes) < least + min_samples - 2:
+        raise UserError(f"max_probes must be at least {least + min_samples - 2} for an adaptive {method} trace, "
+                        f"got {max_probes}")
+    n, max_probes = op.n, int(max_probes)
+    Q, exact, s, used = None, 0.0, 0, 0
+    if method == "hutch++":
+        s = min(n, max(1, max_probes // 10))
+        S = rademacher(n, s, seed, 0)
+        HS = op.matmat(S).detach().to("cpu", torch.float64)
+        Q, _ = torch.linalg.qr(HS)
+        HQ = op.matmat(Q).detach().to("cpu", torch.float64)
+        exact = float((Q * HQ).sum())
+        used = 2 * s
+        if s == n:
+            return TraceEstimate(method=method, estimate=exact, stderr=0.0, probes=used, hvps=used, seed=seed,
+                                 exact_part=exact, target_rel_stderr=float(target), stop="exact")
+    xs = np.zeros(0)
+    stop = "budget"
+    while used < max_probes:
+        b = min(block, max_probes - used)
+        G = rademacher(n, b, seed, s + len(xs))
+        if Q is not None:
+            G = G - Q @ (Q.T @ G)
+        xs = np.concatenate([xs, _quadratic_forms(op, G, b)])
+        used += b
+        if progress is not None:
+            progress(used, max_probes)
+        est, se = exact + float(xs.mean()), _stderr(xs)
+        if len(xs) >= min_samples and se <= target * abs(est):
+            stop = "target"
+            break
+    if progress is not None:
+        progress(max_probes, max_probes)
+    return TraceEstimate(method=method, estimate=exact + float(xs.mean()), stderr=_stderr(xs), probes=used,
+                         hvps=used, seed=seed, exact_part=exact, samples=xs.tolist(),
+                         target_rel_stderr=float(target), stop=stop)
+
+
 def estimate_trace(op, method: str = "hutch++", probes: int | None = None, *, seed: int = 0, block: int = 32,
-                   progress=None) -> TraceEstimate:
-    """Dispatch to `hutch++` (default 99 probes) or `hutchinson` (default 100 probes)."""
+                   target: float = 0.01, max_probes: int = 200, progress=None) -> TraceEstimate:
+    """Dispatch to `hutch++` or `hutchinson`: a fixed number of `probes`, or (probes None, the default) adaptive
+    until the standard error is at most `target` (1%) of |estimate| or `max_probes` are spent."""
+    if probes is None:
+        return adaptive(op, method, target=target, max_probes=max_probes, seed=seed, progress=progress)
     if method == "hutch++":
         return hutchpp(op, 99 if probes is None else probes, seed=seed, block=block, progress=progress)
     if method == "hutchinson":

@@ -283,7 +283,8 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, trus
         if _resume is None and ck.list_checkpoints(out):
             raise UserError(f"run directory '{out}' already has checkpoints; pass --resume to continue it or "
                             "choose another --out")
-        return _train_locked(cfg, out, device, model, eval_sets, suite, spec, progress, on_step, _resume)
+        return _train_locked(cfg, out, device, model, eval_sets, suite, spec, progress, on_step, _resume,
+                             on_step_record)
 
 
 def _probe(model, suite, eval_sets) -> None:
@@ -303,7 +304,8 @@ def _probe(model, suite, eval_sets) -> None:
         model.train(training)
 
 
-def _train_locked(cfg, out, device, model, eval_sets, suite, spec, progress, on_step, resume_ckpt) -> dict:
+def _train_locked(cfg, out, device, model, eval_sets, suite, spec, progress, on_step, resume_ckpt,
+                  on_step_record=None) -> dict:
     opt = build_optimizer(model, cfg)
     base_lrs = [g["lr"] for g in opt.param_groups]
     start = 0

@@ -112,7 +112,8 @@ def _analyse(path: str, plan: SuitePlan, device: str, seed: int, surf_minima: bo
     t0 = time.time()
     res = {"path": path, "step": obj.meta["step"], "losses": obj.losses(), "ood": obj.ood}
     res["gradsim"] = gradient_similarity(obj, seed=seed, per_layer=False).to_dict()
-    cl = closeness(small, steps=plan.closeness_steps, seed=seed, keep_minima=surf_minima,
+    cl = closeness(small, steps=plan.closeness_steps, max_evals=30 * plan.closeness_steps, seed=seed,
+                   keep_minima=surf_minima,
                    progress=task(f"closeness {name}") if task else None)
     res["closeness"] = cl.to_dict()
     res["flatness"] = flatness(small, k=plan.flatness_k, seed=seed, trace=True, density=False, which="top",

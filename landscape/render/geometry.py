@@ -99,22 +99,25 @@ def closeness_figure(results: Sequence, labels: Sequence[str] | None = None, pat
     w = max(3.6, 0.9 * max(k, c) + 1.8)
     fig = Figure(figsize=(w * n, 3.2 + 2 * max(3.0, 0.8 * k + 1.4)))
     axes = fig.subplots(3, n, squeeze=False, gridspec_kw={"height_ratios": [0.8, 1, 1]})
-    dmax = max(max(r["distance"][d]["raw"] for d in r["domains"]) for r in rs) or 1.0
-    pmax = max(float(np.nanmax(_arr(r["pairwise"]))) for r in rs) or 1.0
+    dmax = max(max((r["distance"][d]["raw"] or 0.0) for d in r["domains"]) for r in rs) or 1.0
+    pws = [_arr(r.get("pairwise") or [[None] * len(r["domains"])] * len(r["domains"])) for r in rs]
+    pmax = max((float(np.nanmax(p)) if np.isfinite(p).any() else 0.0) for p in pws) or 1.0
     for col, (r, lab) in enumerate(zip(rs, labels)):
         doms, cols = r["domains"], r["columns"]
         ax = axes[0][col]
-        vals = [r["distance"][d]["raw"] for d in doms]
+        vals = [r["distance"][d]["raw"] or 0.0 for d in doms]  # unconverged: no distance (gray, empty)
         bars = ax.bar(range(len(doms)), vals, color=[PALETTE[0] if r["converged"].get(d) else NOT_CONVERGED for d in doms])
         for b, d in zip(bars, doms):
             rel = r["distance"][d].get("relative")
-            ax.annotate(f"{b.get_height():.3g}" + (f"\n({100 * rel:.1f}%)" if rel is not None else ""),
+            ax.annotate((f"{b.get_height():.3g}" if r["distance"][d]["raw"] is not None else "n/a")
+                        + (f"\n({100 * rel:.1f}%)" if rel is not None else ""),
                         (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(doms)), doms, rotation=30, ha="right")
         ax.set_ylim(0, dmax * 1.35)
         ax.set_ylabel("||θ − θ_k*||")
         bound = r.get("bound", {})
-        sub = [f"σ² {r['spread']:.3g}", f"mean sq dist {r['mean_sq_distance']:.3g}"]
+        sub = [f"σ² {r['spread']:.3g}" if r.get("spread") is not None else "σ² n/a (not converged)",
+               f"mean sq dist {r['mean_sq_distance']:.3g}" if r.get("mean_sq_distance") is not None else "n/a"]
         if bound.get("value") is not None:
             sub.append(f"Thm 3.1 bound {bound['value']:.3g}")
         if r.get("train_loss") is not None:
@@ -122,7 +125,7 @@ def closeness_figure(results: Sequence, labels: Sequence[str] | None = None, pat
         ax.set_title(lab + "\n" + ", ".join(sub[:2]) + "\n" + ", ".join(sub[2:]), fontsize=8)
 
         ax = axes[1][col]
-        pw = _arr(r["pairwise"])
+        pw = pws[col]
         im1 = ax.imshow(pw, cmap="viridis", vmin=0, vmax=pmax)
         for i in range(len(doms)):
             for j in range(len(doms)):
@@ -134,7 +137,7 @@ def closeness_figure(results: Sequence, labels: Sequence[str] | None = None, pat
         fig.colorbar(im1, ax=ax, shrink=0.8)
 
         ax = axes[2][col]
-        cl = _arr(r["cross_loss"])
+        cl = _arr([row if row is not None else [None] * len(cols) for row in (r.get("cross_loss") or [None] * len(doms))])
         im2 = ax.imshow(cl, cmap="magma_r")
         hi = np.nanmax(cl) if np.isfinite(cl).any() else 1.0
         lo = np.nanmin(cl) if np.isfinite(cl).any() else 0.0
