@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from .app import command
+from .sources import source_options  # [ownmodel]
 from .common import check_output_file, console, figure_formats, out, progress_bar, write_json
 
 
@@ -57,6 +58,7 @@ def eigen_table(results: dict) -> Table:
 
 
 @command("flatness")
+@source_options  # [ownmodel]
 def flatness_cmd(
     checkpoint: str = typer.Argument(..., help="Checkpoint directory (a run directory means its latest)."),
     top_k: int = typer.Option(5, "--top-k", "-k", help="Eigenvalues at each end."),
@@ -77,9 +79,10 @@ def flatness_cmd(
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the result to this JSON file ('-': stdout)."),
     plot: Optional[str] = typer.Option(None, help="Write the spectrum figure (PNG/SVG/PDF, or .html: interactive); implies --density."),
     trust_remote_code: bool = typer.Option(False, help="Allow a checkpoint's user model factory to be imported."),
+    curvature: str = typer.Option("hessian", help="hessian or ggn (Gauss-Newton: cross-entropy, squared error)."),  # [ownmodel]
 ):
     """Sharpness of the loss at a checkpoint: extreme Hessian eigenvalues to 1e-8, trace with error bars."""
-    from landscape import load
+    from .sources import load_target as load  # [ownmodel]
     from landscape.flatness import FlatnessReport, flatness
     from nexus_opt.errors import UserError
 
@@ -94,7 +97,7 @@ def flatness_cmd(
         res = flatness(obj, k=top_k, domain=domain, trace=trace, density=density or bool(plot), seed=seed,
                        backend=backend, which=which, tol=tol, max_hvps=max_hvps, trace_probes=trace_probes,
                        density_probes=density_probes, density_steps=density_steps, train_mode=train_mode,
-                       progress=bar)
+                       progress=bar, curvature=curvature)  # [ownmodel]
     results = res.results if isinstance(res, FlatnessReport) else {res.domain: res}
     first = next(iter(results.values()))
     show = console if json_out == "-" else out  # stdout carries only the JSON when it is asked for there

@@ -90,7 +90,7 @@ def flatness(obj: Objective, k: int = 5, domain: str | None = None, trace: bool 
              max_hvps: int | None = None, trace_method: str = "hutch++", trace_probes: int | None = None,
              dtype: torch.dtype = torch.float64, train_mode: bool = False, progress: Progress | None = None, *,
              density_probes: int = 4, density_steps: int = 80, mode: str = "double_backward", cache: bool = True,
-             device=None) -> FlatnessResult | FlatnessReport:
+             device=None, curvature: str = "hessian") -> FlatnessResult | FlatnessReport:
     """Top/bottom Hessian eigenvalues (to `tol` relative accuracy), trace and optional spectral density of a
     domain's loss; `domain='each'` gives a FlatnessReport over every domain.
 
@@ -127,6 +127,7 @@ def flatness(obj: Objective, k: int = 5, domain: str | None = None, trace: bool 
     if max_hvps is not None and int(max_hvps) < 1:
         raise UserError(f"max_hvps must be at least 1 (or None: the default budget), got {max_hvps}")
     seed = check_seed(seed, "seed")
+    which = "top" if curvature == "ggn" and which == "both" else which  # [ownmodel] GGN is PSD: bottom is ~0
     names = obj.resolve(domain)
     n = obj.num_params()
     if k > n:
@@ -139,7 +140,7 @@ def flatness(obj: Objective, k: int = 5, domain: str | None = None, trace: bool 
                              which=which, tol=tol, max_hvps=max_hvps, trace_method=trace_method,
                              trace_probes=trace_probes, density_probes=density_probes, density_steps=density_steps,
                              dtype=dtype, train_mode=train_mode, mode=mode, cache=cache, device=device,
-                             progress=progress)
+                             progress=progress, curvature=curvature)  # [ownmodel] curvature
     if domain == "each":
         return FlatnessReport(results=results, hvps=sum(r.hvps["total"] for r in results.values()),
                               wall_time_s=time.perf_counter() - t0)
@@ -148,11 +149,12 @@ def flatness(obj: Objective, k: int = 5, domain: str | None = None, trace: bool 
 
 def _one(obj: Objective, work: Objective, name: str, *, k, trace, density, seed, backend, which, tol, max_hvps,
          trace_method, trace_probes, density_probes, density_steps, dtype, train_mode, mode, cache, device,
-         progress) -> FlatnessResult:
+         progress, curvature: str = "hessian") -> FlatnessResult:
     """Flatness of one domain on the private copy `work` (obj itself is only handed to PyHessian)."""
     t_start = time.perf_counter()
-    op = HessianOperator(work, name, dtype=None, mode=mode, train_mode=train_mode, cache=cache, copy=False,
-                         seed=seed)
+    from .ggn import make_operator  # [ownmodel] hessian | ggn, sharded under torch.distributed
+    op = make_operator(work, name, curvature, dtype=None, mode=mode, train_mode=train_mode, cache=cache, copy=False,
+                       seed=seed)
     timings, hvps = {}, {}
 
     def tick(part: str):
@@ -196,7 +198,7 @@ def _one(obj: Objective, work: Objective, name: str, *, k, trace, density, seed,
                 "train_mode": train_mode, "mode": mode, "cache": cache, "device": str(op.device),
                 "trace_method": tr.method if tr else None, "density_probes": density_probes if density else None,
                 "density_steps": density_steps if density else None, "eigen_iterations": eig.iterations,
-                "eigen_restarts": eig.restarts}
+                "eigen_restarts": eig.restarts, "curvature": curvature}
     return FlatnessResult(
         domain=name, num_params=op.n, loss=loss,
         eigenvalues=top[0], residuals=top[1], errors=top[3],
