@@ -29,7 +29,8 @@ _PARAMS = [
                                                                     ".safetensors/.pt state dict (needs --trust-remote-code).")),
     ("factory_config", Optional[str], typer.Option(None, "--factory-config", help="JSON keyword arguments of --factory.")),
     ("batch_size", int, typer.Option(8, "--batch-size", help="Sequences (or examples) per batch of a --data domain.")),
-    ("seq_len", int, typer.Option(64, "--seq-len", help="Tokens the model reads per sequence (text domains).")),
+    ("seq_len", Optional[int], typer.Option(None, "--seq-len", help="Tokens the model reads per sequence (text "
+                                                                    "domains; default 64 or the model's context).")),
     ("num_batches", int, typer.Option(4, "--num-batches", help="Held-out batches per --data domain.")),
     ("text_field", str, typer.Option("text", "--text-field", help="The text field of .jsonl domains.")),
     ("data_seed", int, typer.Option(0, "--data-seed", help="Seed of the held-out windows/examples of --data domains.")),
@@ -100,7 +101,7 @@ def load_target(path: str, device: str = "auto", trust_remote_code: bool = False
                 raise UserError("--factory-config must be a JSON object of keyword arguments")
         return from_pretrained(path, data=data, ood=ood, factory=o.get("factory"), factory_config=cfg,
                                trust_remote_code=trust_remote_code, batch_size=o.get("batch_size", 8),
-                               seq_len=o.get("seq_len", 64), num_batches=o.get("num_batches", 4),
+                               seq_len=o.get("seq_len"), num_batches=o.get("num_batches", 4),
                                seed=o.get("data_seed", 0), text_field=o.get("text_field", "text"),
                                loss=o.get("loss", "auto"), params=o.get("params"), device=device)
     if data or ood:

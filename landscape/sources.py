@@ -17,7 +17,7 @@ STATE_SUFFIXES = (".pt", ".pth", ".bin")
 def is_model_source(path: str | Path) -> bool:
     """True for what from_pretrained reads (an HF directory with config.json, a .safetensors / .pt file)."""
     p = Path(path)
-    return (p.is_dir() and (p / "config.json").is_file()) or (p.is_file() and p.suffix in (".safetensors",) + STATE_SUFFIXES)
+    return (p.is_dir() and (p / "config.json").is_file()) or (not p.is_dir() and p.suffix in (".safetensors",) + STATE_SUFFIXES)
 
 
 def _one_line(e: BaseException) -> str:
@@ -105,8 +105,12 @@ def load_factory_model(path: str | Path, factory: str | None, config: dict | Non
         raise UserError(f"{path} holds bare weights; name the code that builds the model with --factory module:function")
     state = read_state(path)
     model = model_from_spec({"factory": factory, "config": config or {}}, trust_remote_code=trust_remote_code)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    own = model.state_dict(keep_vars=True)
+    by_storage: dict = {}
+    for k, v in own.items():  # tied tensors (e.g. a shared embedding and output head) need one copy only
+        by_storage.setdefault((v.data_ptr(), tuple(v.shape)), []).append(k)
+    tied = {k: ks for ks in by_storage.values() if len(ks) > 1 for k in ks}
+    missing = [k for k in own if k not in state and not any(t in state for t in tied.get(k, ()))]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         def few(ks):
@@ -117,7 +121,7 @@ def load_factory_model(path: str | Path, factory: str | None, config: dict | Non
         if tuple(v.shape) != tuple(own[k].shape):
             raise UserError(f"{path}: tensor '{k}' has shape {tuple(v.shape)} but the model expects {tuple(own[k].shape)}")
     _check_finite(state, path)
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=False)  # every key checked above; a tied alias may be absent
     return model.eval()
 
 
@@ -145,7 +149,7 @@ def _vocab(model) -> int | None:
 
 def from_pretrained(path: str | Path, *, data: Mapping[str, str], ood: Mapping[str, str] | None = None,
                     factory: str | None = None, factory_config: dict | None = None, trust_remote_code: bool = False,
-                    batch_size: int = 8, seq_len: int = 64, num_batches: int = 4, seed: int = 0,
+                    batch_size: int = 8, seq_len: int | None = None, num_batches: int = 4, seed: int = 0,
                     text_field: str = "text", loss: str = "auto", params: str | None = None,
                     device=None) -> Objective:
     """The Objective of a model trained elsewhere on named file domains (see landscape.data).
@@ -154,7 +158,8 @@ def from_pretrained(path: str | Path, *, data: Mapping[str, str], ood: Mapping[s
     shift), or a `.safetensors` / `torch.save` state dict plus `factory`. For factory models the loss is
     `loss`: 'lm' (model(tokens) -> logits over the next token), 'mse' or 'ce' on tensor data; 'auto' picks
     'lm' for text data and, for tensor data, 'ce' when the targets are integers, else 'mse'. `params` keeps
-    only parameters matching a regex (Objective.select). Nothing is unpickled.
+    only parameters matching a regex (Objective.select); `seq_len` None = min(64, the model's context).
+    Nothing is unpickled.
     """
     from . import losses
     from .data import TENSOR_SUFFIXES, load_domains
@@ -178,6 +183,8 @@ def from_pretrained(path: str | Path, *, data: Mapping[str, str], ood: Mapping[s
     if kind == "hf" and is_tensor:
         raise UserError("a Hugging Face causal LM reads text; give text, .jsonl or directory domains")
     vocab = None if is_tensor else _vocab(model)
+    if seq_len is None:  # default: 64 tokens, or the model's whole context where that is shorter
+        seq_len = min(64, _context(model) or 64)
     domains, ood_names = load_domains(data, ood, tokenizer=tokenizer, vocab_size=vocab,
                                       context=None if is_tensor else _context(model), batch_size=batch_size,
                                       seq_len=seq_len, num_batches=num_batches, seed=seed, text_field=text_field,
