@@ -101,9 +101,9 @@ def load_factory_model(path: str | Path, factory: str | None, config: dict | Non
     weights of `path`; missing or unexpected keys are named."""
     from nexus_opt.models import model_from_spec
 
+    state = read_state(path)
     if not factory:
         raise UserError(f"{path} holds bare weights; name the code that builds the model with --factory module:function")
-    state = read_state(path)
     model = model_from_spec({"factory": factory, "config": config or {}}, trust_remote_code=trust_remote_code)
     own = model.state_dict(keep_vars=True)
     by_storage: dict = {}
