@@ -343,3 +343,36 @@ def test_cli_own_model_paths(hf_dir, texts, tmp_path):
                       (["flatness", str(tmp_path / "w.pt"), "--data", data], "does not exist")]:
         r = invoke_cli(*args)
         assert_one_line_error(r.exit_code, r.stderr, contains=msg)
+
+
+def _word_tokenizer(texts, size):
+    """A small BPE tokenizer trained offline on the test texts (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(read_documents(texts["code"], "code") + [open(texts["math"]).read()],
+                            trainers.BpeTrainer(vocab_size=size, special_tokens=["<unk>", "<eos>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+
+
+def test_hf_dir_with_its_own_tokenizer(hf_dir, texts, tmp_path):
+    import shutil
+
+    d, _ = hf_dir
+    shutil.copytree(d, tmp_path / "m")
+    tok = _word_tokenizer(texts, 120)
+    tok.save_pretrained(tmp_path / "m")
+    obj = from_pretrained(tmp_path / "m", data={"math": texts["math"]}, **DATA_KW)
+    assert obj.meta["tokenizer"] != "bytes"
+    stream = tok(open(texts["math"]).read(), add_special_tokens=False)["input_ids"]
+    w = obj.domains["math"][0]["input_ids"][0].tolist()
+    assert any(stream[i:i + len(w)] == w for i in range(len(stream) - len(w) + 1))  # a window of its ids
+    big = _word_tokenizer(texts, 120)
+    big.add_tokens([f"extra{i}" for i in range(300)])  # now larger than the model's 256 embeddings
+    shutil.rmtree(tmp_path / "m")
+    shutil.copytree(d, tmp_path / "m")
+    big.save_pretrained(tmp_path / "m")
+    with pytest.raises(UserError, match="the tokenizer does not belong to this model"):
+        from_pretrained(tmp_path / "m", data={"math": texts["math"]}, **DATA_KW)
