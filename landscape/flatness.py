@@ -127,7 +127,8 @@ def flatness(obj: Objective, k: int = 5, domain: str | None = None, trace: bool 
     if max_hvps is not None and int(max_hvps) < 1:
         raise UserError(f"max_hvps must be at least 1 (or None: the default budget), got {max_hvps}")
     seed = check_seed(seed, "seed")
-    which = "top" if curvature == "ggn" and which == "both" else which  # [ownmodel] GGN is PSD: bottom is ~0
+    from .ggn import check_curvature  # [ownmodel]
+    which = check_curvature(curvature, backend, which)  # [ownmodel] GGN is PSD: top end by default
     names = obj.resolve(domain)
     n = obj.num_params()
     if k > n:

@@ -64,8 +64,12 @@ class GGNOperator:
                 yield
                 return
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                torch.manual_seed(self.seed)
                 yield
+
+    def _reseed(self, i: int) -> None:
+        """Train mode: the same dropout masks for batch i in every forward (jvp and the cached vjp)."""
+        if self.train_mode:
+            torch.manual_seed(self.seed * 1_000_003 + i)
 
     def _f(self, batch):
         model, lo = self.obj.model, self.loss_obj
@@ -77,6 +81,7 @@ class GGNOperator:
     def _vjp(self, i: int, batch):
         if i in self._vjps:
             return self._vjps[i]
+        self._reseed(i)
         out, fn = vjp(self._f(batch), *self._theta.values())
         if self.cache:
             self._vjps[i] = (out, fn)
@@ -88,6 +93,7 @@ class GGNOperator:
         primals = tuple(self._theta.values())
         parts = []
         for i, (c, batch) in enumerate(self.terms):
+            self._reseed(i)
             out, jv = jvp(self._f(batch), primals, tangents)
             u = self.loss_obj.hessian_vp(out, jv, batch)
             _, fn = self._vjp(i, batch)
@@ -107,7 +113,7 @@ class GGNOperator:
             for i, (_, batch) in enumerate(self.terms):  # build the cached vjp graphs outside vmap
                 self._vjp(i, batch)
             out = None
-            if V.shape[1] > 1 and self.cache and self._vmap_ok:
+            if V.shape[1] > 1 and self.cache and self._vmap_ok and not self.train_mode:
                 try:
                     out = torch.func.vmap(self._column)(V.T.contiguous()).T
                 except (RuntimeError, NotImplementedError, ValueError):
@@ -122,15 +128,20 @@ class GGNOperator:
 
     def loss(self) -> float:
         """The loss over the operator's batches (weighted like the curvature)."""
+        total = 0.0
         with torch.no_grad(), self._ctx():
-            return float(sum(c * float(self.obj.functional_loss(self._theta, b)) for c, b in self.terms))
+            for i, (c, b) in enumerate(self.terms):
+                self._reseed(i)
+                total += c * float(self.obj.functional_loss(self._theta, b))
+        return total
 
     def gradient(self) -> torch.Tensor:
         """The flat gradient of the loss (detached)."""
         total = torch.zeros(self.n, dtype=self.dtype, device=self.device)
-        for c, b in self.terms:
+        for i, (c, b) in enumerate(self.terms):
             leaves = {k: t.detach().requires_grad_(True) for k, t in self._theta.items()}
             with self._ctx():
+                self._reseed(i)
                 g = torch.autograd.grad(self.obj.functional_loss(leaves, b) * c, list(leaves.values()),
                                         allow_unused=True)
             total += torch.cat([(x if x is not None else torch.zeros_like(t)).reshape(-1)
@@ -178,6 +189,16 @@ class _Bound(torch.nn.Module):
 
     def parameters(self, recurse: bool = True):
         yield from self._p.values()
+
+
+def check_curvature(curvature: str, backend: str = "lanczos", which: str = "both") -> str:
+    """Validate a curvature choice for flatness; returns `which` ('both' becomes 'top' for the GGN: it is
+    positive semi-definite and rank-deficient, so its bottom end is a cluster at zero)."""
+    if curvature not in CURVATURES:
+        raise UserError(f"unknown curvature '{curvature}'; choose one of {list(CURVATURES)}")
+    if curvature == "ggn" and backend == "pyhessian":
+        raise UserError("the pyhessian backend computes Hessian products only; use backend lanczos or eigsh with ggn")
+    return "top" if curvature == "ggn" and which == "both" else which
 
 
 def make_operator(obj: Objective, domain: str | None = None, curvature: str = "hessian", **kw):

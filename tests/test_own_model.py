@@ -340,7 +340,10 @@ def test_cli_own_model_paths(hf_dir, texts, tmp_path):
     for args, msg in [(["gradsim", str(d)], "without data"),
                       (["gradsim", str(d), "--data", data, "--params", "zzz"], "matches no parameter"),
                       (["flatness", str(d), "--data", data, "--seq-len", "99"], "longer than the model's context"),
-                      (["flatness", str(tmp_path / "w.pt"), "--data", data], "does not exist")]:
+                      (["flatness", str(tmp_path / "w.pt"), "--data", data], "does not exist"),
+                      (["flatness", str(d), "--data", data, "--curvature", "fisher"], "unknown curvature 'fisher'"),
+                      (["flatness", str(d), "--data", data, "--curvature", "ggn", "--backend", "pyhessian"],
+                       "pyhessian backend computes Hessian products only")]:
         r = invoke_cli(*args)
         assert_one_line_error(r.exit_code, r.stderr, contains=msg)
 
