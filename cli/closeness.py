@@ -6,6 +6,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
+from .sources import source_options  # [ownmodel]
 from .app import command
 from .common import (analyse_each, check_output_file, comparison_table, console, figure_formats, out, parse_names,
                      write_results)
@@ -61,6 +62,7 @@ def closeness_table(results: list, labels: list[str]) -> Table:
 
 
 @command("closeness")
+@source_options  # [ownmodel]
 def closeness_cmd(
     checkpoints: List[str] = typer.Argument(..., help="Checkpoint directories (a run directory means its latest)."),
     optimizer: str = typer.Option("newton-cg", help="Descent: newton-cg (trust-region Newton-CG on exact HVPs, "

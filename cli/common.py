@@ -161,7 +161,7 @@ def parse_names(text: Optional[str], option: str) -> Optional[list[str]]:
 
 def analyse_each(checkpoints: Sequence[str], analyse: Callable, device: str, trust_remote_code: bool):
     """Load each checkpoint and run `analyse(obj, progress)` under a progress bar; (results, labels)."""
-    from landscape import load
+    from .sources import load_target as load  # [ownmodel] run dirs and models trained elsewhere
 
     results, labels = [], []
     for path in checkpoints:

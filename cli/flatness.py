@@ -10,6 +10,7 @@ from rich.table import Table
 
 from .app import command
 from .common import MAX_LANCZOS_STEPS, check_output_file, check_range, console, figure_formats, out, progress_bar, write_json
+from .sources import source_options
 
 
 def _g(v, digits: int = 5) -> str:
@@ -58,6 +59,7 @@ def eigen_table(results: dict) -> Table:
 
 
 @command("flatness")
+@source_options  # [ownmodel]
 def flatness_cmd(
     checkpoint: str = typer.Argument(..., help="Checkpoint directory (a run directory means its latest)."),
     top_k: int = typer.Option(5, "--top-k", "-k", help="Eigenvalues at each end."),
@@ -83,10 +85,11 @@ def flatness_cmd(
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the result to this JSON file ('-': stdout)."),
     plot: Optional[str] = typer.Option(None, help="Write the spectrum figure (PNG/SVG/PDF, or .html: interactive); implies --density."),
     trust_remote_code: bool = typer.Option(False, help="Allow a checkpoint's user model factory to be imported."),
+    curvature: str = typer.Option("hessian", help="hessian or ggn (Gauss-Newton: cross-entropy, squared error)."),  # [ownmodel]
 ):
     """Sharpness of the loss at a checkpoint: extreme Hessian eigenvalues (with multiplicities, to --tol), trace
     with error bars."""
-    from landscape import load
+    from .sources import load_target as load
     from landscape.flatness import FlatnessReport, flatness
     from nexus_opt.errors import UserError
 
@@ -105,7 +108,8 @@ def flatness_cmd(
         res = flatness(obj, k=top_k, domain=domain, trace=trace, density=density or bool(plot), seed=seed,
                        backend=backend, which=which, tol=tol, max_hvps=max_hvps, trace_probes=trace_probes,
                        density_probes=density_probes, density_steps=density_steps, train_mode=train_mode,
-                       progress=bar, trace_target=trace_target, trace_max_probes=trace_max_probes)
+                       progress=bar, trace_target=trace_target, trace_max_probes=trace_max_probes,
+                       curvature=curvature)
     results = res.results if isinstance(res, FlatnessReport) else {res.domain: res}
     first = next(iter(results.values()))
     show = console if json_out == "-" else out  # stdout carries only the JSON when it is asked for there

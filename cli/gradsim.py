@@ -7,6 +7,7 @@ import typer
 from rich.columns import Columns
 from rich.table import Table
 
+from .sources import source_options  # [ownmodel]
 from .app import command
 from .common import (MAX_RESAMPLES, analyse_each, check_range, check_output_file, comparison_table, console, figure_formats, out, parse_names,
                      write_results)
@@ -53,6 +54,7 @@ def summary_table(results: list, labels: list[str]) -> Table:
 
 
 @command("gradsim")
+@source_options  # [ownmodel]
 def gradsim_cmd(
     checkpoints: List[str] = typer.Argument(..., help="Checkpoint directories (a run directory means its latest)."),
     seed: int = typer.Option(0, help="Seed of the bootstrap resampling (and of dropout with --train-mode)."),

@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
+from .sources import source_options  # [ownmodel]
 from .app import command
 from .common import MAX_GRID, check_output_dir, check_range, comparison_table, console, out, parse_names
 
@@ -57,6 +58,7 @@ def summary_table(results: list, labels: list[str], level) -> Table:
 
 
 @command("plot-surface")
+@source_options  # [ownmodel]
 def plot_surface_cmd(
     checkpoints: Optional[List[str]] = typer.Argument(None, help="Checkpoint directories (or run directories: latest checkpoint)."),
     plane: str = typer.Option("random", help="random (filter-normalised), domains (theta + two domain minima) or checkpoints (through 2-3 CKPTs)."),
@@ -107,7 +109,7 @@ def plot_surface_cmd(
     else:
         if not checkpoints:
             raise UserError("give at least one checkpoint (or --from RESULT.npz to re-render)")
-        from landscape import load
+        from .sources import load_target as load  # [ownmodel]
 
         common = dict(grid=grid, span=box, seed=seed, domains=parse_names(domains, "--domains"), norm=norm, bias=bias,
                       batch=batch, pair=parse_names(pair, "--pair"), descend_steps=steps)

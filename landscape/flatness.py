@@ -92,9 +92,11 @@ def flatness(obj: Objective, k: int = 5, domain: str | None = None, trace: bool 
              max_hvps: int | None = None, trace_method: str = "hutch++", trace_probes: int | None = None,
              dtype: torch.dtype = torch.float64, train_mode: bool = False, progress: Progress | None = None, *,
              density_probes: int = 4, density_steps: int = 80, mode: str = "double_backward", cache: bool = True,
-             device=None, trace_target: float = 0.01, trace_max_probes: int = 200) -> FlatnessResult | FlatnessReport:
+             device=None, trace_target: float = 0.01, trace_max_probes: int = 200,
+             curvature: str = "hessian") -> FlatnessResult | FlatnessReport:
     """Top/bottom Hessian eigenvalues (to `tol` relative accuracy; default 1e-4, tight on request, e.g. 1e-8),
-    trace and optional spectral density of a domain's loss; `domain='each'` gives a FlatnessReport over every domain.
+    trace and optional spectral density of a domain's loss
+    (`curvature='ggn'`: the Gauss-Newton matrix instead of the Hessian); `domain='each'` gives a FlatnessReport over every domain.
 
     Eigenvalues come with their multiplicities (lanczos and eigsh lock the found ones and verify from a fresh
     start that nothing further out is missing; `dense` is exact for small n). The trace is adaptive by default:
@@ -139,6 +141,8 @@ def flatness(obj: Objective, k: int = 5, domain: str | None = None, trace: bool 
     if trace and trace_probes is None and int(trace_max_probes) < 12:
         raise UserError(f"trace_max_probes must be at least 12, got {trace_max_probes}")
     seed = check_seed(seed, "seed")
+    from .ggn import check_curvature  # [ownmodel]
+    which = check_curvature(curvature, backend, which)  # [ownmodel] GGN is PSD: top end by default
     names = obj.resolve(domain)
     obj.validate(obj.train_domains if names == ["train"] else names, train_mode=train_mode)
     n = obj.num_params()
@@ -152,7 +156,8 @@ def flatness(obj: Objective, k: int = 5, domain: str | None = None, trace: bool 
                              which=which, tol=tol, max_hvps=max_hvps, trace_method=trace_method,
                              trace_probes=trace_probes, density_probes=density_probes, density_steps=density_steps,
                              dtype=dtype, train_mode=train_mode, mode=mode, cache=cache, device=device,
-                             progress=progress, trace_target=trace_target, trace_max_probes=trace_max_probes)
+                             progress=progress, trace_target=trace_target, trace_max_probes=trace_max_probes,
+                             curvature=curvature)
     if domain == "each":
         return FlatnessReport(results=results, hvps=sum(r.hvps["total"] for r in results.values()),
                               wall_time_s=time.perf_counter() - t0)
@@ -161,11 +166,13 @@ def flatness(obj: Objective, k: int = 5, domain: str | None = None, trace: bool 
 
 def _one(obj: Objective, work: Objective, name: str, *, k, trace, density, seed, backend, which, tol, max_hvps,
          trace_method, trace_probes, density_probes, density_steps, dtype, train_mode, mode, cache, device,
-         progress, trace_target=0.01, trace_max_probes=200) -> FlatnessResult:
+         progress, trace_target=0.01, trace_max_probes=200,
+         curvature: str = "hessian") -> FlatnessResult:
     """Flatness of one domain on the private copy `work` (obj itself is only handed to PyHessian)."""
     t_start = time.perf_counter()
-    op = HessianOperator(work, name, dtype=None, mode=mode, train_mode=train_mode, cache=cache, copy=False,
-                         seed=seed)
+    from .ggn import make_operator  # [ownmodel] hessian | ggn, sharded under torch.distributed
+    op = make_operator(work, name, curvature, dtype=None, mode=mode, train_mode=train_mode, cache=cache, copy=False,
+                       seed=seed)
     timings, hvps = {}, {}
 
     def tick(part: str):
@@ -214,7 +221,7 @@ def _one(obj: Objective, work: Objective, name: str, *, k, trace, density, seed,
                 "train_mode": train_mode, "mode": mode, "cache": cache, "device": str(op.device),
                 "trace_method": tr.method if tr else None, "density_probes": density_probes if density else None,
                 "density_steps": density_steps if density else None, "eigen_iterations": eig.iterations,
-                "eigen_restarts": eig.restarts}
+                "eigen_restarts": eig.restarts, "curvature": curvature}
     return FlatnessResult(
         domain=name, num_params=op.n, loss=loss,
         eigenvalues=top[0], residuals=top[1], errors=top[3],

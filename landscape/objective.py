@@ -72,7 +72,13 @@ class Objective:
     # -- parameters ----------------------------------------------------------------------------
     def params(self) -> dict[str, torch.nn.Parameter]:
         """The trainable parameters by name (shared tensors listed once)."""
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        keep = getattr(self, "param_regex", None)  # [ownmodel] set by select(): a parameter subset
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad and (keep is None or keep.search(n))}
+
+    def select(self, regex: str | None) -> "Objective":  # [ownmodel] parameter subsets (landscape.selection)
+        """A view of this objective whose params() are only those whose name matches `regex` (re.search)."""
+        from .selection import select
+        return select(self, regex)
 
     @property
     def device(self) -> torch.device:
@@ -199,8 +205,10 @@ class Objective:
         """A copy with the model (deep-copied) and batches on `device` in `dtype`; self is unchanged."""
         model = copy.deepcopy(self.model).to(device=device, dtype=dtype)
         doms = {d: [move_batch(b, device, dtype) for b in bs] for d, bs in self.domains.items()}
-        return Objective(model, doms, self.loss_fn, train_domains=self.train_domains, weights=self.weights,
-                         ood=self.ood, meta=self.meta)
+        out = Objective(model, doms, self.loss_fn, train_domains=self.train_domains, weights=self.weights,
+                        ood=self.ood, meta=self.meta)
+        out.param_regex = getattr(self, "param_regex", None)  # [ownmodel] keep the parameter subset
+        return out
 
     def describe(self) -> dict:
         """JSON summary: domains, which are trained/OOD, weights, parameter count and checkpoint meta."""

@@ -16,15 +16,21 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
     "$VPY" -m pip install -q "torch==2.13.0"
 fi
 extras=""
-if [ "${1:-}" = "--test" ]; then extras="[test]"; fi
+if [ "${1:-}" = "--test" ]; then extras="[test,hf]"; fi  # the tests use transformers (the hf extra)
+# torch stays the version already installed: the hf extra (transformers) must not upgrade it
+pin=$(mktemp)
+"$VPY" -c "import torch; print('torch==' + torch.__version__)" >"$pin"
 # reuse the venv's setuptools for the editable build when it has one (fast, offline); else pip isolates it
 iso=""
 if "$VPY" -c "import setuptools" >/dev/null 2>&1; then iso="--no-build-isolation"; fi
 log=$(mktemp)
-if ! "$VPY" -m pip install -q $iso -e ".${extras}" >"$log" 2>&1; then
-    cat "$log" >&2; rm -f "$log"; echo "setup: pip install failed" >&2; exit 1
+if ! "$VPY" -m pip install -q $iso -c "$pin" -e ".${extras}" >"$log" 2>&1; then
+    cat "$log" >&2; rm -f "$log" "$pin"; echo "setup: pip install failed" >&2; exit 1
 fi
 rm -f "$log"
+"$VPY" -c "import torch, sys; sys.exit(0 if 'torch==' + torch.__version__ == open('$pin').read().strip() else 1)" \
+    || { echo "setup: torch changed during install (expected $(cat "$pin"))" >&2; rm -f "$pin"; exit 1; }
+rm -f "$pin"
 "$VPY" -c "import nexus_opt, landscape, cli" || { echo "setup: package import failed" >&2; exit 1; }
 if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
     # Headless Chromium renders the demo report in the tests; best effort where apt is available.

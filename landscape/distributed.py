@@ -1,0 +1,161 @@
+"""Curvature and gradients beyond one process: batches sharded across torch.distributed ranks, all-reduced.
+
+Every loss here is a weighted sum of batch terms c_b L_b (Objective.terms). Rank r keeps the terms with
+index = r mod world_size, with their global coefficients, so the all-reduced sum of the ranks' partial
+products, losses and gradients is the one-process value (up to summation order). Every rank then runs the
+same (deterministic) eigensolver on identical products; only rank 0 should write or print.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from nexus_opt.errors import UserError
+
+
+def active() -> bool:
+    """True inside an initialised process group of more than one process."""
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """Rank 0 (or no process group): the one process that writes files and prints tables."""
+    return rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def init_from_env() -> bool:
+    """Initialise the process group from torchrun's environment (gloo on CPU, nccl with CUDA); False if not
+    launched by torchrun or already initialised."""
+    import torch.distributed as dist
+    if not launched_by_torchrun() or not dist.is_available() or dist.is_initialized():
+        return False
+    backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+    if backend == "gloo" and not dist.is_gloo_available():
+        raise UserError("launched by torchrun but torch.distributed has no gloo backend; run without torchrun")
+    dist.init_process_group(backend)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return True
+
+
+def _allreduce(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+    t = t.contiguous()
+    dist.all_reduce(t)
+    return t
+
+
+def shard(terms: list) -> list:
+    """This rank's share of (coefficient, batch) terms, coefficients unchanged."""
+    import torch.distributed as dist
+    r, w = dist.get_rank(), dist.get_world_size()
+    return [t for i, t in enumerate(terms) if i % w == r]
+
+
+class ShardedOperator:
+    """Wraps a curvature operator (HessianOperator or GGNOperator): its terms cut to this rank's share, each
+    product, loss and gradient all-reduced (sum) over ranks."""
+
+    def __init__(self, op):
+        self.op = op
+        op.terms = shard(list(op.terms))
+        op.release()
+
+    def __getattr__(self, name):  # n, dtype, device, domain, hvps, ... come from the wrapped operator
+        return getattr(self.op, name)
+
+    @property
+    def shape(self):
+        return self.op.shape
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return _allreduce(self.op.matvec(v))
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return _allreduce(self.op.matmat(V))
+
+    def __matmul__(self, x):
+        return self.matvec(x) if x.dim() == 1 else self.matmat(x)
+
+    def loss(self) -> float:
+        return float(_allreduce(torch.tensor([self.op.loss()], dtype=torch.float64))[0])
+
+    def gradient(self) -> torch.Tensor:
+        return _allreduce(self.op.gradient())
+
+    def to_dense(self, max_n: int = 20000) -> torch.Tensor:
+        if self.n > max_n:
+            raise UserError(f"dense matrix of {self.n} parameters is too large (limit {max_n}); use Lanczos")
+        M = self.matmat(torch.eye(self.n, dtype=self.dtype, device=self.device))
+        return 0.5 * (M + M.T)
+
+    def to_scipy(self):
+        import numpy as np
+        from scipy.sparse.linalg import LinearOperator
+        np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
+
+        def mv(x):
+            return self.matvec(torch.from_numpy(np.ascontiguousarray(x, dtype=np_dtype)).reshape(-1)).cpu().numpy()
+
+        def mm(X):
+            return self.matmat(torch.from_numpy(np.ascontiguousarray(X, dtype=np_dtype))).cpu().numpy()
+
+        return LinearOperator(self.shape, matvec=mv, rmatvec=mv, matmat=mm, rmatmat=mm, dtype=np_dtype)
+
+    def release(self):
+        self.op.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def shard_operator(op):
+    return ShardedOperator(op)
+
+
+def domain_gradient(obj, domain: str | None) -> tuple[torch.Tensor, float]:
+    """(flat float64 gradient, loss) of a domain's loss, this rank's batches all-reduced: equals
+    landscape.gradsim.domain_gradient on one process."""
+    from .gradsim import batch_gradient
+
+    params = obj.params()
+    g = torch.zeros(sum(p.numel() for p in params.values()), dtype=torch.float64, device=obj.device)
+    loss = 0.0
+    terms = shard(obj.terms(domain)) if active() else obj.terms(domain)
+    with obj.evaluating():
+        for c, b in terms:
+            gb, lb = batch_gradient(obj, b, params)
+            g.add_(gb, alpha=c)
+            loss += c * lb
+    if active():
+        g = _allreduce(g)
+        loss = float(_allreduce(torch.tensor([loss], dtype=torch.float64, device=g.device))[0])
+    return g, loss
+
+
+def gradient_cosines(obj, domains=None) -> dict:
+    """Cosines between full-batch domain gradients, batches sharded over ranks (all-reduced): {"domains",
+    "cosine" (K x K), "norms", "loss"}; the same numbers on every rank."""
+    names = list(obj.domains) if domains is None else list(domains)
+    gs, losses = {}, {}
+    for d in names:
+        gs[d], losses[d] = domain_gradient(obj, d)
+    G = torch.stack([gs[d] for d in names])
+    nrm = G.norm(dim=1)
+    C = (G @ G.T) / torch.outer(nrm, nrm)
+    return {"domains": names, "cosine": C.clamp(-1, 1).tolist(), "norms": dict(zip(names, nrm.tolist())),
+            "loss": losses}

@@ -1,0 +1,219 @@
+"""Generalised Gauss-Newton curvature G = sum_b c_b J_b^T H_b J_b as a linear operator (float64, TF32 off).
+
+J_b is the Jacobian of the model outputs on batch b w.r.t. the parameters (products by torch.func jvp/vjp)
+and H_b the loss's analytic Hessian in the outputs (softmax for cross-entropy, 2/M I for the mean squared
+error). Same interface as HessianOperator (matvec/matmat over flat vectors, n, hvps, loss, to_dense,
+to_scipy, release), so every spectral method takes either. G is positive semi-definite.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from torch.func import functional_call, jvp, vjp
+
+from nexus_opt.errors import UserError
+
+from .hvp import numerics
+from .losses import output_loss
+from .objective import Objective
+from .params import unflatten
+
+CURVATURES = ("hessian", "ggn")
+
+
+class GGNOperator:
+    """The GGN of one domain's loss (None/'train' = training loss), weighted over batches like the loss.
+
+    Works on a private copy of the objective in `dtype` unless copy=False. The loss must expose its outputs
+    (landscape.losses.output_loss); `cache=True` keeps each batch's vjp graph between products.
+    """
+
+    def __init__(self, obj: Objective, domain: str | None = None, dtype: torch.dtype | None = torch.float64,
+                 train_mode: bool = False, *, cache: bool = True, device=None, copy: bool = True, seed: int = 0,
+                 **_ignored):
+        names = obj.resolve(domain)
+        if len(names) != 1:
+            raise UserError("a GGN operator takes one domain (a name or 'train'), not 'each'")
+        self.loss_obj = output_loss(obj.loss_fn)
+        self.domain = names[0]
+        self.obj = obj.to(device=device, dtype=dtype) if copy else obj
+        self.train_mode, self.cache, self.seed = bool(train_mode), bool(cache), int(seed)
+        params = self.obj.params()
+        if not params:
+            raise UserError("the model has no trainable parameters (requires_grad=True); nothing to differentiate")
+        self._theta = {k: p.detach() for k, p in params.items()}
+        self._keys = list(self._theta)
+        first = next(iter(self._theta.values()))
+        self.dtype, self.device = first.dtype, first.device
+        self.n = sum(t.numel() for t in self._theta.values())
+        self.terms = self.obj.terms(self.domain)
+        self.hvps = 0
+        self._vjps: dict[int, tuple] = {}
+        self._vmap_ok = True
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.n)
+
+    @contextlib.contextmanager
+    def _ctx(self):
+        with self.obj.evaluating(self.train_mode), numerics():
+            if not self.train_mode:
+                yield
+                return
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                yield
+
+    def _reseed(self, i: int) -> None:
+        """Train mode: the same dropout masks for batch i in every forward (jvp and the cached vjp)."""
+        if self.train_mode:
+            torch.manual_seed(self.seed * 1_000_003 + i)
+
+    def _f(self, batch):
+        model, lo = self.obj.model, self.loss_obj
+
+        def f(*ps):
+            return lo.outputs(_Bound(model, dict(zip(self._keys, ps))), batch)
+        return f
+
+    def _vjp(self, i: int, batch):
+        if i in self._vjps:
+            return self._vjps[i]
+        self._reseed(i)
+        out, fn = vjp(self._f(batch), *self._theta.values())
+        if self.cache:
+            self._vjps[i] = (out, fn)
+        return out, fn
+
+    def _column(self, v: torch.Tensor) -> torch.Tensor:
+        """G v = sum_b c_b J_b^T H_b J_b v (a pure function of v, so it can be vmapped over columns)."""
+        tangents = tuple(unflatten(v, self._theta).values())
+        primals = tuple(self._theta.values())
+        parts = []
+        for i, (c, batch) in enumerate(self.terms):
+            self._reseed(i)
+            out, jv = jvp(self._f(batch), primals, tangents)
+            u = self.loss_obj.hessian_vp(out, jv, batch)
+            _, fn = self._vjp(i, batch)
+            parts.append(c * torch.cat([t.reshape(-1) for t in fn(u.to(out.dtype))]))
+        return sum(parts) if parts else torch.zeros_like(v)
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """G v for a flat vector v; returns a flat vector on the operator's device."""
+        return self.matmat(v.reshape(-1, 1))[:, 0]
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """G V for an (n, b) block of columns: vmapped over the columns (a loop where vmap is unsupported)."""
+        if V.dim() != 2 or V.shape[0] != self.n:
+            raise UserError(f"GGN products take (n={self.n}, b) blocks, got shape {tuple(V.shape)}")
+        V = V.detach().to(device=self.device, dtype=self.dtype)
+        with self._ctx():
+            for i, (_, batch) in enumerate(self.terms):  # build the cached vjp graphs outside vmap
+                self._vjp(i, batch)
+            out = None
+            if V.shape[1] > 1 and self.cache and self._vmap_ok and not self.train_mode:
+                try:
+                    out = torch.func.vmap(self._column)(V.T.contiguous()).T
+                except (RuntimeError, NotImplementedError, ValueError):
+                    self._vmap_ok = False
+            if out is None:
+                out = torch.stack([self._column(V[:, j]) for j in range(V.shape[1])], dim=1)
+        self.hvps += V.shape[1]
+        return out
+
+    def __matmul__(self, x):
+        return self.matvec(x) if x.dim() == 1 else self.matmat(x)
+
+    def loss(self) -> float:
+        """The loss over the operator's batches (weighted like the curvature)."""
+        total = 0.0
+        with torch.no_grad(), self._ctx():
+            for i, (c, b) in enumerate(self.terms):
+                self._reseed(i)
+                total += c * float(self.obj.functional_loss(self._theta, b))
+        return total
+
+    def gradient(self) -> torch.Tensor:
+        """The flat gradient of the loss (detached)."""
+        total = torch.zeros(self.n, dtype=self.dtype, device=self.device)
+        for i, (c, b) in enumerate(self.terms):
+            leaves = {k: t.detach().requires_grad_(True) for k, t in self._theta.items()}
+            with self._ctx():
+                self._reseed(i)
+                g = torch.autograd.grad(self.obj.functional_loss(leaves, b) * c, list(leaves.values()),
+                                        allow_unused=True)
+            total += torch.cat([(x if x is not None else torch.zeros_like(t)).reshape(-1)
+                                for x, t in zip(g, leaves.values())])
+        return total
+
+    def to_dense(self, max_n: int = 20000) -> torch.Tensor:
+        if self.n > max_n:
+            raise UserError(f"dense GGN of {self.n} parameters is too large (limit {max_n}); use Lanczos")
+        G = self.matmat(torch.eye(self.n, dtype=self.dtype, device=self.device))
+        return 0.5 * (G + G.T)
+
+    def to_scipy(self):
+        from scipy.sparse.linalg import LinearOperator
+
+        np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
+
+        def mv(x):
+            return self.matvec(torch.from_numpy(np.ascontiguousarray(x, dtype=np_dtype)).reshape(-1)).cpu().numpy()
+
+        def mm(X):
+            return self.matmat(torch.from_numpy(np.ascontiguousarray(X, dtype=np_dtype))).cpu().numpy()
+
+        return LinearOperator(self.shape, matvec=mv, rmatvec=mv, matmat=mm, rmatmat=mm, dtype=np_dtype)
+
+    def release(self) -> None:
+        self._vjps = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+class _Bound(torch.nn.Module):
+    """A model called with some parameters replaced (functional_call), so OutputLoss.outputs can call it."""
+
+    def __init__(self, model, params):
+        super().__init__()
+        self._m, self._p = model, params
+
+    def forward(self, *a, **kw):
+        return functional_call(self._m, self._p, a, kw, tie_weights=True, strict=False)
+
+    def parameters(self, recurse: bool = True):
+        yield from self._p.values()
+
+
+def check_curvature(curvature: str, backend: str = "lanczos", which: str = "both") -> str:
+    """Validate a curvature choice for flatness; returns `which` ('both' becomes 'top' for the GGN: it is
+    positive semi-definite and rank-deficient, so its bottom end is a cluster at zero)."""
+    if curvature not in CURVATURES:
+        raise UserError(f"unknown curvature '{curvature}'; choose one of {list(CURVATURES)}")
+    if curvature == "ggn" and backend == "pyhessian":
+        raise UserError("the pyhessian backend computes Hessian products only; use backend lanczos or eigsh with ggn")
+    return "top" if curvature == "ggn" and which == "both" else which
+
+
+def make_operator(obj: Objective, domain: str | None = None, curvature: str = "hessian", **kw):
+    """The curvature operator of a domain: 'hessian' (HessianOperator) or 'ggn' (GGNOperator); under an
+    initialised torch.distributed group of several processes, sharded over ranks and all-reduced."""
+    if curvature not in CURVATURES:
+        raise UserError(f"unknown curvature '{curvature}'; choose one of {list(CURVATURES)}")
+    from . import distributed
+
+    if curvature == "ggn":
+        kw.pop("mode", None)
+        kw.pop("batched", None)
+        kw.pop("max_block", None)
+        op = GGNOperator(obj, domain, **kw)
+    else:
+        from .hvp import HessianOperator
+        op = HessianOperator(obj, domain, **kw)
+    return distributed.shard_operator(op) if distributed.active() else op
