@@ -8,8 +8,7 @@ from rich.table import Table
 
 from .sources import source_options  # [ownmodel]
 from .app import command
-from .common import (analyse_each, check_output_file, comparison_table, console, figure_formats, out, parse_names,
-                     write_results)
+from .common import analyse_each, train_mode_kw, check_output_file, comparison_table, console, figure_formats, parse_names, tables
 
 
 def _g(v, fmt: str = ".4g") -> str:
@@ -66,17 +65,23 @@ def closeness_table(results: list, labels: list[str]) -> Table:
 def closeness_cmd(
     checkpoints: List[str] = typer.Argument(..., help="Checkpoint directories (a run directory means its latest)."),
     optimizer: str = typer.Option("newton-cg", help="Descent: newton-cg (trust-region Newton-CG on exact HVPs, "
-                                                     "default), lbfgs, adam or sgd (full batch)."),
+                                                     "default), lbfgs, adamw or sgd (full batch; 'adam' = adamw "
+                                                     "without weight decay, as before)."),
     max_evals: Optional[int] = typer.Option(None, help="Budget per domain in gradient/HVP/loss evaluations "
                                                        "(default: newton-cg 5000, lbfgs 2000, adam/sgd 300)."),
     rtol: float = typer.Option(1e-8, help="Converged when ||grad|| <= max(rtol * ||grad at the checkpoint||, atol)."),
     atol: float = typer.Option(1e-12, help="Absolute floor of the gradient-norm test."),
-    steps: Optional[int] = typer.Option(None, help="Optional cap on iterations (adam/sgd: steps) per domain."),
+    steps: Optional[int] = typer.Option(None, "--max-steps", "--steps", help="Optional cap on iterations "
+                                                                           "(adamw/sgd: steps) per domain."),
     lr: Optional[float] = typer.Option(None, help="Learning rate of lbfgs (1), adam (1e-3) or sgd (1e-2)."),
     domains: Optional[str] = typer.Option(None, help="Comma-separated domains to descend on (default: trained)."),
     seed: int = typer.Option(0, help="Seed recorded with the result (the descent itself is deterministic)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    json_out: Optional[str] = typer.Option(None, "--json", help="Write all results to this JSON file."),
+    train_mode: bool = typer.Option(False, help="Descend in train mode (dropout, BatchNorm batch statistics); "
+                                                "default eval mode."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write all results as JSON to this file ('-': stdout)."),
+    csv_out: Optional[str] = typer.Option(None, "--csv", help="Write all results as long-format CSV "
+                                                              "(checkpoint,step,domain,metric,value; '-': stdout)."),
     plot: Optional[str] = typer.Option(None, help="Write the closeness figure (PNG, SVG or PDF) to this file."),
     keep_minima: bool = typer.Option(False, help="Store each theta_k* in the JSON (large for big models)."),
     trust_remote_code: bool = typer.Option(False, help="Allow a checkpoint's user model factory to be imported."),
@@ -86,21 +91,27 @@ def closeness_cmd(
     from landscape.closeness import OPTIMIZERS, closeness
     from nexus_opt.errors import UserError
 
+    if optimizer == "adamw" and "adamw" not in OPTIMIZERS:
+        optimizer = "adam"  # one optimizer name across commands (train --optimizer adamw); no decay on a descent
     if optimizer not in OPTIMIZERS:
-        raise UserError(f"unknown optimizer '{optimizer}'; choose one of {list(OPTIMIZERS)}")
+        names = ["adamw" if o == "adam" else o for o in OPTIMIZERS]
+        raise UserError(f"unknown optimizer '{optimizer}'; choose one of {', '.join(names)}")
     if lr is not None and not (0 < lr < float("inf")):
         raise UserError(f"--lr must be a positive finite number, got {lr}")
     check_output_file(json_out, "--json")
+    check_output_file(csv_out, "--csv")
     check_output_file(plot, "--plot", figure_formats() if plot else None)
     doms = parse_names(domains, "--domains")
-    results, labels = analyse_each(
+    mode = train_mode_kw(closeness, train_mode, "closeness")
+    results, labels, steps_at = analyse_each(
         checkpoints, lambda obj, bar: closeness(obj, steps=steps, lr=lr, optimizer=optimizer, domains=doms,
                                                 seed=seed, keep_minima=keep_minima, progress=bar,
-                                                max_evals=max_evals, rtol=rtol, atol=atol),
+                                                max_evals=max_evals, rtol=rtol, atol=atol, **mode),
         device, trust_remote_code)
-    out.print(closeness_table(results, labels))
-    if json_out:
-        write_results("closeness", checkpoints, results, json_out)
+    tables(json_out, csv_out).print(closeness_table(results, labels))
+    from .export import emit
+
+    emit("closeness", [(str(p), s, r.to_dict()) for p, s, r in zip(checkpoints, steps_at, results)], json_out, csv_out)
     if plot:
         from landscape.render.geometry import closeness_figure
         closeness_figure(results, labels, plot)

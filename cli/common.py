@@ -141,10 +141,17 @@ def progress_bar(unit: str = "") -> Iterator:
         yield update
 
 
-def write_results(command: str, checkpoints, results, path) -> None:
-    """The JSON of a multi-checkpoint command: {"command", "results": [{"checkpoint", "result"}]}."""
-    write_json({"command": command, "results": [{"checkpoint": str(p), "result": r.to_dict()}
-                                                for p, r in zip(checkpoints, results)]}, path)
+def write_results(command: str, checkpoints, results, path, steps=None) -> None:
+    """The JSON envelope of a command (see cli/export.py): {"command", "version", "results": [...]}."""
+    from .export import emit
+
+    steps = steps if steps is not None else [None] * len(checkpoints)
+    emit(command, [(str(p), s, r.to_dict()) for p, s, r in zip(checkpoints, steps, results)], json_out=path)
+
+
+def tables(*outputs) -> Console:
+    """Where tables go: stdout, unless a --json/--csv output is '-' (stdout then carries only that)."""
+    return console if any(o == "-" for o in outputs) else out
 
 
 def parse_names(text: Optional[str], option: str) -> Optional[list[str]]:
@@ -159,17 +166,27 @@ def parse_names(text: Optional[str], option: str) -> Optional[list[str]]:
     return names
 
 
-def analyse_each(checkpoints: Sequence[str], analyse: Callable, device: str, trust_remote_code: bool):
-    """Load each checkpoint and run `analyse(obj, progress)` under a progress bar; (results, labels)."""
+def analyse_each(checkpoints: Sequence[str], analyse: Callable, device: str, trust_remote_code: bool,
+                 unit: str = ""):
+    """Load each checkpoint and run `analyse(obj, progress)` under a progress bar; (results, labels, steps)."""
+    from .export import checkpoint_step
     from .sources import load_target as load  # [ownmodel] run dirs and models trained elsewhere
 
-    results, labels = [], []
+    results, labels, steps = [], [], []
     for path in checkpoints:
         obj = load(path, device=device, trust_remote_code=trust_remote_code)
-        with progress_bar() as bar:
+        with progress_bar(unit) as bar:
             results.append(analyse(obj, bar))
         labels.append(label(path))
-    return results, labels
+        steps.append(checkpoint_step(obj))
+        del obj
+    return results, labels, steps
+
+
+def unique_labels(checkpoints: Sequence[str]) -> list[str]:
+    """Short, distinct column names for checkpoints (the full path where two short names would clash)."""
+    short = [label(p) for p in checkpoints]
+    return [str(p) if short.count(s) > 1 else s for p, s in zip(checkpoints, short)]
 
 
 def comparison_table(title: str, results: list, labels: list[str], first: str = "metric"):
@@ -183,3 +200,18 @@ def comparison_table(title: str, results: list, labels: list[str], first: str = 
         t.add_row(name, *[fn(r) for r in results], style=style)
 
     return t, row
+
+
+def train_mode_kw(fn: Callable, train_mode: bool, command: str) -> dict:
+    """{'train_mode': True} for an analyzer that takes it; {} in eval mode; a UserError when the analyzer cannot
+    differentiate in train mode yet (its library function has no train_mode parameter)."""
+    import inspect
+
+    from nexus_opt.errors import UserError
+
+    if not train_mode:
+        return {}
+    if "train_mode" in inspect.signature(fn).parameters:
+        return {"train_mode": True}
+    raise UserError(f"{command} --train-mode: this analyzer evaluates in eval mode only in this version; "
+                    "drop --train-mode")

@@ -1,15 +1,14 @@
 """`landscape flatness`: top/bottom Hessian eigenvalues, trace and spectral density of a checkpoint, per domain."""
 from __future__ import annotations
 
-import json
-import sys
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.table import Table
 
 from .app import command
-from .common import MAX_LANCZOS_STEPS, check_output_file, check_range, console, figure_formats, out, progress_bar, write_json
+from .common import (MAX_LANCZOS_STEPS, check_output_file, check_range, console, figure_formats, parse_names,
+                     progress_bar, tables)
 from .sources import source_options
 
 
@@ -41,9 +40,9 @@ def summary_table(results: dict, title: str) -> Table:
     return t
 
 
-def eigen_table(results: dict) -> Table:
+def eigen_table(results: dict, title: str = "Hessian eigenvalues") -> Table:
     """The eigenvalues, one column per domain: top 1..k (descending) then bottom 1..k (ascending)."""
-    t = Table(title="Hessian eigenvalues", title_style="bold")
+    t = Table(title=title, title_style="bold")
     t.add_column("")
     for name in results:
         t.add_column(name, justify="right")
@@ -61,9 +60,10 @@ def eigen_table(results: dict) -> Table:
 @command("flatness")
 @source_options  # [ownmodel]
 def flatness_cmd(
-    checkpoint: str = typer.Argument(..., help="Checkpoint directory (a run directory means its latest)."),
+    checkpoints: List[str] = typer.Argument(..., help="Checkpoint directories (a run directory means its latest)."),
     top_k: int = typer.Option(5, "--top-k", "-k", help="Eigenvalues at each end."),
-    domain: str = typer.Option("train", help="A domain name, 'each' (every domain) or 'train' (the training loss)."),
+    domains: str = typer.Option("train", "--domains", "--domain", help="'train' (the training loss), 'each' (every "
+                                                                        "domain) or comma-separated domain names."),
     which: str = typer.Option("both", help="both, top or bottom (pyhessian: top only)."),
     trace: bool = typer.Option(True, "--trace/--no-trace", help="Estimate the Hessian trace (Hutch++)."),
     density: bool = typer.Option(False, "--density", help="Estimate the spectral density (stochastic Lanczos)."),
@@ -82,45 +82,74 @@ def flatness_cmd(
     train_mode: bool = typer.Option(False, help="Differentiate in train mode (BatchNorm batch statistics, "
                                                 "dropout with fixed masks); default eval mode."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    json_out: Optional[str] = typer.Option(None, "--json", help="Write the result to this JSON file ('-': stdout)."),
-    plot: Optional[str] = typer.Option(None, help="Write the spectrum figure (PNG/SVG/PDF, or .html: interactive); implies --density."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write all results as JSON to this file ('-': stdout)."),
+    csv_out: Optional[str] = typer.Option(None, "--csv", help="Write all results as long-format CSV "
+                                                              "(checkpoint,step,domain,metric,value; '-': stdout)."),
+    plot: Optional[str] = typer.Option(None, help="Write the spectrum figure (PNG/SVG/PDF, or .html: interactive); "
+                                                  "implies --density. Several checkpoints: one file each, suffixed "
+                                                  "_1, _2, ..."),
     trust_remote_code: bool = typer.Option(False, help="Allow a checkpoint's user model factory to be imported."),
     curvature: str = typer.Option("hessian", help="hessian or ggn (Gauss-Newton: cross-entropy, squared error)."),  # [ownmodel]
 ):
-    """Sharpness of the loss at a checkpoint: extreme Hessian eigenvalues (with multiplicities, to --tol), trace
+    """Sharpness of the loss at each checkpoint: extreme Hessian eigenvalues (with multiplicities, to --tol), trace
     with error bars."""
-    from .sources import load_target as load
-    from landscape.flatness import FlatnessReport, flatness
+    from pathlib import Path
+
+    from landscape.flatness import flatness
     from nexus_opt.errors import UserError
+
+    from .export import checkpoint_step, emit
+    from .sources import load_target as load
 
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
     check_range(density_steps, "--density-steps", 1, MAX_LANCZOS_STEPS, "Lanczos steps")
     check_output_file(json_out, "--json")
+    check_output_file(csv_out, "--csv")
     check_output_file(plot, "--plot", figure_formats(html=True) if plot else None)
     if backend == "pyhessian" and which == "both":
         which = "top"  # power iteration finds the top end only
-    obj = load(checkpoint, device=device, trust_remote_code=trust_remote_code)
-    if (density or plot) and density_steps > obj.num_params():  # Lanczos is exact after n steps
-        console.print(f"--density-steps {density_steps} capped at the model's {obj.num_params()} parameters")
-        density_steps = obj.num_params()
-    with progress_bar("HVPs") as bar:
-        res = flatness(obj, k=top_k, domain=domain, trace=trace, density=density or bool(plot), seed=seed,
-                       backend=backend, which=which, tol=tol, max_hvps=max_hvps, trace_probes=trace_probes,
-                       density_probes=density_probes, density_steps=density_steps, train_mode=train_mode,
-                       progress=bar, trace_target=trace_target, trace_max_probes=trace_max_probes,
-                       curvature=curvature)
-    results = res.results if isinstance(res, FlatnessReport) else {res.domain: res}
-    first = next(iter(results.values()))
-    show = console if json_out == "-" else out  # stdout carries only the JSON when it is asked for there
-    show.print(summary_table(results, f"flatness of {checkpoint} ({first.num_params} parameters, {backend})"))
-    show.print(eigen_table(results))
-    payload = {"command": "flatness", "checkpoint": str(checkpoint), "result": res.to_dict()}
-    if json_out == "-":
-        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
-    elif json_out:
-        write_json(payload, json_out)
-    if plot:
-        from landscape.render.flatness import flatness_figure
-        flatness_figure(res, plot, title=f"Hessian spectrum of {checkpoint}")
-        console.print(f"wrote {plot}")
+    domain = domains.strip()
+    if "," in domain:
+        domain = parse_names(domain, "--domains")
+    matrix = "GGN" if curvature == "ggn" else "Hessian"
+    show = tables(json_out, csv_out)  # stdout carries only the JSON/CSV when it is asked for there
+    entries = []
+    for i, checkpoint in enumerate(checkpoints):
+        obj = load(checkpoint, device=device, trust_remote_code=trust_remote_code)
+        steps = density_steps
+        if (density or plot) and density_steps > obj.num_params():  # Lanczos is exact after n steps
+            console.print(f"--density-steps {density_steps} capped at the model's {obj.num_params()} parameters")
+            steps = obj.num_params()
+        results = {}
+        for name in (domain if isinstance(domain, list) else [domain]):
+            with progress_bar("HVPs") as bar:
+                res = flatness(obj, k=top_k, domain=name, trace=trace, density=density or bool(plot), seed=seed,
+                               backend=backend, which=which, tol=tol, max_hvps=max_hvps, trace_probes=trace_probes,
+                               density_probes=density_probes, density_steps=steps, train_mode=train_mode,
+                               progress=bar, trace_target=trace_target, trace_max_probes=trace_max_probes,
+                               curvature=curvature)
+            results.update(_per_domain(res))
+        if isinstance(domain, list):  # a chosen list of domains: the shape of an 'each' report
+            res = {"results": {n: r.to_dict() for n, r in results.items()}}
+        first = next(iter(results.values()))
+        show.print(summary_table(results, f"flatness of {checkpoint} ({first.num_params} parameters, {backend}, "
+                                          f"{matrix})"))
+        show.print(eigen_table(results, f"{matrix} eigenvalues"))
+        entries.append((str(checkpoint), checkpoint_step(obj), res if isinstance(res, dict) else res.to_dict()))
+        if plot:
+            from landscape.render.flatness import flatness_figure
+
+            target = plot if len(checkpoints) == 1 else str(Path(plot).with_stem(f"{Path(plot).stem}_{i + 1}"))
+            flatness_figure(res, target, title=f"{matrix} spectrum of {checkpoint}")
+            console.print(f"wrote {target}")
+        del obj
+    emit("flatness", entries, json_out, csv_out)
+
+
+def _per_domain(res) -> dict:
+    """domain -> per-domain result, whichever shape the analyzer returns (one domain, or a report of several)."""
+    inner = getattr(res, "results", None)
+    if isinstance(inner, dict):
+        return inner
+    return {res.domain: res}

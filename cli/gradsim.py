@@ -9,8 +9,8 @@ from rich.table import Table
 
 from .sources import source_options  # [ownmodel]
 from .app import command
-from .common import (MAX_RESAMPLES, analyse_each, check_range, check_output_file, comparison_table, console, figure_formats, out, parse_names,
-                     write_results)
+from .common import (MAX_RESAMPLES, analyse_each, check_range, check_output_file, comparison_table, console,
+                     figure_formats, parse_names, tables)
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -62,7 +62,9 @@ def gradsim_cmd(
     domains: Optional[str] = typer.Option(None, help="Comma-separated domains (default: all, OOD included)."),
     train_mode: bool = typer.Option(False, help="Differentiate in train mode (dropout on); default eval mode."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    json_out: Optional[str] = typer.Option(None, "--json", help="Write all results to this JSON file."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write all results as JSON to this file ('-': stdout)."),
+    csv_out: Optional[str] = typer.Option(None, "--csv", help="Write all results as long-format CSV "
+                                                              "(checkpoint,step,domain,metric,value; '-': stdout)."),
     plot: Optional[str] = typer.Option(None, help="Write the heatmap figure (PNG, SVG or PDF) to this file."),
     trust_remote_code: bool = typer.Option(False, help="Allow a checkpoint's user model factory to be imported."),
 ):
@@ -71,16 +73,19 @@ def gradsim_cmd(
 
     check_range(resamples, "--resamples", 0, MAX_RESAMPLES, "the bootstrap error is settled long before")
     check_output_file(json_out, "--json")
+    check_output_file(csv_out, "--csv")
     check_output_file(plot, "--plot", figure_formats() if plot else None)
     doms = parse_names(domains, "--domains")
-    results, labels = analyse_each(
+    results, labels, steps = analyse_each(
         checkpoints, lambda obj, bar: gradient_similarity(obj, seed=seed, domains=doms, resamples=resamples,
                                                           train_mode=train_mode, progress=bar),
         device, trust_remote_code)
-    out.print(Columns([cosine_table(r, lab) for r, lab in zip(results, labels)], padding=(0, 3)))
-    out.print(summary_table(results, labels))
-    if json_out:
-        write_results("gradsim", checkpoints, results, json_out)
+    show = tables(json_out, csv_out)
+    show.print(Columns([cosine_table(r, lab) for r, lab in zip(results, labels)], padding=(0, 3)))
+    show.print(summary_table(results, labels))
+    from .export import emit
+
+    emit("gradsim", [(str(p), s, r.to_dict()) for p, s, r in zip(checkpoints, steps, results)], json_out, csv_out)
     if plot:
         from landscape.render.geometry import gradsim_figure
         gradsim_figure(results, labels, plot)

@@ -36,7 +36,7 @@ _PARAMS = [
     ("data_seed", int, typer.Option(0, "--data-seed", help="Seed of the held-out windows/examples of --data domains.")),
     ("loss", str, typer.Option("auto", "--loss", help="Loss of a factory model: auto, lm, mse or ce.")),
 ]
-_OUTPUTS = ("json_out", "plot")
+_OUTPUTS = ("json_out", "csv_out", "plot")
 
 
 def source_options(fn):
