@@ -11,7 +11,33 @@ from rich.table import Table
 
 from .sources import source_options  # [ownmodel]
 from .app import command
-from .common import MAX_GRID, check_output_dir, check_range, comparison_table, console, out, parse_names
+from .common import (MAX_GRID, check_output_dir, check_output_file, check_range, comparison_table, console,
+                     parse_names, tables, train_mode_kw)
+
+FIGURE_EXTS = ("png", "svg", "pdf", "html")
+
+
+def surface_summary(r, level=None, files=()) -> dict:
+    """The JSON/CSV record of a surface (the full grids stay in its .npz): plane, grid, span, points, their
+    losses and distances from the plane, each domain's grid minimum, the common low-loss region, timing."""
+    import numpy as np
+
+    from landscape.render.surface import common_region, resolve_levels
+
+    levels = resolve_levels(r, level)
+    grid_min = {}
+    for d in r.losses:
+        z = np.asarray(r.losses[d], dtype=float)
+        if np.isfinite(z).any():
+            a, b, v = r.grid_minimum(d)
+            grid_min[d] = {"d1": a, "d2": b, "loss": v}
+    x, y = np.asarray(r.x, dtype=float), np.asarray(r.y, dtype=float)
+    return {"plane": r.plane, "grid": [int(len(x)), int(len(y))],
+            "span": [float(x.min()), float(x.max()), float(y.min()), float(y.max())],
+            "domains": list(r.domains), "ood": list(r.ood), "points": r.points, "offplane": r.offplane,
+            "point_losses": r.point_losses, "grid_minimum": grid_min, "level": levels,
+            "common_region": common_region(r, levels), "timing": r.timing, "seed": r.seed,
+            "files": [str(f) for f in files]}
 
 
 def parse_span(text: Optional[str]):
@@ -68,13 +94,22 @@ def plot_surface_cmd(
     domains: Optional[str] = typer.Option(None, help="Comma-separated domains to evaluate (default: all, OOD included)."),
     pair: Optional[str] = typer.Option(None, help="The two domains whose minima span the domains plane (default: first two trained)."),
     level: Optional[str] = typer.Option(None, help="Low-loss level of the overlay: 'rel:E' (min_d + E*train(theta); default rel:0.1), a number X (min_d + X) or 'theta:E'."),
-    out_dir: str = typer.Option("surface", "--out", help="Output directory."),
+    out_dir: str = typer.Option("surface", "--out", help="Output directory, or a figure file (.png/.svg/.pdf/.html): "
+                                                         "then the main figure is written exactly there (several "
+                                                         "checkpoints: NAME_1.png ..., NAME.png compares them)."),
+    plot: Optional[str] = typer.Option(None, "--plot", help="The main figure file (.png/.svg/.pdf/.html); same as "
+                                                            "--out with a file name."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write a summary of every surface as JSON ('-': "
+                                                                "stdout); the grids stay in the .npz files."),
+    csv_out: Optional[str] = typer.Option(None, "--csv", help="Write the summaries as long-format CSV "
+                                                              "(checkpoint,step,domain,metric,value; '-': stdout)."),
+    train_mode: bool = typer.Option(False, help="Evaluate in train mode; default eval mode."),
     from_: Optional[List[str]] = typer.Option(None, "--from", help="Re-render saved surface .npz file(s) without recomputing (repeatable)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     batch: str = typer.Option("auto", help="auto (vmap on CUDA, the measured faster mode elsewhere), vmap or loop."),
     norm: str = typer.Option("filter", help="Random-direction normalisation: filter, layer or none."),
     bias: str = typer.Option("zero", help="1-D parameters (biases, norms) in random directions: zero or filter."),
-    steps: int = typer.Option(300, help="Descent steps per domain minimum (domains plane)."),
+    steps: int = typer.Option(300, "--descent-steps", "--steps", help="Descent steps per domain minimum (domains plane)."),
     kind: str = typer.Option("filled", help="Panels: filled, contour or surface (3-D)."),
     trust_remote_code: bool = typer.Option(False, help="Allow a checkpoint's user model factory to be imported."),
 ):
@@ -92,20 +127,35 @@ def plot_surface_cmd(
     if kind not in ("filled", "contour", "surface"):
         raise UserError(f"unknown --kind '{kind}'; choose filled, contour or surface")
     check_range(grid, "--grid", 2, MAX_GRID, "points per side (the surface costs grid^2 loss evaluations)")
-    check_range(steps, "--steps", 0, 10 ** 6, "descent steps per domain minimum")
+    check_range(steps, "--descent-steps", 0, 10 ** 6, "descent steps per domain minimum")
     box = parse_span(span)
     parse_level(level)  # a bad --level is refused now, not after the surface was computed
+    if plot is None and Path(out_dir).suffix.lower().lstrip(".") in FIGURE_EXTS:
+        plot = out_dir  # --out x.png: that file, not a directory named x.png
+    if plot is not None:
+        check_output_file(plot, "--plot", list(FIGURE_EXTS))
+        out_dir = str(Path(plot).parent)
     check_output_dir(out_dir, "--out")
+    check_output_file(json_out, "--json")
+    check_output_file(csv_out, "--csv")
+    mode = train_mode_kw(surface, train_mode, "plot-surface")
     outd = Path(out_dir)
+    base = Path(plot).stem if plot else "surface"
+    formats = ([Path(plot).suffix.lower().lstrip(".")] if plot else ["png", "svg"])
+    formats = [f for f in formats if f != "html"]
     written: list[Path] = []
-    results, labels, stems = [], [], []
+    results, labels, stems, sources, steps_at = [], [], [], [], []
+    from .export import checkpoint_step, emit
     if from_:
         if checkpoints:
             raise UserError("give checkpoints or --from result files, not both")
         for f in from_:
             results.append(SurfaceResult.load(f))
             labels.append(label(f))
-            stems.append(outd / Path(f).stem)
+            stems.append(outd / (Path(f).stem if not plot else
+                                 (base if len(from_) == 1 else f"{base}_{len(stems) + 1}")))
+            sources.append(str(results[-1].meta.get("path") or f))
+            steps_at.append(results[-1].meta.get("step"))
     else:
         if not checkpoints:
             raise UserError("give at least one checkpoint (or --from RESULT.npz to re-render)")
@@ -118,22 +168,27 @@ def plot_surface_cmd(
                 raise UserError(f"--plane checkpoints needs 2 or 3 checkpoints, got {len(checkpoints)}")
             objs = [load(p, device=device, trust_remote_code=trust_remote_code) for p in checkpoints]
             labs = [label(p) for p in checkpoints]
-            npz = outd / "surface.npz"
+            npz = outd / f"{base}.npz"
             with progress_bar() as bar:
                 results.append(surface(objs[0], plane="checkpoints", others=objs[1:], labels=labs, out=npz,
-                                       progress=bar, **common))
+                                       progress=bar, **common, **mode))
             labels.append(" vs ".join(labs))
-            stems.append(outd / "surface")
+            stems.append(outd / base)
+            sources.append(" ".join(str(p) for p in checkpoints))
+            steps_at.append(checkpoint_step(objs[0]))
             written.append(npz)
         else:
             single = len(checkpoints) == 1
             for i, p in enumerate(checkpoints):
                 obj = load(p, device=device, trust_remote_code=trust_remote_code)
-                stem = outd / ("surface" if single else f"surface_{i + 1}_{_slug(label(p))}")
+                stem = outd / (base if single else (f"{base}_{i + 1}" if plot else
+                                                    f"{base}_{i + 1}_{_slug(label(p))}"))
                 npz = stem.with_name(stem.name + ".npz")
                 with progress_bar() as bar:
-                    results.append(surface(obj, plane=plane, out=npz, progress=bar, **common))
+                    results.append(surface(obj, plane=plane, out=npz, progress=bar, **common, **mode))
                 labels.append(label(p))
+                sources.append(str(p))
+                steps_at.append(checkpoint_step(obj))
                 stems.append(stem)
                 written.append(npz)
                 del obj
@@ -143,14 +198,19 @@ def plot_surface_cmd(
     results = [mask_nonfinite(r) for r in results]  # a diverging corner is drawn masked; an all-NaN surface refused
     for lab, n in bad:
         console.print(f"[yellow]{lab}: {n} non-finite grid cell(s) drawn masked[/yellow]")
+    per_result = []
     for r, stem in zip(results, stems):
-        written += write_figures(r, stem, level=level, kind=kind)
+        files = write_figures(r, stem, formats=formats, level=level, kind=kind)
+        per_result.append(files)
+        written += files
     if len(results) > 1:
         fig = compare_figure(results, labels, level=level)
-        for ext in ("png", "svg"):
-            p = outd / f"surface_compare.{ext}"
+        for ext in formats:
+            p = Path(plot) if plot else outd / f"surface_compare.{ext}"
             _save(fig, p)
             written.append(p)
-    console.print(summary_table(results, labels, level))
+    tables(json_out, csv_out).print(summary_table(results, labels, level))
     for p in written:
-        out.print(f"wrote {p}")
+        console.print(f"wrote {p}")
+    emit("plot-surface", [(src, s, surface_summary(r, level, files)) for src, s, r, files
+                          in zip(sources, steps_at, results, per_result)], json_out, csv_out)
