@@ -273,12 +273,13 @@ def test_cli_flatness(tmp_path, tiny_mix_run):
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
     assert data["command"] == "flatness"
-    rep = FlatnessReport.from_dict(data["result"])
+    assert data["results"][0]["checkpoint"] == str(tiny_mix_run.path) and data["results"][0]["step"] is not None
+    rep = FlatnessReport.from_dict(data["results"][0]["result"])
     assert set(rep.results) == {"a", "b", "c", "ood"} and all(r.converged for r in rep.results.values())
     assert rep.results["a"].density is not None and (tmp_path / "flat.png").stat().st_size > 1000
     res = invoke_cli("flatness", tiny_mix_run.path, "-k", "1", "--no-trace", "--backend", "pyhessian", "--json", "-")
     assert res.exit_code == 0, res.output
-    payload = json.loads(res.stdout)  # with --json -, stdout is only the JSON
+    payload = json.loads(res.stdout)["results"][0]  # with --json -, stdout is only the JSON
     assert payload["result"]["backend"] == "pyhessian" and payload["result"]["bottom_eigenvalues"] is None
     res = invoke_cli("flatness", tiny_mix_run.path, "--domain", "nope")
     assert_one_line_error(res.exit_code, res.stderr, contains="unknown domain")

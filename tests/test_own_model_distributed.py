@@ -121,6 +121,6 @@ def test_cli_under_torchrun_writes_from_rank0_only(tmp_path):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.count("Hessian eigenvalues") == 1  # rank 0 prints, rank 1 does not
-    a = json.loads((tmp_path / "one.json").read_text())["result"]
-    b = json.loads((tmp_path / "two.json").read_text())["result"]
+    a = json.loads((tmp_path / "one.json").read_text())["results"][0]["result"]
+    b = json.loads((tmp_path / "two.json").read_text())["results"][0]["result"]
     assert _close(b["eigenvalues"], a["eigenvalues"]) and abs(a["loss"] - b["loss"]) < 1e-10

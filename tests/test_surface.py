@@ -450,7 +450,7 @@ def test_cli_plot_surface(tiny_mix_run, tmp_path):
     for stem in ("surface_1_run-ckpt-000002", "surface_2_run-ckpt-000006"):
         assert {stem + e for e in (".npz", ".png", ".svg", "_overlay.png", "_overlay.svg", ".html")} <= names
     assert {"surface_compare.png", "surface_compare.svg"} <= names
-    assert "wrote" in res.stdout
+    assert "wrote" in res.stderr and "loss surfaces" in res.stdout  # tables on stdout, logs on stderr
     r = SurfaceResult.load(out / "surface_1_run-ckpt-000002.npz")
     assert set(r.domains) == {"a", "b"} and r.meta["step"] == 2 and r.settings["grid"] == [4, 4]
     res = invoke_cli("plot-surface", "--from", out / "surface_1_run-ckpt-000002.npz", "--out", tmp_path / "re",

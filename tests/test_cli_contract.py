@@ -1,0 +1,104 @@
+"""One CLI contract for every analyzer command: `--json -` is one JSON envelope on stdout (command, version, each
+checkpoint's path and step), `--csv -` is a long-format CSV on stdout, tables go to stderr then."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+
+from conftest import invoke_cli, tiny_config
+from nexus_opt import __version__
+
+COLUMNS = ["checkpoint", "step", "domain", "metric", "value"]
+TINY = {
+    "flatness": ["-k", "1", "--trace-probes", "4", "--which", "top"],
+    "gradsim": ["--resamples", "2"],
+    "closeness": ["--max-steps", "5", "--optimizer", "adamw"],
+    "plot-surface": ["--grid", "3"],
+}
+
+
+@pytest.fixture(scope="module")
+def bowls(tmp_path_factory):
+    """A 2-step run of the 2-D bowls (checkpoints at steps 0 and 2): every analyzer on it takes a blink."""
+    from nexus_opt.train import train
+
+    out = tmp_path_factory.mktemp("contract") / "run"
+    train(tiny_config(dict(suite="bowls", steps=2, batch_size=2, accum=1, warmup=1, eval_every=1, ckpt_every=2,
+                           seed=0, device="cpu"), out))
+    return out
+
+
+def _args(command, run, tmp_path):
+    extra = ["--out", str(tmp_path / "surf")] if command == "plot-surface" else []
+    return [command, str(run / "ckpt-000000"), str(run), "--device", "cpu", *TINY[command], *extra]
+
+
+@pytest.mark.parametrize("command", list(TINY))
+def test_json_stdout_is_one_envelope(command, bowls, tmp_path):
+    r = invoke_cli(*_args(command, bowls, tmp_path), "--json", "-")
+    assert r.exit_code == 0, r.stderr
+    data = json.loads(r.stdout)  # stdout carries only the JSON: the tables went to stderr
+    assert data["command"] == command and data["version"] == __version__
+    assert [e["checkpoint"] for e in data["results"]] == [str(bowls / "ckpt-000000"), str(bowls)]
+    assert [e["step"] for e in data["results"]] == [0, 2]
+    assert all(isinstance(e["result"], dict) and e["result"] for e in data["results"])
+    assert r.stderr.strip()  # the table is still shown, on stderr
+
+
+@pytest.mark.parametrize("command", list(TINY))
+def test_csv_stdout_is_long_format(command, bowls, tmp_path):
+    r = invoke_cli(*_args(command, bowls, tmp_path), "--csv", "-")
+    assert r.exit_code == 0, r.stderr
+    reader = csv.DictReader(io.StringIO(r.stdout))
+    rows = list(reader)
+    assert reader.fieldnames == COLUMNS and rows
+    assert {row["checkpoint"] for row in rows} == {str(bowls / "ckpt-000000"), str(bowls)}
+    assert {row["step"] for row in rows} == {"0", "2"}
+    for row in rows:
+        if row["value"]:
+            float(row["value"])  # every value is a number (or empty: not measured / not converged)
+    assert any(row["domain"] in ("bowl0", "bowl1", "train") for row in rows)  # per-domain metrics carry their domain
+
+
+def test_json_and_csv_files_and_table_on_stdout(bowls, tmp_path):
+    r = invoke_cli("gradsim", str(bowls), "--resamples", "2", "--device", "cpu", "--json", tmp_path / "g.json",
+                   "--csv", tmp_path / "g.csv")
+    assert r.exit_code == 0, r.stderr
+    assert "gradient similarity summary" in r.stdout and "wrote" in r.stderr and "wrote" not in r.stdout
+    assert json.loads((tmp_path / "g.json").read_text())["results"][0]["step"] == 2
+    rows = list(csv.DictReader((tmp_path / "g.csv").open()))
+    cos = {(x["domain"], x["metric"]): float(x["value"]) for x in rows if x["metric"].startswith("cosine.")}
+    data = json.loads((tmp_path / "g.json").read_text())["results"][0]["result"]
+    i, j = data["domains"].index("bowl0"), data["domains"].index("bowl1")
+    assert cos[("bowl0", "cosine.bowl1")] == pytest.approx(data["cosine"][i][j])
+
+
+def test_plot_surface_out_file_is_that_file(bowls, tmp_path):
+    target = tmp_path / "fig" / "x.png"
+    r = invoke_cli("plot-surface", str(bowls), "--grid", "3", "--device", "cpu", "--out", target)
+    assert r.exit_code == 0, r.stderr
+    assert target.is_file() and target.stat().st_size > 1000
+    assert (tmp_path / "fig" / "x.npz").is_file() and "loss surfaces" in r.stdout
+
+
+def test_flatness_domains_list_and_ggn_title(bowls, tmp_path):
+    r = invoke_cli("flatness", str(bowls), "--domains", "bowl0,bowl1", "-k", "1", "--no-trace", "--which", "top",
+                   "--device", "cpu", "--json", "-")
+    assert r.exit_code == 0, r.stderr
+    res = json.loads(r.stdout)["results"][0]["result"]
+    assert set(res["results"]) == {"bowl0", "bowl1"}
+    assert "Hessian eigenvalues" in r.stderr
+
+
+def test_flatten_is_generic():
+    from cli.export import flatten
+
+    rows = flatten({"domains": ["a", "b"], "cosine": [[1.0, 0.5], [0.5, 1.0]], "loss": {"a": 1.0, "b": None},
+                    "converged": {"a": True, "b": False}, "spread": 0.25, "eigenvalues": [3.0, 2.0],
+                    "settings": {"grid": 5}, "note": "text"})
+    assert ("a", "cosine.b", "0.5") in rows and ("b", "loss", "") in rows and ("a", "converged", "1") in rows
+    assert ("", "spread", "0.25") in rows and ("", "eigenvalues.1", "2.0") in rows
+    assert not any("settings" in m or "note" in m for _, m, _ in rows)
