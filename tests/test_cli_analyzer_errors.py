@@ -113,7 +113,7 @@ SURFACE = [
     ("no-domain", ["{run}", "--domains", ","], "names no domain"),
     ("pair-of-one", ["{run}", "--plane", "domains", "--pair", "a"], "two distinct domains"),
     ("pair-repeated", ["{run}", "--plane", "domains", "--pair", "a,a"], "two distinct domains"),
-    ("domains-plane-zero-steps", ["{run}", "--plane", "domains", "--steps", "0"], "--descent-steps"),
+    ("domains-plane-zero-steps", ["{run}", "--plane", "domains", "--steps", "0"], "--steps"),
     ("level-malformed", ["{run}", "--level", "abc"], "level"),
     ("level-negative", ["{run}", "--level", "rel:-1"], "level"),
     ("level-nan", ["{run}", "--level", "nan"], "level"),

@@ -24,6 +24,11 @@ def _domains(result) -> dict[str, dict]:
     return {d["domain"]: d}
 
 
+def _matrix(title) -> str:
+    """'GGN' when the title says the figure is of the Gauss-Newton matrix, else 'Hessian'."""
+    return "GGN" if title and "GGN" in title else "Hessian"
+
+
 def _floor(values: np.ndarray) -> float:
     """The lowest density shown on the log axis: 1e-6 of the peak (Gaussian tails below it are cut)."""
     top = float(np.max(values)) if values.size else 1.0
@@ -34,7 +39,7 @@ def flatness_figure(result, path: str | Path | None = None, title: str | None = 
     """Spectral density per domain (log y; overlaid when several) with the top eigenvalues as dashed lines and
     the bottom ones dotted; without a density, the eigenvalues on one axis per domain."""
     doms = _domains(result)
-    fig = Figure(figsize=(7.5, 4.2))
+    fig = Figure(figsize=(7.5, 4.2), layout="constrained")
     ax = fig.subplots()
     has_density = any(r.get("density") for r in doms.values())
     floor = _floor(np.concatenate([np.asarray(r["density"]["values"]) for r in doms.values() if r.get("density")])
@@ -60,11 +65,15 @@ def flatness_figure(result, path: str | Path | None = None, title: str | None = 
     else:
         ax.set_yticks(range(len(doms)), list(doms))
         ax.set_ylim(-0.8, len(doms) - 0.2)
-    ax.set_xlabel("Hessian eigenvalue")
-    ax.set_title(title or "Hessian spectrum: dashed = top eigenvalues, dotted = bottom")
-    ax.legend(fontsize=8, loc="upper right")
+    from matplotlib.lines import Line2D
+
+    ax.set_xlabel(f"{_matrix(title)} eigenvalue λ")
+    ax.set_title(title or "Hessian spectrum")
+    handles, _ = ax.get_legend_handles_labels()
+    handles += [Line2D([], [], color="0.3", ls="--", lw=0.8, label="top eigenvalues"),
+                Line2D([], [], color="0.3", ls=":", lw=0.8, label="bottom eigenvalues")]
+    ax.legend(handles=handles, fontsize=8, loc="upper right")
     ax.grid(alpha=0.25)
-    fig.tight_layout()
     if path is not None:
         if str(path).lower().endswith(".html"):
             flatness_html(result, path, title)
@@ -94,8 +103,11 @@ def flatness_html_figure(result, title: str | None = None):
             xs = (r.get("eigenvalues") or []) + (r.get("bottom_eigenvalues") or [])
             fig.add_trace(go.Scatter(x=xs, y=[name] * len(xs), mode="markers", name=name,
                                      marker={"color": c, "symbol": "line-ns-open", "size": 18}))
-    fig.update_layout(title=title or "Hessian spectrum: dashed = top eigenvalues, dotted = bottom",
-                      xaxis_title="Hessian eigenvalue", template="plotly_white")
+    for dash, what in (("dash", "top eigenvalues"), ("dot", "bottom eigenvalues")):  # legend of the line styles
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=what,
+                                 line={"color": "#555", "dash": dash, "width": 1}))
+    fig.update_layout(title=title or "Hessian spectrum", xaxis_title=f"{_matrix(title)} eigenvalue λ",
+                      template="plotly_white")
     if has_density:
         fig.update_yaxes(type="log", title="spectral density (log)")
     return fig

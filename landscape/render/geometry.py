@@ -51,7 +51,7 @@ def gradsim_figure(results: Sequence, labels: Sequence[str] | None = None, path:
     n = len(rs)
     k = max(len(r["domains"]) for r in rs)
     cell = 0.85 if k > 3 else 1.1
-    fig = Figure(figsize=(max(3.2, cell * k + 1.6) * n, max(3.0, cell * k + 1.3)))
+    fig = Figure(figsize=(max(3.2, cell * k + 1.6) * n + 1.2, max(3.0, cell * k + 1.3)), layout="constrained")
     axes = fig.subplots(1, n, squeeze=False)
     im = None
     for ax, r, lab in zip(axes[0], rs, labels):
@@ -73,8 +73,10 @@ def gradsim_figure(results: Sequence, labels: Sequence[str] | None = None, path:
                         txt += f"\n±{se[i, j]:.2f}"
                 ax.text(j, i, txt, ha="center", va="center", fontsize=7 if k > 4 else 8,
                         color="black" if i == j else _text_color(cos[i, j], 1.0))
-        ax.set_xticks(range(len(doms)), doms, rotation=45, ha="right")
+        ax.set_xticks(range(len(doms)), doms, rotation=45, ha="right", rotation_mode="anchor")
         ax.set_yticks(range(len(doms)), doms)
+        ax.set_xlabel("domain j", fontsize=8)
+        ax.set_ylabel("domain i", fontsize=8)
         sub = []
         if r.get("mean_offdiag_cosine") is not None:
             sub.append(f"mean cos {r['mean_offdiag_cosine']:.3f}")
@@ -83,7 +85,7 @@ def gradsim_figure(results: Sequence, labels: Sequence[str] | None = None, path:
         if r.get("loss", {}).get("train") is not None:
             sub.append(f"train loss {r['loss']['train']:.4f}")
         ax.set_title(lab + ("\n" + ", ".join(sub) if sub else ""), fontsize=9)
-    fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="cosine of domain gradients")
+    fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="cos(g_i, g_j) of domain gradients")
     fig.suptitle("gradient similarity (diagonal: split-half noise floor)", fontsize=10)
     return _save(fig, path)
 
@@ -97,7 +99,7 @@ def closeness_figure(results: Sequence, labels: Sequence[str] | None = None, pat
     k = max(len(r["domains"]) for r in rs)
     c = max(len(r["columns"]) for r in rs)
     w = max(3.6, 0.9 * max(k, c) + 1.8)
-    fig = Figure(figsize=(w * n, 3.2 + 2 * max(3.0, 0.8 * k + 1.4)))
+    fig = Figure(figsize=(w * n, 3.2 + 2 * max(3.0, 0.8 * k + 1.4)), layout="constrained")
     axes = fig.subplots(3, n, squeeze=False, gridspec_kw={"height_ratios": [0.8, 1, 1]})
     dmax = max(max((r["distance"][d]["raw"] or 0.0) for d in r["domains"]) for r in rs) or 1.0
     pws = [_arr(r.get("pairwise") or [[None] * len(r["domains"])] * len(r["domains"])) for r in rs]
@@ -114,7 +116,8 @@ def closeness_figure(results: Sequence, labels: Sequence[str] | None = None, pat
                         (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(doms)), doms, rotation=30, ha="right")
         ax.set_ylim(0, dmax * 1.35)
-        ax.set_ylabel("||θ − θ_k*||")
+        ax.set_ylabel("distance ||θ − θ_k*||")
+        ax.set_xlabel("domain k", fontsize=8)
         bound = r.get("bound", {})
         sub = [f"σ² {r['spread']:.3g}" if r.get("spread") is not None else "σ² n/a (not converged)",
                f"mean sq dist {r['mean_sq_distance']:.3g}" if r.get("mean_sq_distance") is not None else "n/a"]
@@ -129,12 +132,14 @@ def closeness_figure(results: Sequence, labels: Sequence[str] | None = None, pat
         im1 = ax.imshow(pw, cmap="viridis", vmin=0, vmax=pmax)
         for i in range(len(doms)):
             for j in range(len(doms)):
-                ax.text(j, i, f"{pw[i, j]:.3g}", ha="center", va="center", fontsize=7,
+                ax.text(j, i, "n/a" if np.isnan(pw[i, j]) else f"{pw[i, j]:.3g}", ha="center", va="center", fontsize=7,
                         color="white" if pw[i, j] < 0.6 * pmax else "black")
         ax.set_xticks(range(len(doms)), doms, rotation=30, ha="right")
         ax.set_yticks(range(len(doms)), doms)
-        ax.set_title("||θ_i* − θ_j*||", fontsize=8)
-        fig.colorbar(im1, ax=ax, shrink=0.8)
+        ax.set_title("||θ_i* − θ_j*|| (n/a: a descent did not converge)", fontsize=8)
+        ax.set_xlabel("minimum of domain j", fontsize=8)
+        ax.set_ylabel("minimum of domain i", fontsize=8)
+        fig.colorbar(im1, ax=ax, shrink=0.8, label="parameter distance ||θ_i* − θ_j*||")
 
         ax = axes[2][col]
         cl = _arr([row if row is not None else [None] * len(cols) for row in (r.get("cross_loss") or [None] * len(doms))])
@@ -143,14 +148,15 @@ def closeness_figure(results: Sequence, labels: Sequence[str] | None = None, pat
         lo = np.nanmin(cl) if np.isfinite(cl).any() else 0.0
         for i in range(len(doms)):
             for j in range(len(cols)):
-                ax.text(j, i, f"{cl[i, j]:.3g}", ha="center", va="center", fontsize=7,
+                ax.text(j, i, "n/a" if np.isnan(cl[i, j]) else f"{cl[i, j]:.3g}", ha="center", va="center", fontsize=7,
                         color="white" if cl[i, j] > lo + 0.6 * (hi - lo) else "black")
         ood = set(r.get("ood", []))
         ax.set_xticks(range(len(cols)), [cname + (" (OOD)" if cname in ood else "") for cname in cols],
                       rotation=30, ha="right")
         ax.set_yticks(range(len(doms)), [f"θ*_{d}" for d in doms])
         ax.set_title("cross-loss L_j(θ_i*)", fontsize=8)
-        fig.colorbar(im2, ax=ax, shrink=0.8)
+        ax.set_xlabel("loss of domain j", fontsize=8)
+        ax.set_ylabel("at the minimum of domain i", fontsize=8)
+        fig.colorbar(im2, ax=ax, shrink=0.8, label="loss L_j(θ_i*)")
     fig.suptitle("closeness of per-domain minima (gray bars: descent not converged)", fontsize=10)
-    fig.tight_layout()
     return _save(fig, path)

@@ -120,6 +120,11 @@ def _mark_points(ax, r, colors: Mapping[str, str], legend: bool = True) -> None:
     (projected onto it) are drawn hollow."""
     scale = max([abs(v) for ab in r.points.values() for v in ab] + [1.0]) * float(
         (r.normalization or {}).get("d1_norm") or 1.0)
+    pts = np.array(list(r.points.values()), dtype=float).reshape(-1, 2)
+    center = pts.mean(axis=0) if len(pts) else np.zeros(2)
+    extent = np.ptp(pts, axis=0) if len(pts) > 1 else np.ones(2)
+    extent = np.where(extent > 0, extent, 1.0)
+    placed: list[np.ndarray] = []
     for name, (a, b) in r.points.items():
         off = float((r.offplane or {}).get(name) or 0.0) > 1e-6 * scale
         if name.startswith("min:"):
@@ -130,7 +135,25 @@ def _mark_points(ax, r, colors: Mapping[str, str], legend: bool = True) -> None:
         else:
             ax.plot(a, b, marker="X" if name == "theta" else "o", ms=9, color="k", mec="k" if off else "w", ls="none",
                     mfc="none" if off else "k", label=name if legend else None)
-            ax.annotate(name, (a, b), textcoords="offset points", xytext=(5, 5), fontsize=7)
+            ax.annotate(name, (a, b), textcoords="offset points", xytext=_label_offset((a, b), center, extent, placed),
+                        fontsize=7, ha="center", va="center",
+                        arrowprops=dict(arrowstyle="-", color="0.35", lw=0.5, shrinkA=0, shrinkB=3))
+
+
+def _label_offset(ab, center, extent, placed: list, radius: float = 22.0) -> tuple[float, float]:
+    """A label offset (points) pointing away from the centre of the marked points, turned until it is clear of
+    the labels already placed: a simple repulsion that keeps labels of nearby points apart (leader lines join)."""
+    v = (np.asarray(ab, dtype=float) - center) / extent
+    angle = float(np.arctan2(v[1], v[0])) if np.hypot(*v) > 1e-9 else np.pi / 4
+    pos = np.asarray(ab, dtype=float) / extent * 200.0  # the point, roughly in points on a 200-point-wide axes
+    for turn in (0, 1, -1, 2, -2, 3, -3, 4):
+        th = angle + turn * np.pi / 4
+        off = np.array([np.cos(th), np.sin(th)]) * radius
+        spot = pos + off
+        if all(np.hypot(*(spot - q)) > 14.0 for q in placed):
+            break
+    placed.append(spot)
+    return float(off[0]), float(off[1])
 
 
 def _clip_levels(z: np.ndarray, n: int = 30) -> tuple[np.ndarray, str]:
@@ -164,7 +187,7 @@ def panels_figure(r, kind: str = "filled", path: str | Path | None = None) -> Fi
     colors = domain_colors(names)
     cols = min(3, len(names))
     rows = -(-len(names) // cols)
-    fig = Figure(figsize=(4.3 * cols, 3.9 * rows))
+    fig = Figure(figsize=(4.3 * cols, 3.9 * rows), layout="constrained")
     X, Y = np.meshgrid(np.asarray(r.x), np.asarray(r.y))
     for i, d in enumerate(names):
         z = np.asarray(r.losses[d], dtype=float)
@@ -172,9 +195,14 @@ def panels_figure(r, kind: str = "filled", path: str | Path | None = None) -> Fi
         if kind == "surface":
             ax = fig.add_subplot(rows, cols, i + 1, projection="3d")
             hi = float(np.nanpercentile(z, 95))
-            ax.plot_surface(X, Y, np.minimum(z, hi), cmap="viridis", linewidth=0, antialiased=True)
+            ax.plot_surface(X, Y, np.minimum(z, hi), cmap="viridis", linewidth=0, antialiased=True, alpha=0.9)
+            a, b = (r.points.get("theta") or [0.0, 0.0])[:2]
+            zt = r.point_losses.get("theta", {}).get(d) if r.point_losses else None
+            if zt is not None and np.isfinite(zt):
+                ax.scatter([a], [b], [min(zt, hi)], color="red", marker="x", s=40, depthshade=False, label="θ")
             ax.set_xlabel("d1")
             ax.set_ylabel("d2")
+            ax.set_zlabel("loss")
         else:
             ax = fig.add_subplot(rows, cols, i + 1)
             lv, ext = _clip_levels(z)
@@ -183,12 +211,11 @@ def panels_figure(r, kind: str = "filled", path: str | Path | None = None) -> Fi
                 ax.contour(X, Y, z, levels=lv[::5], colors="w", linewidths=0.4, alpha=0.6)
             else:
                 cs = ax.contour(X, Y, z, levels=lv, cmap="viridis")
-            fig.colorbar(cs, ax=ax, shrink=0.85)
+            fig.colorbar(cs, ax=ax, shrink=0.85, label="loss")
             _mark_points(ax, r, colors, legend=(i == 0))
             _axis_labels(ax, r)
         ax.set_title(title, fontsize=10)
     fig.suptitle(_title(r), fontsize=10)
-    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -302,7 +329,7 @@ def html_figure(r, level=None, label: str | None = None):
         if d == TRAIN:
             background = {len(owner), len(owner) + 1}  # the training loss also backs the overlay view
         fig.add_trace(go.Contour(x=x, y=y, z=zc, colorscale="Viridis", ncontours=30, zmax=hi, zmin=float(np.nanmin(z)),
-                                 zauto=False, colorbar=dict(x=0.45, len=0.9), name=d, visible=(d == TRAIN)), 1, 1)
+                                 zauto=False, colorbar=dict(x=0.45, len=0.9, title=dict(text="loss")), name=d, visible=(d == TRAIN)), 1, 1)
         owner.append(d)
         fig.add_trace(go.Surface(x=x, y=y, z=np.minimum(z, hi).tolist(), colorscale="Viridis", showscale=False,
                                  name=d, visible=(d == TRAIN)), 1, 2)
@@ -322,7 +349,8 @@ def html_figure(r, level=None, label: str | None = None):
                                  name=f"{d} <= {levels[d]:.4g}", showlegend=True, visible=False), 1, 1)
         owner.append("overlay")
     fig.add_trace(go.Scatter(x=pab[:, 0].tolist(), y=pab[:, 1].tolist(), mode="markers+text", text=pnames,
-                             textposition="top right", marker=dict(symbol="x", size=9, color="red"), name="points"), 1, 1)
+                             textposition="top right", marker=dict(symbol="x", size=9, color="red"),
+                             name="θ, minima and checkpoints", showlegend=False), 1, 1)
     owner.append(None)
     buttons = []
     for choice in names + ["overlay"]:
@@ -332,9 +360,12 @@ def html_figure(r, level=None, label: str | None = None):
     frac = common_region(r, levels)
     fig.update_layout(
         title=(f"{label}: " if label else "") + _title(r) + f" | common low-loss region {100 * frac:.1f}% of grid",
-        updatemenus=[dict(buttons=buttons, direction="down", x=0.0, xanchor="left", y=1.15, yanchor="top",
+        updatemenus=[dict(buttons=buttons, direction="down", x=0.0, xanchor="left", y=-0.12, yanchor="top",
                           active=names.index(TRAIN))],
-        height=620, width=1250, legend=dict(x=0.0, y=-0.1, orientation="h"))
+        annotations=list(fig.layout.annotations) + [dict(text="show:", x=0.0, xref="paper", xanchor="right",
+                                                         y=-0.12, yref="paper", yanchor="top", showarrow=False)],
+        scene=dict(xaxis_title="d1", yaxis_title="d2", zaxis_title="loss"),
+        height=680, width=1250, margin=dict(t=90, b=120), legend=dict(x=0.25, y=-0.12, orientation="h"))
     fig.update_xaxes(title_text="d1", row=1, col=1)
     fig.update_yaxes(title_text="d2", scaleanchor="x", scaleratio=1, row=1, col=1)
     return fig
