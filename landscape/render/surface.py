@@ -199,7 +199,9 @@ def panels_figure(r, kind: str = "filled", path: str | Path | None = None) -> Fi
             a, b = (r.points.get("theta") or [0.0, 0.0])[:2]
             zt = r.point_losses.get("theta", {}).get(d) if r.point_losses else None
             if zt is not None and np.isfinite(zt):
-                ax.scatter([a], [b], [min(zt, hi)], color="red", marker="x", s=40, depthshade=False, label="θ")
+                ax.plot([a, a], [b, b], [min(zt, hi), hi * 1.05], color="red", lw=1.2)  # a stem: visible above
+                ax.scatter([a], [b], [hi * 1.05], color="red", marker="v", s=40, depthshade=False)
+                ax.text(a, b, hi * 1.08, "θ", color="red", fontsize=9)
             ax.set_xlabel("d1")
             ax.set_ylabel("d2")
             ax.set_zlabel("loss")
