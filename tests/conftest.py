@@ -118,3 +118,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The full hostile-input cross product is deselected (not skipped one by one) unless `-m hostile_full`."""
+    if "hostile_full" in (config.getoption("-m") or ""):
+        return
+    keep = [i for i in items if i.get_closest_marker("hostile_full") is None]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i.get_closest_marker("hostile_full") is not None])
+        items[:] = keep
