@@ -37,7 +37,7 @@ def summary_table(results: dict, title: str) -> Table:
         lmin = r.bottom_eigenvalues[0] if r.bottom_eigenvalues else None
         lmax = r.eigenvalues[0] if r.eigenvalues else None
         t.add_row(name, f"{r.loss:.4g}", _g(lmax), _g(lmin), tr, _max_rel_residual(r), conv,
-                  str(r.hvps["total"]), f"{r.wall_time_s:.1f}s")
+                  str(r.hvps["total"]), f"{r.seconds:.1f}s")
     return t
 
 
@@ -90,7 +90,7 @@ def flatness_cmd(
     """Sharpness of the loss at a checkpoint: extreme Hessian eigenvalues (with multiplicities, to --tol), trace
     with error bars."""
     from .sources import load_target as load
-    from landscape.flatness import FlatnessReport, flatness
+    from landscape.flatness import flatness
     from nexus_opt.errors import UserError
 
     if top_k < 1:
@@ -105,12 +105,12 @@ def flatness_cmd(
         console.print(f"--density-steps {density_steps} capped at the model's {obj.num_params()} parameters")
         density_steps = obj.num_params()
     with progress_bar("HVPs") as bar:
-        res = flatness(obj, k=top_k, domain=domain, trace=trace, density=density or bool(plot), seed=seed,
+        res = flatness(obj, k=top_k, domains=domain, trace=trace, density=density or bool(plot), seed=seed,
                        backend=backend, which=which, tol=tol, max_hvps=max_hvps, trace_probes=trace_probes,
                        density_probes=density_probes, density_steps=density_steps, train_mode=train_mode,
                        progress=bar, trace_target=trace_target, trace_max_probes=trace_max_probes,
                        curvature=curvature)
-    results = res.results if isinstance(res, FlatnessReport) else {res.domain: res}
+    results = res.results
     first = next(iter(results.values()))
     show = console if json_out == "-" else out  # stdout carries only the JSON when it is asked for there
     show.print(summary_table(results, f"flatness of {checkpoint} ({first.num_params} parameters, {backend})"))
