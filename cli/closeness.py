@@ -29,16 +29,16 @@ def closeness_table(results: list, labels: list[str]) -> Table:
         def dist(r, d=d):
             if not has(r):
                 return "-"
-            if not r.converged[d]:  # how far it walked is not the distance to a minimum
+            if not r.converged_by_domain[d]:  # how far it walked is not the distance to a minimum
                 return f"[yellow]n/a (not converged; walked {_g(r.reached.get(d))})[/yellow]"
             rel = r.distance[d]["relative"]
             return _g(r.distance[d]["raw"]) + (f" ({100 * rel:.2f}%)" if rel is not None else "")
         row(f"[bold]{d}[/bold] ||theta - theta*||", dist)
         row(f"  {d} loss start -> min", lambda r, d=d: (f"{r.loss_start[d]:.4g} -> {r.loss_min[d]:.4g}"
-                                                       + ("" if r.converged[d] else " (reached)")) if has(r) else "-")
+                                                       + ("" if r.converged_by_domain[d] else " (reached)")) if has(r) else "-")
         row(f"  {d} barrier", lambda r, d=d: _g(r.barrier[d], ".3g") if has(r) else "-")
         row(f"  {d} curvature along", lambda r, d=d: _g(r.curvature_along.get(d)) if has(r) else "-")
-        row(f"  {d} converged (evals)", lambda r, d=d: (("yes" if r.converged[d] else
+        row(f"  {d} converged (evals)", lambda r, d=d: (("yes" if r.converged_by_domain[d] else
                                                          f"[yellow]no: {(r.stop or {}).get(d, 'budget')}[/yellow]")
                                                         + f" ({(r.evals or {}).get(d, r.steps[d])})") if has(r) else "-")
 

@@ -7,7 +7,7 @@ import typer
 from rich.table import Table
 
 from .app import command
-from .common import (MAX_LANCZOS_STEPS, check_output_file, check_range, console, figure_formats, parse_names,
+from .common import (MAX_LANCZOS_STEPS, check_output_file, check_range, console, figure_formats,
                      progress_bar, tables)
 from .sources import source_options
 
@@ -36,7 +36,7 @@ def summary_table(results: dict, title: str) -> Table:
         lmin = r.bottom_eigenvalues[0] if r.bottom_eigenvalues else None
         lmax = r.eigenvalues[0] if r.eigenvalues else None
         t.add_row(name, f"{r.loss:.4g}", _g(lmax), _g(lmin), tr, _max_rel_residual(r), conv,
-                  str(r.hvps["total"]), f"{r.wall_time_s:.1f}s")
+                  str(r.hvps["total"]), f"{r.seconds:.1f}s")
     return t
 
 
@@ -109,9 +109,6 @@ def flatness_cmd(
     check_output_file(plot, "--plot", figure_formats(html=True) if plot else None)
     if backend == "pyhessian" and which == "both":
         which = "top"  # power iteration finds the top end only
-    domain = domains.strip()
-    if "," in domain:
-        domain = parse_names(domain, "--domains")
     matrix = "GGN" if curvature == "ggn" else "Hessian"
     show = tables(json_out, csv_out)  # stdout carries only the JSON/CSV when it is asked for there
     entries = []
@@ -121,22 +118,18 @@ def flatness_cmd(
         if (density or plot) and density_steps > obj.num_params():  # Lanczos is exact after n steps
             console.print(f"--density-steps {density_steps} capped at the model's {obj.num_params()} parameters")
             steps = obj.num_params()
-        results = {}
-        for name in (domain if isinstance(domain, list) else [domain]):
-            with progress_bar("HVPs") as bar:
-                res = flatness(obj, k=top_k, domain=name, trace=trace, density=density or bool(plot), seed=seed,
-                               backend=backend, which=which, tol=tol, max_hvps=max_hvps, trace_probes=trace_probes,
-                               density_probes=density_probes, density_steps=steps, train_mode=train_mode,
-                               progress=bar, trace_target=trace_target, trace_max_probes=trace_max_probes,
-                               curvature=curvature)
-            results.update(_per_domain(res))
-        if isinstance(domain, list):  # a chosen list of domains: the shape of an 'each' report
-            res = {"results": {n: r.to_dict() for n, r in results.items()}}
+        with progress_bar("HVPs") as bar:
+            res = flatness(obj, k=top_k, domains=domains.strip(), trace=trace, density=density or bool(plot),
+                           seed=seed, backend=backend, which=which, tol=tol, max_hvps=max_hvps,
+                           trace_probes=trace_probes, density_probes=density_probes, density_steps=steps,
+                           train_mode=train_mode, progress=bar, trace_target=trace_target,
+                           trace_max_probes=trace_max_probes, curvature=curvature)
+        results = res.results
         first = next(iter(results.values()))
         show.print(summary_table(results, f"flatness of {checkpoint} ({first.num_params} parameters, {backend}, "
                                           f"{matrix})"))
         show.print(eigen_table(results, f"{matrix} eigenvalues"))
-        entries.append((str(checkpoint), checkpoint_step(obj), res if isinstance(res, dict) else res.to_dict()))
+        entries.append((str(checkpoint), checkpoint_step(obj), res.to_dict()))
         if plot:
             from landscape.render.flatness import flatness_figure
 
@@ -145,11 +138,3 @@ def flatness_cmd(
             console.print(f"wrote {target}")
         del obj
     emit("flatness", entries, json_out, csv_out)
-
-
-def _per_domain(res) -> dict:
-    """domain -> per-domain result, whichever shape the analyzer returns (one domain, or a report of several)."""
-    inner = getattr(res, "results", None)
-    if isinstance(inner, dict):
-        return inner
-    return {res.domain: res}

@@ -13,6 +13,8 @@ import torch
 
 from nexus_opt.errors import UserError
 
+from .gradients import domain_gradient  # noqa: F401  (sharded here; one implementation)
+
 
 def active() -> bool:
     """True inside an initialised process group of more than one process."""
@@ -127,33 +129,13 @@ def shard_operator(op):
     return ShardedOperator(op)
 
 
-def domain_gradient(obj, domain: str | None) -> tuple[torch.Tensor, float]:
-    """(flat float64 gradient, loss) of a domain's loss, this rank's batches all-reduced: equals
-    landscape.gradsim.domain_gradient on one process."""
-    from .gradsim import batch_gradient
-
-    params = obj.params()
-    g = torch.zeros(sum(p.numel() for p in params.values()), dtype=torch.float64, device=obj.device)
-    loss = 0.0
-    terms = shard(obj.terms(domain)) if active() else obj.terms(domain)
-    with obj.evaluating():
-        for c, b in terms:
-            gb, lb = batch_gradient(obj, b, params)
-            g.add_(gb, alpha=c)
-            loss += c * lb
-    if active():
-        g = _allreduce(g)
-        loss = float(_allreduce(torch.tensor([loss], dtype=torch.float64, device=g.device))[0])
-    return g, loss
-
-
 def gradient_cosines(obj, domains=None) -> dict:
     """Cosines between full-batch domain gradients, batches sharded over ranks (all-reduced): {"domains",
     "cosine" (K x K), "norms", "loss"}; the same numbers on every rank."""
     names = list(obj.domains) if domains is None else list(domains)
     gs, losses = {}, {}
     for d in names:
-        gs[d], losses[d] = domain_gradient(obj, d)
+        gs[d], losses[d] = domain_gradient(obj, d, train_mode=False)
     G = torch.stack([gs[d] for d in names])
     nrm = G.norm(dim=1)
     C = (G @ G.T) / torch.outer(nrm, nrm)

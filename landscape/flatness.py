@@ -12,7 +12,8 @@ from nexus_opt.util import check_seed
 
 from .density import SpectralDensity, spectral_density
 from .hvp import HessianOperator
-from .lanczos import EigenResult, dense, eigsh, lanczos, verify_extremes
+from .eigen import dense, eigsh
+from .lanczos import lanczos, verify_extremes
 from .objective import Objective
 from .result import Result
 from .trace import METHODS as TRACE_METHODS, estimate_trace
@@ -22,12 +23,12 @@ Progress = Callable[[int, int, str], None]  # progress(done, total, what), as th
 
 
 @dataclasses.dataclass
-class FlatnessResult(Result):
+class DomainCurvature(Result):
     """Curvature of one domain's loss ('train' = the training loss) at the model's parameters.
 
     `eigenvalues` are the top k (descending) and `bottom_eigenvalues` the smallest k (ascending), each with
     residual norms ||Hv - lambda v|| and error bounds; `trace` +- `trace_stderr` is a stochastic estimate;
-    `hvps` counts Hessian-vector products per part and in total.
+    `hvps` counts Hessian-vector products per part and in total; `seconds` per part in `timings`.
     """
 
     domain: str
@@ -46,7 +47,7 @@ class FlatnessResult(Result):
     trace_probes: int | None
     density: SpectralDensity | None
     hvps: dict[str, int]
-    wall_time_s: float
+    seconds: float
     timings: dict[str, float]
     backend: str
     seed: int
@@ -63,40 +64,96 @@ class FlatnessResult(Result):
         return self.bottom_eigenvalues[0] if self.bottom_eigenvalues else None
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FlatnessResult":
+    def from_dict(cls, d: dict) -> "DomainCurvature":
         d = dict(d)
         if isinstance(d.get("density"), dict):
             d["density"] = SpectralDensity.from_dict(d["density"])
+        if "seconds" not in d and "wall_time_s" in d:  # written before the rename
+            d["seconds"] = d["wall_time_s"]
         return super().from_dict(d)
 
 
 @dataclasses.dataclass
-class FlatnessReport(Result):
-    """Flatness per domain (`domain='each'`): `results[name]`, with the products and time over all of them."""
+class FlatnessResult(Result):
+    """Flatness of one or more domains: `results[name]` (a DomainCurvature) in `domains` order, with the
+    products, time and convergence over all of them. With one domain, its fields read through:
+    `r.lambda_max`, `r.eigenvalues`, `r.trace`, ... (`r.only` is that DomainCurvature)."""
 
-    results: dict[str, FlatnessResult]
-    hvps: int
-    wall_time_s: float
+    domains: list[str]
+    results: dict[str, DomainCurvature]
+    converged: bool  # every domain's eigenvalues converged
+    converged_by_domain: dict[str, bool]
+    hvps: dict[str, int]  # products per part ('eigenvalues', 'trace', 'density') and 'total', over all domains
+    seconds: float
+    settings: dict
+    seed: int
 
-    def __getitem__(self, name: str) -> FlatnessResult:
+    def __getitem__(self, name: str) -> DomainCurvature:
         return self.results[name]
 
+    def __iter__(self):
+        return iter(self.results.values())
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    @property
+    def only(self) -> DomainCurvature:
+        """The single domain's curvature (an error when several domains were measured)."""
+        if len(self.results) != 1:
+            raise ValueError(f"this result holds {len(self.results)} domains {list(self.results)}; "
+                             "index it by name, e.g. result['train']")
+        return next(iter(self.results.values()))
+
+    def __getattr__(self, name: str):  # single-domain convenience: r.lambda_max, r.eigenvalues, r.trace, ...
+        if name.startswith("_") or name in ("results", "domains"):
+            raise AttributeError(name)
+        results = self.__dict__.get("results") or {}
+        if len(results) == 1 and hasattr(DomainCurvature, name) or (
+                len(results) == 1 and name in {f.name for f in dataclasses.fields(DomainCurvature)}):
+            return getattr(next(iter(results.values())), name)
+        raise AttributeError(f"FlatnessResult has no attribute '{name}'" + (
+            f" (it holds {len(results)} domains: read result['<domain>'].{name})" if len(results) > 1 else ""))
+
     @classmethod
-    def from_dict(cls, d: dict) -> "FlatnessReport":
-        return cls(results={k: FlatnessResult.from_dict(v) for k, v in d["results"].items()},
-                   hvps=int(d["hvps"]), wall_time_s=float(d["wall_time_s"]))
+    def from_dict(cls, d: dict) -> "FlatnessResult":
+        if "results" not in d:  # a single domain's curvature (written before FlatnessResult held several)
+            one = DomainCurvature.from_dict(d)
+            return _combine({one.domain: one}, one.seconds, one.settings, one.seed)
+        results = {k: DomainCurvature.from_dict(v) for k, v in d["results"].items()}
+        first = next(iter(results.values()))
+        hvps = d.get("hvps")
+        out = _combine(results, float(d.get("seconds", d.get("wall_time_s", 0.0))),
+                       d.get("settings") or first.settings, int(d.get("seed", first.seed)))
+        if isinstance(hvps, dict):
+            out.hvps = {k: int(v) for k, v in hvps.items()}
+        return out
 
 
-def flatness(obj: Objective, k: int = 5, domain: str | None = None, trace: bool = True, density: bool = False,
-             seed: int = 0, backend: str = "lanczos", which: str = "both", tol: float = 1e-4,
-             max_hvps: int | None = None, trace_method: str = "hutch++", trace_probes: int | None = None,
-             dtype: torch.dtype = torch.float64, train_mode: bool = False, progress: Progress | None = None, *,
-             density_probes: int = 4, density_steps: int = 80, mode: str = "double_backward", cache: bool = True,
-             device=None, trace_target: float = 0.01, trace_max_probes: int = 200,
-             curvature: str = "hessian") -> FlatnessResult | FlatnessReport:
+def _combine(results: dict[str, DomainCurvature], seconds: float, settings: dict, seed: int) -> FlatnessResult:
+    hvps: dict[str, int] = {}
+    for r in results.values():
+        for part, n in r.hvps.items():
+            hvps[part] = hvps.get(part, 0) + int(n)
+    conv = {d: bool(r.converged) for d, r in results.items()}
+    return FlatnessResult(domains=list(results), results=results, converged=all(conv.values()),
+                          converged_by_domain=conv, hvps=hvps, seconds=float(seconds), settings=settings, seed=seed)
+
+
+def flatness(obj: Objective, *, domains=None, params: str | None = None, seed: int = 0,
+             progress: Progress | None = None, k: int = 5, trace: bool = True, density: bool = False,
+             backend: str = "lanczos", which: str = "both", tol: float = 1e-4, max_hvps: int | None = None,
+             trace_method: str = "hutch++", trace_probes: int | None = None, dtype: torch.dtype = torch.float64,
+             train_mode: bool = False, density_probes: int = 4, density_steps: int = 80,
+             mode: str = "double_backward", cache: bool = True, device=None, trace_target: float = 0.01,
+             trace_max_probes: int = 200, curvature: str = "hessian", domain=None) -> FlatnessResult:
     """Top/bottom Hessian eigenvalues (to `tol` relative accuracy; default 1e-4, tight on request, e.g. 1e-8),
     trace and optional spectral density of a domain's loss
-    (`curvature='ggn'`: the Gauss-Newton matrix instead of the Hessian); `domain='each'` gives a FlatnessReport over every domain.
+    (`curvature='ggn'`: the Gauss-Newton matrix instead of the Hessian), for each domain of `domains`
+    (Objective.resolve_domains: default 'train', the training loss; 'each', a name or a list); one
+    FlatnessResult holds them all (`result['train']`; with one domain `result.lambda_max` reads through).
+    `params`: a regex restricting the parameters (Objective.select). `domain=` is the deprecated name of
+    `domains=`.
 
     Eigenvalues come with their multiplicities (lanczos and eigsh lock the found ones and verify from a fresh
     start that nothing further out is missing; `dense` is exact for small n). The trace is adaptive by default:
@@ -109,6 +166,12 @@ def flatness(obj: Objective, k: int = 5, domain: str | None = None, trace: bool 
     (double backward) or finite-difference products; `cache=False` rebuilds the gradient graph per product
     block (less memory); `progress(done, total, what)` is called as products are spent.
     """
+    if domain is not None:
+        import warnings
+        warnings.warn("flatness(domain=...) is deprecated; use domains=...", DeprecationWarning, stacklevel=2)
+        if domains is not None:
+            raise UserError("give domains= only (domain= is its deprecated name)")
+        domains = domain
     if backend not in BACKENDS:
         raise UserError(f"unknown backend '{backend}'; choose one of {list(BACKENDS)}")
     if which not in ("both", "top", "bottom"):
@@ -143,8 +206,9 @@ def flatness(obj: Objective, k: int = 5, domain: str | None = None, trace: bool 
     seed = check_seed(seed, "seed")
     from .ggn import check_curvature  # [ownmodel]
     which = check_curvature(curvature, backend, which)  # [ownmodel] GGN is PSD: top end by default
-    names = obj.resolve(domain)
-    obj.validate(obj.train_domains if names == ["train"] else names, train_mode=train_mode)
+    obj = obj.select(params)
+    names = obj.resolve_domains(domains, default="train", train="loss")
+    obj.validate(names, train_mode=train_mode)
     n = obj.num_params()
     if k > n:
         raise UserError(f"k={k} eigenvalues asked for, but the model has only {n} parameters; use k <= {n}")
@@ -158,16 +222,19 @@ def flatness(obj: Objective, k: int = 5, domain: str | None = None, trace: bool 
                              dtype=dtype, train_mode=train_mode, mode=mode, cache=cache, device=device,
                              progress=progress, trace_target=trace_target, trace_max_probes=trace_max_probes,
                              curvature=curvature)
-    if domain == "each":
-        return FlatnessReport(results=results, hvps=sum(r.hvps["total"] for r in results.values()),
-                              wall_time_s=time.perf_counter() - t0)
-    return results[names[0]]
+    settings = dict(next(iter(results.values())).settings)
+    for key in ("eigen_iterations", "eigen_restarts"):  # per domain, in each DomainCurvature
+        settings.pop(key, None)
+    settings.update(backend=backend, trace=bool(trace), density=bool(density), trace_probes=trace_probes,
+                    trace_target=trace_target if trace and trace_probes is None else None,
+                    trace_max_probes=trace_max_probes if trace and trace_probes is None else None, params=params)
+    return _combine(results, time.perf_counter() - t0, settings, seed)
 
 
 def _one(obj: Objective, work: Objective, name: str, *, k, trace, density, seed, backend, which, tol, max_hvps,
          trace_method, trace_probes, density_probes, density_steps, dtype, train_mode, mode, cache, device,
          progress, trace_target=0.01, trace_max_probes=200,
-         curvature: str = "hessian") -> FlatnessResult:
+         curvature: str = "hessian") -> DomainCurvature:
     """Flatness of one domain on the private copy `work` (obj itself is only handed to PyHessian)."""
     t_start = time.perf_counter()
     from .ggn import make_operator  # [ownmodel] hessian | ggn, sharded under torch.distributed
@@ -193,7 +260,7 @@ def _one(obj: Objective, work: Objective, name: str, *, k, trace, density, seed,
         eig = lanczos(op, k, which, tol=tol, max_hvps=max_hvps, seed=seed, progress=tick("eigenvalues"))
     timings["eigenvalues"] = time.perf_counter() - t
     hvps["eigenvalues"] = eig.hvps
-    top, bottom = _ends(eig, which)
+    top, bottom = eig.end("top"), eig.end("bottom")
 
     tr = None
     if trace:
@@ -216,32 +283,22 @@ def _one(obj: Objective, work: Objective, name: str, *, k, trace, density, seed,
         hvps["density"] = dens.hvps
     op.release()
     hvps["total"] = sum(hvps.values())
-    conv = all(top[2] or []) and all(bottom[2] or [])
+    conv = all(top.converged if top else []) and all(bottom.converged if bottom else [])
     settings = {"k": k, "which": which, "tol": tol, "max_hvps": max_hvps, "dtype": str(dtype).replace("torch.", ""),
                 "train_mode": train_mode, "mode": mode, "cache": cache, "device": str(op.device),
                 "trace_method": tr.method if tr else None, "density_probes": density_probes if density else None,
                 "density_steps": density_steps if density else None, "eigen_iterations": eig.iterations,
                 "eigen_restarts": eig.restarts, "curvature": curvature}
-    return FlatnessResult(
+    return DomainCurvature(
         domain=name, num_params=op.n, loss=loss,
-        eigenvalues=top[0], residuals=top[1], errors=top[3],
-        bottom_eigenvalues=bottom[0], bottom_residuals=bottom[1], bottom_errors=bottom[3],
+        eigenvalues=top.values if top else None, residuals=top.residuals if top else None,
+        errors=top.errors if top else None, bottom_eigenvalues=bottom.values if bottom else None,
+        bottom_residuals=bottom.residuals if bottom else None, bottom_errors=bottom.errors if bottom else None,
         converged=bool(conv), trace=tr.estimate if tr else None, trace_stderr=tr.stderr if tr else None,
         trace_method=tr.method if tr else None, trace_probes=tr.probes if tr else None, density=dens,
-        hvps=hvps, wall_time_s=time.perf_counter() - t_start, timings=timings, backend=backend, seed=seed,
+        hvps=hvps, seconds=time.perf_counter() - t_start, timings=timings, backend=backend, seed=seed,
         settings=settings, trace_target=getattr(tr, "target_rel_stderr", None) if tr else None,
         trace_stop=getattr(tr, "stop", None) if tr else None)
 
 
-def _ends(eig: EigenResult, which: str):
-    """(values, residuals, converged, errors) for the top and the bottom end (None where not asked)."""
-    none = (None, None, None, None)
-    first = (eig.eigenvalues, eig.residuals, eig.converged, eig.errors)
-    if which == "both":
-        return first, (eig.bottom_eigenvalues, eig.bottom_residuals, eig.bottom_converged, eig.bottom_errors)
-    if which == "bottom":
-        return none, first
-    return first, none
-
-
-__all__ = ["flatness", "FlatnessResult", "FlatnessReport", "SpectralDensity"]
+__all__ = ["flatness", "FlatnessResult", "DomainCurvature", "SpectralDensity"]

@@ -1,9 +1,8 @@
 """Gradient similarity: cosines between per-domain gradients at one checkpoint, with a noise floor and error bars."""
 from __future__ import annotations
 
-import contextlib
+import time
 import dataclasses
-from collections.abc import Mapping
 from typing import Callable, Optional
 
 import numpy as np
@@ -12,9 +11,10 @@ import torch
 from nexus_opt.errors import UserError
 from nexus_opt.util import check_seed
 
+from .gradients import batch_gradient, domain_gradient  # noqa: F401  (re-exported)
 from .objective import Objective
 from .params import layer_slices
-from .result import Result
+from .result import Result, num
 
 Progress = Callable[[int, int, str], None]  # progress(done, total, what)
 CHUNKS = 8  # a domain with a single batch is cut into this many chunks of examples (noise floor, bootstrap)
@@ -41,63 +41,10 @@ class GradSimResult(Result):
     mean_offdiag_stderr: Optional[float] = None
     settings: dict = dataclasses.field(default_factory=dict)
     seed: int = 0
+    seconds: float = 0.0  # wall-clock time of the measurement
 
 
-# -- gradients --------------------------------------------------------------------------------------
-def batch_gradient(obj: Objective, batch,
-                   params: Mapping[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, float]:
-    """(flat float64 gradient, loss) of one batch at the model's weights; touches no .grad, keeps no graph."""
-    params = obj.params() if params is None else params
-    loss = obj.loss_fn(obj.model, batch)
-    if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
-        raise UserError("the loss does not depend on any trainable parameter; check the model and loss_fn")
-    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-    flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).to(torch.float64)
-                      for g, p in zip(grads, params.values())])
-    return flat, float(loss.detach())
-
-
-def domain_gradient(obj: Objective, domain: str | None) -> tuple[torch.Tensor, float]:
-    """(flat float64 gradient, loss) of a domain's full loss (its fixed batches weighted as obj.terms says)."""
-    g, total = None, 0.0
-    params = obj.params()
-    for c, b in obj.terms(domain):
-        gb, lb = batch_gradient(obj, b, params)
-        g = gb * c if g is None else g.add_(gb, alpha=c)
-        total += c * lb
-    return g, total
-
-
-@contextlib.contextmanager
-def preserved(obj: Objective, train_mode: bool = False, seed: int = 0):
-    """Mode flags, buffers (e.g. BatchNorm statistics) and the RNG as they were, whatever the block does."""
-    bufs = [(b, b.detach().clone()) for b in obj.model.buffers()]
-    devices = [obj.device] if obj.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), obj.evaluating(train_mode):
-        torch.manual_seed(seed)
-        try:
-            yield obj
-        finally:
-            with torch.no_grad():
-                for b, v in bufs:
-                    b.copy_(v)
-
-
-def check_domains(obj: Objective, domains, default: list[str]) -> list[str]:
-    """A validated list of distinct, known domain names (default when None)."""
-    if domains is None:
-        return list(default)
-    if isinstance(domains, str):
-        domains = [domains]
-    domains = [str(d) for d in domains]
-    unknown = [d for d in domains if d not in obj.domains]
-    if unknown:
-        raise UserError(f"unknown domain(s) {unknown}; choose from {list(obj.domains)}")
-    if len(set(domains)) != len(domains):
-        raise UserError(f"domains must be distinct, got {domains}")
-    if not domains:
-        raise UserError("no domains selected; name at least one")
-    return domains
+# -- gradients: landscape.gradients (batch_gradient, domain_gradient) --------------------------------------
 
 
 def _split_examples(batch, parts: int = CHUNKS) -> list[tuple[object, int]] | str:
@@ -142,16 +89,13 @@ def _pair_summary(cos: np.ndarray, idx: list[int]) -> tuple[float, float]:
     return float(vals.mean()), float((vals < 0).mean())
 
 
-def _none(x: float) -> Optional[float]:
-    return None if x is None or not np.isfinite(x) else float(x)
-
-
 def _matrix(a: np.ndarray) -> list:
-    return [[_none(v) for v in row] for row in a]
+    return [[num(v) for v in row] for row in a]
 
 
-def gradient_similarity(obj: Objective, seed: int = 0, domains=None, resamples: int = 200, per_layer: bool = True,
-                        train_mode: bool = False, progress: Progress | None = None) -> GradSimResult:
+def gradient_similarity(obj: Objective, *, domains=None, params: str | None = None, seed: int = 0,
+                        progress: Progress | None = None, resamples: int = 200, per_layer: bool = True,
+                        train_mode: bool = False) -> GradSimResult:
     """Cosine matrix of full-parameter domain gradients at the current weights, with split-half noise floor.
 
     Each domain's gradient is its loss gradient over its fixed batches, weighted as `obj.terms` defines
@@ -163,9 +107,12 @@ def gradient_similarity(obj: Objective, seed: int = 0, domains=None, resamples: 
     half-size estimates. `cosine_stderr` is the standard deviation over `resamples` bootstrap resamplings
     (with replacement, seeded by `seed`) of each domain's batches (or chunks); null where a domain has one
     unresamplable batch. Eval mode unless train_mode=True (then dropout draws from `seed`); the caller's
-    parameters, .grad fields, buffers and mode flags are unchanged.
+    parameters, .grad fields, buffers and mode flags are unchanged. `domains`: see Objective.resolve_domains
+    ('train' = the trained domains); `params`: a regex restricting the parameters (Objective.select).
     """
-    names = check_domains(obj, domains, list(obj.domains))
+    t0 = time.perf_counter()
+    obj = obj.select(params)
+    names = obj.resolve_domains(domains, default="each", train="expand")
     if int(resamples) < 0:
         raise UserError(f"resamples must be >= 0, got {resamples}")
     if int(resamples) == 1:
@@ -173,8 +120,8 @@ def gradient_similarity(obj: Objective, seed: int = 0, domains=None, resamples: 
                         "got 1")
     resamples = int(resamples)
     seed = check_seed(seed, "seed")
-    params = obj.params()
-    if not params:
+    weights_ = obj.params()
+    if not weights_:
         raise UserError("the model has no trainable parameters")
     obj.validate(names, train_mode=train_mode)
 
@@ -205,11 +152,11 @@ def gradient_similarity(obj: Objective, seed: int = 0, domains=None, resamples: 
                                    "split even/odd")
         plan[d] = entry
 
-    X = torch.empty(len(jobs), sum(p.numel() for p in params.values()), dtype=torch.float64, device=obj.device)
+    X = torch.empty(len(jobs), sum(p.numel() for p in weights_.values()), dtype=torch.float64, device=obj.device)
     batch_loss: dict[int, float] = {}
-    with preserved(obj, train_mode, seed):
+    with obj.preserved(train_mode, seed):
         for i, (d, b) in enumerate(jobs):
-            X[i], batch_loss[i] = batch_gradient(obj, b, params)
+            X[i], batch_loss[i] = batch_gradient(obj, b, weights_)
             if progress:
                 progress(i + 1, len(jobs), f"gradients {d}")
     G = (X @ X.T).cpu().numpy()
@@ -239,7 +186,7 @@ def gradient_similarity(obj: Objective, seed: int = 0, domains=None, resamples: 
             split_half[d] = None
         else:
             c2, _ = _cosines(np.stack([weights(e["halves"][0]), weights(e["halves"][1])]), G)
-            split_half[d] = _none(c2[0, 1])
+            split_half[d] = num(c2[0, 1])
 
     stderr, mean_se, conflict_se = None, None, None
     if resamples > 0:
@@ -260,12 +207,12 @@ def gradient_similarity(obj: Objective, seed: int = 0, domains=None, resamples: 
         np.fill_diagonal(se, 0.0)
         stderr = _matrix(se)
         if resamples > 1 and ok[summary_idx].all():
-            mean_se, conflict_se = _none(means.std(ddof=1)), _none(conflicts.std(ddof=1))
+            mean_se, conflict_se = num(means.std(ddof=1)), num(conflicts.std(ddof=1))
 
     layers, layer_norms = None, None
     if per_layer:
         layers, layer_norms = {}, {}
-        for name, sl in layer_slices(params).items():
+        for name, sl in layer_slices(weights_).items():
             Xl = X[:, sl]
             lc, ln = _cosines(W, (Xl @ Xl.T).cpu().numpy())
             np.fill_diagonal(lc, [1.0 if n > 0 else np.nan for n in ln])
@@ -280,11 +227,11 @@ def gradient_similarity(obj: Objective, seed: int = 0, domains=None, resamples: 
         domains=names, ood=[d for d in names if d in obj.ood], cosine=_matrix(cos),
         norms={d: float(nrm[k]) for k, d in enumerate(names)}, loss=loss,
         per_layer=layers, per_layer_norms=layer_norms, split_half=split_half, split_half_reason=split_reason,
-        cosine_stderr=stderr, summary_domains=[names[i] for i in summary_idx], conflict_rate=_none(conflict),
-        conflict_rate_stderr=conflict_se, mean_offdiag_cosine=_none(mean_off), mean_offdiag_stderr=mean_se,
+        cosine_stderr=stderr, summary_domains=[names[i] for i in summary_idx], conflict_rate=num(conflict),
+        conflict_rate_stderr=conflict_se, mean_offdiag_cosine=num(mean_off), mean_offdiag_stderr=mean_se,
         settings={"resamples": resamples, "per_layer": bool(per_layer), "train_mode": bool(train_mode),
                   "batches": {d: len(plan[d]["full"]) for d in names},
                   "bootstrap_units": {d: len(plan[d]["units"]) for d in names},
                   "num_params": int(X.shape[1]), "device": str(obj.device),
-                  "dtype": str(obj.dtype).replace("torch.", "")},
-        seed=int(seed))
+                  "dtype": str(obj.dtype).replace("torch.", ""), "params": params},
+        seed=int(seed), seconds=time.perf_counter() - t0)

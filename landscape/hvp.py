@@ -27,14 +27,14 @@ def numerics() -> Iterator[None]:
     torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
     try:
-        with _math_sdpa():
+        with math_sdpa():
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old[0], old[1]
         torch.set_float32_matmul_precision(old[2])
 
 
-def _math_sdpa():
+def math_sdpa():
     """The context that restricts scaled_dot_product_attention to its math backend (any torch >= 2.1)."""
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -1,4 +1,6 @@
-"""Extreme Hessian eigenvalues: thick-restart Lanczos (float64, full re-orthogonalisation) and scipy eigsh."""
+"""Extreme Hessian eigenvalues by thick-restart Lanczos (float64, full re-orthogonalisation), the deflated check
+for missing multiplicities, and batched Lanczos tridiagonals (spectral density). Result types and the dense
+and eigsh backends are in landscape.eigen (re-exported here)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,85 +13,8 @@ import torch
 
 from nexus_opt.errors import UserError
 
-WHICH = ("top", "bottom", "both", "magnitude")
-_ALIASES = {"LA": "top", "SA": "bottom", "BE": "both", "LM": "magnitude"}
-
-
-@dataclasses.dataclass
-class EigenResult:
-    """Wanted Ritz pairs: `top` (descending), `bottom` (ascending) or `magnitude` (by |value|, descending).
-
-    `residuals` are ||H v - lambda v|| per eigenvalue (unit v); `errors` the eigenvalue error bounds
-    min(r, r^2/gap); `converged` says each met the stopping test at `tol`, relative to |lambda| floored at
-    1e-3 of the spectral norm (values near zero). Vectors (n, k) on the CPU when asked for.
-    """
-
-    which: str
-    eigenvalues: list[float]
-    residuals: list[float]
-    converged: list[bool]
-    bottom_eigenvalues: list[float] | None = None
-    bottom_residuals: list[float] | None = None
-    bottom_converged: list[bool] | None = None
-    errors: list[float] | None = None
-    bottom_errors: list[float] | None = None
-    hvps: int = 0
-    iterations: int = 0
-    restarts: int = 0
-    backend: str = "lanczos"
-    vectors: torch.Tensor | None = None
-    bottom_vectors: torch.Tensor | None = None
-
-    @property
-    def all_converged(self) -> bool:
-        return all(self.converged) and all(self.bottom_converged or [])
-
-
-def _which(which: str) -> str:
-    which = _ALIASES.get(which, which)
-    if which not in WHICH:
-        raise UserError(f"unknown eigenvalue selection '{which}'; choose one of {list(WHICH)}")
-    return which
-
-
-def start_vector(n: int, seed: int) -> torch.Tensor:
-    """A deterministic Gaussian unit vector from a seed (CPU float64)."""
-    g = torch.Generator().manual_seed(int(seed))
-    v = torch.randn(n, generator=g, dtype=torch.float64)
-    return v / v.norm()
-
-
-def _select(theta: np.ndarray, k: int, end: str) -> np.ndarray:
-    """Indices of the k wanted Ritz values (theta ascending) for one end."""
-    m = len(theta)
-    k = min(k, m)
-    if end == "top":
-        return np.arange(m - 1, m - 1 - k, -1)
-    if end == "bottom":
-        return np.arange(k)
-    return np.argsort(-np.abs(theta), kind="stable")[:k]
-
-
-def _ends(which: str) -> list[str]:
-    return ["top", "bottom"] if which == "both" else [which]
-
-
-def _budget_basis(n: int, kw: int, basis_bytes: float) -> int:
-    """Default basis size: as many float64 vectors as fit in basis_bytes, at least 2 kw + 10, at most 200 or n."""
-    fit = int(basis_bytes // (8 * max(n, 1)))
-    return max(2, min(n, max(min(fit, 200), 2 * kw + 10)))
-
-
-def _result(which: str, out: dict, ends, **info) -> EigenResult:
-    """An EigenResult from per-end tuples (values, residuals, converged, vectors, errors)."""
-    first = out[ends[0]]
-    bottom = out.get("bottom") if which == "both" else None
-    return EigenResult(which=which, eigenvalues=first[0], residuals=first[1], converged=first[2],
-                       bottom_eigenvalues=bottom[0] if bottom else None,
-                       bottom_residuals=bottom[1] if bottom else None,
-                       bottom_converged=bottom[2] if bottom else None,
-                       errors=first[4], bottom_errors=bottom[4] if bottom else None,
-                       vectors=first[3], bottom_vectors=bottom[3] if bottom else None, **info)
+from .eigen import (DENSE_MAX_N, WHICH, EigenResult, RitzPairs, _all_converged, _converged, _ends, _keep,  # noqa: F401
+                    _budget_basis, _result, _select, _thresh, _which, dense, eigsh, error_estimates, start_vector)
 
 
 def lanczos(op, k: int = 5, which: str = "both", *, tol: float = 1e-8, max_hvps: int | None = None,
@@ -218,19 +143,19 @@ def _lanczos_run(op, k: int = 5, which: str = "both", *, tol: float = 1e-8, max_
         if m == n and beta <= 1e-6 * scale:  # the whole space: Ritz pairs are eigenpairs
             conv = [True] * len(conv)
         vecs = (V[:m].T @ torch.from_numpy(S[:, idx].copy())) if return_vectors else None
-        out[end] = (theta[idx].tolist(), res[idx].tolist(), conv, vecs, est[idx].tolist())
+        out[end] = RitzPairs(theta[idx].tolist(), res[idx].tolist(), est[idx].tolist(), conv, vecs)
     hvps = getattr(op, "hvps", start_hvps + used) - start_hvps
     return _result(which, out, ends, hvps=hvps, iterations=iterations, restarts=restarts, backend="lanczos")
 
 
-def _end_lists(res: EigenResult, which: str) -> dict:
-    """Per end: [values, residuals, converged, errors, vectors (n, k) or None] as mutable lists."""
-    ends = _ends(which)
-    out = {ends[0]: [list(res.eigenvalues), list(res.residuals), list(res.converged),
-                     list(res.errors or [float("nan")] * len(res.eigenvalues)), res.vectors]}
-    if which == "both":
-        out["bottom"] = [list(res.bottom_eigenvalues), list(res.bottom_residuals), list(res.bottom_converged),
-                         list(res.bottom_errors or [float("nan")] * len(res.bottom_eigenvalues)), res.bottom_vectors]
+
+def _end_lists(res: EigenResult, which: str) -> dict[str, RitzPairs]:
+    """Per end: mutable Ritz pairs (errors filled with NaN where unknown)."""
+    out = {}
+    for e in _ends(which):
+        p = res.end(e)
+        out[e] = RitzPairs(list(p.values), list(p.residuals), list(p.errors or [float("nan")] * len(p.values)),
+                           list(p.converged), p.vectors)
     return out
 
 
@@ -251,14 +176,14 @@ def verify_extremes(op, res: EigenResult, k: int, which: str, *, tol: float = 1e
     ends = _ends(which)
     lists = _end_lists(res, which)
     n = int(op.n)
-    if not res.all_converged or any(v[4] is None for v in lists.values()):
+    if not res.all_converged or any(v.vectors is None for v in lists.values()):
         return res
     rounds = 0
     limit = max_rounds if max_rounds is not None else 2 * k * len(ends) + 2
     spent = 0
     ok = True
     while True:
-        Vs = torch.cat([lists[e][4].to("cpu", torch.float64) for e in ends], dim=1)
+        Vs = torch.cat([lists[e].vectors.to("cpu", torch.float64) for e in ends], dim=1)
         U, sv, _ = torch.linalg.svd(Vs, full_matrices=False)  # the span (both ends may share a vector)
         rank = int((sv > 1e-6 * float(sv.max())).sum()) if sv.numel() else 0
         if rank >= n:
@@ -276,179 +201,32 @@ def verify_extremes(op, res: EigenResult, k: int, which: str, *, tol: float = 1e
             ok = False
             break
         found = _end_lists(chk, which)
-        scale = max([abs(x) for e in ends for x in lists[e][0] + found[e][0]] + [np.finfo(float).tiny])
+        scale = max([abs(x) for e in ends for x in lists[e].values + found[e].values] + [np.finfo(float).tiny])
         new = False
         for e in ends:
-            v, kth = found[e][0][0], lists[e][0][-1]
-            margin = _thresh(kth, tol, scale) + found[e][3][0]
+            v, kth = found[e].values[0], lists[e].values[-1]
+            margin = _thresh(kth, tol, scale) + found[e].errors[0]
             if _further(e, v, kth) and abs(v - kth) > margin:
                 new = True
                 if not repair:
                     continue
-                entries = list(zip(*[x if i < 4 else list(x.T) for i, x in enumerate(lists[e])]))
-                entries.append((v, found[e][1][0], found[e][2][0], found[e][3][0], found[e][4][:, 0]))
+                p, f = lists[e], found[e]
+                entries = list(zip(p.values, p.residuals, p.errors, p.converged, list(p.vectors.T)))
+                entries.append((v, f.residuals[0], f.errors[0], f.converged[0], f.vectors[:, 0]))
                 entries.sort(key=lambda t: -t[0] if e == "top" else t[0] if e == "bottom" else -abs(t[0]))
-                entries = entries[:len(lists[e][0])]
-                lists[e] = [[t[0] for t in entries], [t[1] for t in entries], [t[2] for t in entries],
-                            [t[3] for t in entries], torch.stack([t[4] for t in entries], dim=1)]
+                entries = entries[:len(p.values)]
+                lists[e] = RitzPairs([t[0] for t in entries], [t[1] for t in entries], [t[2] for t in entries],
+                                     [t[3] for t in entries], torch.stack([t[4] for t in entries], dim=1))
         rounds += 1
         if not new:
             break
         if not repair or rounds >= limit:
             ok = False
             break
-    out = {e: (lists[e][0], lists[e][1], [bool(c) and ok for c in lists[e][2]], lists[e][4], lists[e][3])
-           for e in ends}
+    out = {e: dataclasses.replace(lists[e], converged=[bool(c) and ok for c in lists[e].converged]) for e in ends}
     return _result(which, out, ends, hvps=res.hvps + spent, iterations=res.iterations + spent,
                    restarts=res.restarts + rounds, backend=res.backend)
 
-
-DENSE_MAX_N = 4000
-
-
-def dense(op, k: int = 5, which: str = "both", *, max_n: int = DENSE_MAX_N, return_vectors: bool = False,
-          progress=None) -> EigenResult:
-    """Exact eigenpairs of the dense float64 Hessian built from n Hessian-vector products (identity blocks),
-    by LAPACK eigh: for small models (n <= max_n) and as the truth the iterative backends are tested against."""
-    which = _which(which)
-    n = int(op.n)
-    if n > max_n:
-        raise UserError(f"the dense backend builds the full {n} x {n} Hessian; it is limited to {max_n} "
-                        "parameters: use backend 'lanczos' (or raise max_n if you have the memory)")
-    k = min(int(k), n)
-    start = getattr(op, "hvps", 0)
-    cols = []
-    block = 256
-    for s0 in range(0, n, block):
-        E = torch.zeros(n, min(block, n - s0), dtype=torch.float64)
-        E[s0 + torch.arange(E.shape[1]), torch.arange(E.shape[1])] = 1.0
-        cols.append(op.matmat(E).detach().to("cpu", torch.float64))
-        if progress is not None:
-            progress(min(n, s0 + block), n)
-    H = torch.cat(cols, dim=1)
-    H = 0.5 * (H + H.T)
-    vals, vecs = scipy.linalg.eigh(H.numpy(), check_finite=False)
-    ends = _ends(which)
-    out = {}
-    for end in ends:
-        idx = _select(vals, k, end)
-        out[end] = (vals[idx].tolist(), [0.0] * len(idx), [True] * len(idx),
-                    torch.from_numpy(np.ascontiguousarray(vecs[:, idx])) if return_vectors else None,
-                    [0.0] * len(idx))
-    return _result(which, out, ends, hvps=getattr(op, "hvps", start + n) - start, iterations=n, restarts=0,
-                   backend="dense")
-
-
-def _thresh(value: float, tol: float, scale: float) -> float:
-    """Tolerance unit for one Ritz value: |value|, floored at 1e-3 of the spectral norm (values near zero)."""
-    return tol * max(abs(value), 1e-3 * scale)
-
-
-def error_estimates(theta: np.ndarray, res: np.ndarray) -> np.ndarray:
-    """Eigenvalue error bounds min(r, r^2 / gap) per Ritz value (gap: to the nearest other Ritz value, less
-    that value's residual); the r^2/gap bound is what makes 1e-8 reachable with residuals near 1e-5."""
-    theta, res = np.asarray(theta, dtype=float), np.asarray(res, dtype=float)
-    if len(theta) < 2:
-        return res.copy()
-    d = np.abs(theta[:, None] - theta[None, :]) - res[None, :]
-    np.fill_diagonal(d, np.inf)
-    gap = d.min(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sharp = np.where(gap > 0, res ** 2 / np.where(gap > 0, gap, 1.0), np.inf)
-    return np.minimum(res, sharp)
-
-
-def _converged(theta, res, est, i, tol, scale, strict) -> bool:
-    """Residual test (strict: r <= tol |lambda|) or error test (bound <= tol |lambda| and r <= sqrt(tol) |lambda|)."""
-    unit = _thresh(theta[i], 1.0, scale)
-    if strict:
-        return bool(res[i] <= tol * unit)
-    return bool(est[i] <= tol * unit and res[i] <= math.sqrt(tol) * unit)
-
-
-def _all_converged(theta, res, k, ends, tol, scale, strict) -> bool:
-    if len(theta) < k * len(ends):  # both ends would share Ritz values: not k distinct ones at each
-        return False
-    est = error_estimates(theta, res)
-    for end in ends:
-        idx = _select(theta, k, end)
-        if len(idx) < k or not all(_converged(theta, res, est, i, tol, scale, strict) for i in idx):
-            return False
-    return True
-
-
-def _keep(theta: np.ndarray, k: int, ends: list[str], m: int) -> np.ndarray:
-    """Ritz vectors kept at a restart: the wanted ones plus neighbours, about half the basis."""
-    kk = min(m - 1, max(k * len(ends) + 2, m // 2))
-    if len(ends) == 2:
-        hi = kk // 2 + kk % 2
-        idx = np.concatenate([_select(theta, hi, "top"), _select(theta, kk - hi, "bottom")])
-    else:
-        idx = _select(theta, kk, ends[0])
-    return np.unique(idx)
-
-
-def eigsh(op, k: int = 5, which: str = "both", *, tol: float = 1e-8, max_hvps: int | None = None,
-          seed: int = 0, return_vectors: bool = False, verify: bool = True, progress=None) -> EigenResult:
-    """The same eigenpairs by scipy's ARPACK (implicitly restarted Lanczos) on `op.to_scipy()`, then the same
-    deflated check for missing multiplicities as `lanczos` (verify=False skips it).
-
-    Residuals are measured afterwards with one batched product of the returned vectors (counted in hvps).
-    """
-    start = op.hvps
-    res = _eigsh(op, k, which, tol=tol, max_hvps=max_hvps, seed=seed, progress=progress)
-    if verify:
-        res = verify_extremes(op, res, k, which, tol=tol, seed=seed, progress=progress,
-                              max_hvps=None if not max_hvps else max(0, int(max_hvps) - res.hvps))
-    res.hvps = op.hvps - start
-    if not return_vectors:
-        res.vectors = res.bottom_vectors = None
-    return res
-
-
-def _eigsh(op, k: int = 5, which: str = "both", *, tol: float = 1e-8, max_hvps: int | None = None,
-           seed: int = 0, progress=None) -> EigenResult:
-    """ARPACK's answer with measured residuals and vectors (no multiplicity check)."""
-    return_vectors = True
-    from scipy.sparse.linalg import ArpackNoConvergence
-    from scipy.sparse.linalg import eigsh as _eigsh
-
-    which = _which(which)
-    n = int(op.n)
-    k = min(int(k), n)
-    ends = _ends(which)
-    kw = k * len(ends)
-    start = op.hvps
-    if kw >= n - 1:  # ARPACK needs k < n - 1: take the whole (small) matrix
-        H = op.to_dense().cpu().numpy()
-        vals, vecs = scipy.linalg.eigh(H, check_finite=False)
-        iterations = n
-    else:
-        arpack_which = {"top": "LA", "bottom": "SA", "both": "BE", "magnitude": "LM"}[which]
-        ncv = min(n, max(2 * kw + 1, 20))
-        maxiter = max(1, (int(max_hvps) if max_hvps else max(500, 20 * kw)) // max(ncv - kw, 1))
-        v0 = start_vector(n, seed).numpy()
-        try:
-            vals, vecs = _eigsh(op.to_scipy(), k=kw, which=arpack_which, tol=tol, v0=v0, ncv=ncv, maxiter=maxiter)
-        except ArpackNoConvergence as e:
-            vals, vecs = e.eigenvalues, e.eigenvectors
-        order = np.argsort(vals)
-        vals, vecs = vals[order], vecs[:, order]
-        iterations = op.hvps - start
-    Vt = torch.from_numpy(np.ascontiguousarray(vecs))
-    R = op.matmat(Vt).cpu().double() - Vt * torch.from_numpy(vals)[None, :] if len(vals) else Vt
-    res = R.norm(dim=0).numpy() if len(vals) else np.zeros(0)
-    scale = max(float(np.max(np.abs(vals))) if len(vals) else 0.0, np.finfo(float).tiny)
-    est = error_estimates(vals, res)
-    out = {}
-    for end in ends:
-        idx = _select(vals, k, end)
-        out[end] = (vals[idx].tolist(), res[idx].tolist(),
-                    [_converged(vals, res, est, i, tol, scale, False) for i in idx],
-                    Vt[:, idx] if return_vectors else None, est[idx].tolist())
-    if progress is not None:
-        progress(op.hvps - start, op.hvps - start)
-    return _result(which, out, ends, hvps=op.hvps - start, iterations=iterations, restarts=0, backend="eigsh")
 
 
 def lanczos_tridiagonals(op, starts: torch.Tensor, steps: int, *, reorth: bool | None = None,
@@ -504,3 +282,4 @@ def lanczos_tridiagonals(op, starts: torch.Tensor, steps: int, *, reorth: bool |
         if not active:
             break
     return [(np.asarray(alphas[i]), np.asarray(betas[i][:len(alphas[i]) - 1])) for i in range(b)]
+

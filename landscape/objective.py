@@ -94,15 +94,43 @@ class Objective:
         return sum(p.numel() for p in self.params().values())
 
     # -- domains -------------------------------------------------------------------------------
+    def resolve_domains(self, spec=None, *, default=None, train: str = "loss") -> list[str]:
+        """The one parser of domain specs, used by every analyzer. `spec`: None (-> `default`, itself a spec;
+        None means 'each'), 'each' (every domain, trained then OOD as declared), 'train' (train='loss': the
+        training loss, the pseudo-domain 'train'; train='expand': the trained domains), a domain name, a
+        comma-separated string 'a,b', or a list of any of these. Unknown names, repeated names and empty
+        selections are a UserError; expansions ('each', 'train') are de-duplicated."""
+        if train not in ("loss", "expand"):
+            raise ValueError(f"train must be 'loss' or 'expand', got {train!r}")
+        if spec is None:
+            spec = "each" if default is None else default
+        if isinstance(spec, str):
+            items = [s.strip() for s in spec.split(",")] if "," in spec else [spec.strip()]
+            items = [s for s in items if s]
+        else:
+            try:
+                items = [str(s).strip() for s in spec]
+            except TypeError:
+                raise UserError(f"domains must be a name, a list of names, 'train' or 'each', got {spec!r}") from None
+        if not items:
+            raise UserError("no domains selected; name at least one, 'train' or 'each'")
+        if len(set(items)) != len(items):
+            raise UserError(f"domains must be distinct, got {items}")
+        names: list[str] = []
+        for s in items:
+            if s == "each":
+                names += list(self.domains)
+            elif s == TRAIN:
+                names += [TRAIN] if train == "loss" else self.train_domains
+            elif s in self.domains:
+                names.append(s)
+            else:
+                raise UserError(f"unknown domain '{s}'; choose 'train', 'each' or one of {list(self.domains)}")
+        return list(dict.fromkeys(names))
+
     def resolve(self, domain: str | None) -> list[str]:
-        """Domain names for a spec: None/'train' -> ['train'], 'each' -> every domain, else the name."""
-        if domain is None or domain == TRAIN:
-            return [TRAIN]
-        if domain == "each":
-            return list(self.domains)
-        if domain not in self.domains:
-            raise UserError(f"unknown domain '{domain}'; choose 'train', 'each' or one of {list(self.domains)}")
-        return [domain]
+        """Domain names for a spec, 'train' (or None) meaning the training loss: resolve_domains(domain, default='train')."""
+        return self.resolve_domains(domain, default=TRAIN)
 
     def terms(self, domain: str | None = None) -> list[tuple[float, object]]:
         """(coefficient, batch) pairs whose weighted sum of batch losses is the domain's loss."""
@@ -126,6 +154,17 @@ class Objective:
         finally:
             for m, f in zip(self.model.modules(), flags):
                 m.training = f
+
+    @contextlib.contextmanager
+    def preserved(self, train_mode: bool = False, seed: int | None = 0) -> Iterator["Objective"]:
+        """`evaluating(train_mode)` plus the buffers (e.g. BatchNorm statistics) and the RNG as they were, whatever
+        the block does; the block runs with the RNG seeded by `seed` (None: not reseeded)."""
+        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), self.evaluating(train_mode), _restoring(buffers):
+            if seed is not None:
+                torch.manual_seed(seed)
+            yield self
 
     def loss(self, domain: str | None = None) -> float:
         """A domain's loss, or the training loss (domain None or 'train'), in eval mode."""
@@ -153,21 +192,11 @@ class Objective:
         raise UserError naming the domain and batch index if it is not a finite scalar that depends on the
         trainable parameters. `domains`: None/'each' (every domain), 'train' (the trained ones), a name or a
         list. The model's mode flags, RNG and .grad fields are left as they were."""
-        if domains is None or domains == "each":
-            names = list(self.domains)
-        elif isinstance(domains, str):
-            names = self.train_domains if domains == TRAIN else self.resolve(domains)
-        else:
-            names = []
-            for d in domains:
-                names += self.train_domains if d == TRAIN else self.resolve(d)
-            names = list(dict.fromkeys(names))
+        names = [d for d in self.resolve_domains(domains, default="each", train="expand")]
         params = list(self.params().values())
         if not params:
             raise UserError("the model has no trainable parameters (requires_grad=True); nothing to analyse")
-        devices = [self.device] if self.device.type == "cuda" else []
-        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]  # e.g. BatchNorm running statistics
-        with torch.random.fork_rng(devices=devices), self.evaluating(train_mode), _restoring(buffers):
+        with self.preserved(train_mode, seed=None):
             for d in names:
                 for i, batch in enumerate(self.domains[d]):
                     where = f"domain '{d}', batch {i}"
@@ -209,8 +238,3 @@ class Objective:
                         ood=self.ood, meta=self.meta)
         out.param_regex = getattr(self, "param_regex", None)  # [ownmodel] keep the parameter subset
         return out
-
-    def describe(self) -> dict:
-        """JSON summary: domains, which are trained/OOD, weights, parameter count and checkpoint meta."""
-        return {"domains": list(self.domains), "train_domains": self.train_domains, "ood": self.ood,
-                "weights": self.weights, "num_params": self.num_params(), "meta": self.meta}

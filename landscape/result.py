@@ -56,3 +56,8 @@ class Result:
     @classmethod
     def from_json(cls: type[R], path: str | Path) -> R:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def num(x) -> float | None:
+    """A float for JSON, or None for a missing or non-finite number (NaN, inf)."""
+    return None if x is None or not math.isfinite(float(x)) else float(x)

@@ -85,8 +85,7 @@ class GradSimTracker:
         self._calls = 0
         self._done: set[int] = set()
         # Validate domains and settings now, not at the first due step.
-        from .gradsim import check_domains
-        check_domains(objective, domains, list(objective.domains))
+        objective.resolve_domains(domains, default="each", train="expand")
         if self.resamples < 0 or self.resamples == 1:
             raise UserError(f"resamples must be 0 or at least 2, got {self.resamples}")
 

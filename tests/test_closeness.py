@@ -72,7 +72,7 @@ def test_closeness_matches_formulas():
         assert len(r.barrier_profile[d]) == 11
         u = m[d] - theta
         assert r.curvature_along[d] == pytest.approx(float(u @ A[d] @ u / (u @ u)), rel=1e-8)
-        assert r.converged[d]
+        assert r.converged_by_domain[d]
     M = torch.stack([m[d] for d in doms])
     np.testing.assert_allclose(np.array(r.pairwise), torch.cdist(M, M).numpy(), atol=1e-6)
     center = M.mean(0)
@@ -138,7 +138,7 @@ def test_mlp_closeness_leaves_model_untouched_and_unconverged_summaries_are_null
     assert calls and calls[-1][0] == calls[-1][1]  # progress reaches its total
     assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))  # and never goes back
     # 25 Adam steps reach no minimum: said so, and nothing comparing minima is reported
-    assert not r.all_converged and not any(r.converged.values())
+    assert not r.all_converged and not any(r.converged_by_domain.values())
     assert all(r.stop[d] == "steps" and r.reached[d] > 0 for d in r.domains)
     assert r.spread is None and r.mean_sq_distance is None and r.center_distance is None
     assert all(r.distance[d]["raw"] is None and r.barrier[d] is None and r.curvature_along[d] is None

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from landscape import FlatnessReport, FlatnessResult, Objective, UserError, flatness
+from landscape import FlatnessResult, Objective, UserError, flatness
 from landscape.density import spectral_density
 from landscape.hvp import HessianOperator
 from landscape.lanczos import lanczos
@@ -113,18 +113,18 @@ def test_hand_made_mlp_with_unused_params_each_domain():
     model.spare = nn.Linear(3, 3)  # never reaches the loss: zero rows/columns, eigenvalue 0
     obj = classification_objective(model, seed=1)
     calls = []
-    rep = flatness(obj, k=4, domain="each", trace=True, trace_probes=12, tol=1e-8,
+    rep = flatness(obj, k=4, domains="each", trace=True, trace_probes=12, tol=1e-8,
                    progress=lambda done, total, what: calls.append((done, total, what)))
     assert {w for _, _, w in calls} == {"p: eigenvalues", "p: trace", "q: eigenvalues", "q: trace"}
-    assert isinstance(rep, FlatnessReport) and list(rep.results) == ["p", "q"]
+    assert isinstance(rep, FlatnessResult) and list(rep.results) == ["p", "q"]
     for d in ("p", "q"):
         ev = eigvalsh(dense_hessian(obj, d).numpy())
         scale = float(np.max(np.abs(ev)))
         assert rep[d].converged
         assert rel_err(rep[d].eigenvalues, ev[::-1][:4], scale) < 1e-8
         assert rel_err(rep[d].bottom_eigenvalues, ev[:4], scale) < 1e-8
-    assert rep.hvps == sum(r.hvps["total"] for r in rep.results.values())
-    back = FlatnessReport.from_dict(json.loads(rep.to_json()))
+    assert rep.hvps["total"] == sum(r.hvps["total"] for r in rep.results.values()) and rep.converged
+    back = FlatnessResult.from_dict(json.loads(rep.to_json()))
     assert back.results["q"].eigenvalues == rep.results["q"].eigenvalues
 
 
@@ -133,8 +133,8 @@ def test_bowls_per_domain_equal_analytic_curvatures():
     name, cfg = s.default_model()
     obj = Objective(build_model(name, cfg), {d: s.eval_batches(d) for d in s.domains}, s.loss_fn,
                     ood=s.ood_domains, weights=s.weights)
-    rep = flatness(obj, k=3, domain="each", tol=1e-8)
-    default = flatness(obj, k=3, domain="each")  # default tolerance 1e-4: relative to each |eigenvalue|
+    rep = flatness(obj, k=3, domains="each", tol=1e-8)
+    default = flatness(obj, k=3, domains="each")  # default tolerance 1e-4: relative to each |eigenvalue|
     for d in s.domains:
         exact = eigvalsh(s.hessian(d).float().double().numpy())
         assert default[d].converged
@@ -148,11 +148,11 @@ def test_bowls_per_domain_equal_analytic_curvatures():
         assert rel_err(r.bottom_eigenvalues, exact[:3], 1.0) < 1e-10
         assert rel_err(r.eigenvalues, eigvalsh(A.numpy())[::-1][:3], 1.0) < 1e-6
         assert r.trace == pytest.approx(float(np.trace(A.float().double().numpy())), rel=1e-10)
-    train = flatness(obj, k=6, domain=None, tol=1e-8)
+    train = flatness(obj, k=6, domains=None, tol=1e-8)
     exact = eigvalsh(sum(s.weights[d] * s.hessian(d).float().double() for d in s.train_domains).numpy())
     assert rel_err(train.eigenvalues, exact[::-1], 1.0) < 1e-10
     assert rel_err(train.eigenvalues, eigvalsh(s.hessian(None).numpy())[::-1], 1.0) < 1e-6
-    assert flatness(obj, k=2, domain="train", tol=1e-8).eigenvalues == pytest.approx(train.eigenvalues[:2], rel=1e-12)
+    assert flatness(obj, k=2, domains="train", tol=1e-8).eigenvalues == pytest.approx(train.eigenvalues[:2], rel=1e-12)
 
 
 # -- trace and density -----------------------------------------------------------------------------
@@ -241,17 +241,17 @@ def test_tiny_gpt_flatness():
 
 def test_bad_settings_raise_user_errors(small_case):
     obj, _ = small_case
-    for kw in ({"backend": "nope"}, {"which": "middle"}, {"k": 0}, {"trace_method": "xtrace"}, {"domain": "zzz"}):
+    for kw in ({"backend": "nope"}, {"which": "middle"}, {"k": 0}, {"trace_method": "xtrace"}, {"domains": "zzz"}):
         with pytest.raises(UserError):
             flatness(obj, **kw)
 
 
 def test_result_json_roundtrip_and_figures(tmp_path, small_case):
     obj, _ = small_case
-    rep = flatness(obj, k=2, domain="each", trace_probes=6, density=True, density_probes=2, density_steps=12)
+    rep = flatness(obj, k=2, domains="each", trace_probes=6, density=True, density_probes=2, density_steps=12)
     path = tmp_path / "f.json"
     rep.to_json(path)
-    back = FlatnessReport.from_json(path)
+    back = FlatnessResult.from_json(path)
     assert back.results["a"].density.grid == rep.results["a"].density.grid
     assert back.to_dict() == json.loads(path.read_text())
     from landscape.render.flatness import flatness_figure, flatness_html
@@ -274,12 +274,30 @@ def test_cli_flatness(tmp_path, tiny_mix_run):
     data = json.loads(out.read_text())
     assert data["command"] == "flatness"
     assert data["results"][0]["checkpoint"] == str(tiny_mix_run.path) and data["results"][0]["step"] is not None
-    rep = FlatnessReport.from_dict(data["results"][0]["result"])
+    rep = FlatnessResult.from_dict(data["results"][0]["result"])
     assert set(rep.results) == {"a", "b", "c", "ood"} and all(r.converged for r in rep.results.values())
     assert rep.results["a"].density is not None and (tmp_path / "flat.png").stat().st_size > 1000
     res = invoke_cli("flatness", tiny_mix_run.path, "-k", "1", "--no-trace", "--backend", "pyhessian", "--json", "-")
     assert res.exit_code == 0, res.output
     payload = json.loads(res.stdout)["results"][0]  # with --json -, stdout is only the JSON
-    assert payload["result"]["backend"] == "pyhessian" and payload["result"]["bottom_eigenvalues"] is None
+    one = payload["result"]["results"]["train"]
+    assert one["backend"] == "pyhessian" and one["bottom_eigenvalues"] is None
     res = invoke_cli("flatness", tiny_mix_run.path, "--domain", "nope")
     assert_one_line_error(res.exit_code, res.stderr, contains="unknown domain")
+
+
+def test_one_return_type_and_deprecated_domain_keyword(small_case):
+    """flatness always returns a FlatnessResult; one domain reads through; domain= still works, with a warning."""
+    obj, _ = small_case
+    one = flatness(obj, k=2, trace=False, tol=1e-8)
+    assert isinstance(one, FlatnessResult) and one.domains == ["train"] and one.only is one["train"]
+    assert one.lambda_max == one["train"].eigenvalues[0] and one.converged_by_domain == {"train": one.converged}
+    with pytest.warns(DeprecationWarning):
+        old = flatness(obj, k=2, trace=False, tol=1e-8, domain="train")
+    assert old.eigenvalues == one.eigenvalues
+    two = flatness(obj, k=2, trace=False, tol=1e-8, domains=["a", "train"])
+    assert two.domains == ["a", "train"] and two["train"].eigenvalues == pytest.approx(one.eigenvalues, rel=1e-10)
+    with pytest.raises(AttributeError, match="2 domains"):
+        two.lambda_max
+    with pytest.raises(TypeError):
+        flatness(obj, 2)  # options are keyword-only

@@ -335,7 +335,7 @@ def test_cli_own_model_paths(hf_dir, texts, tmp_path):
     r = invoke_cli("flatness", str(d), *common, "-k", "1", "--which", "top", "--no-trace", "--max-hvps", "6",
                    "--params", r"h\.0\.mlp", "--json", str(tmp_path / "f.json"))
     assert r.exit_code == 0, r.output
-    f = json.loads((tmp_path / "f.json").read_text())["results"][0]["result"]
+    f = json.loads((tmp_path / "f.json").read_text())["results"][0]["result"]["results"]["train"]
     assert f["num_params"] == sum(p.numel() for n, p in hf_dir[1].named_parameters() if "h.0.mlp" in n)
     for args, msg in [(["gradsim", str(d)], "without data"),
                       (["gradsim", str(d), "--data", data, "--params", "zzz"], "matches no parameter"),

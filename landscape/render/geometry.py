@@ -108,7 +108,7 @@ def closeness_figure(results: Sequence, labels: Sequence[str] | None = None, pat
         doms, cols = r["domains"], r["columns"]
         ax = axes[0][col]
         vals = [r["distance"][d]["raw"] or 0.0 for d in doms]  # unconverged: no distance (gray, empty)
-        bars = ax.bar(range(len(doms)), vals, color=[PALETTE[0] if r["converged"].get(d) else NOT_CONVERGED for d in doms])
+        bars = ax.bar(range(len(doms)), vals, color=[PALETTE[0] if r["converged_by_domain"].get(d) else NOT_CONVERGED for d in doms])
         for b, d in zip(bars, doms):
             rel = r["distance"][d].get("relative")
             ax.annotate((f"{b.get_height():.3g}" if r["distance"][d]["raw"] is not None else "n/a")

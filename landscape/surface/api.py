@@ -39,20 +39,11 @@ Progress = Callable[[int, int, str], None]  # progress(done, total, what), as ev
 
 
 def resolve_domains(obj: Objective, domains) -> tuple[list[str], list[str]]:
-    """(domains to report, domains to evaluate): default every domain incl. OOD; training domains always."""
-    if domains is None:
-        want = list(obj.domains)
-    else:
-        want = [d.strip() for d in domains.split(",")] if isinstance(domains, str) else [str(d) for d in domains]
-        want = [d for d in want if d and d != TRAIN]
-        bad = [d for d in want if d not in obj.domains]
-        if bad:
-            raise UserError(f"unknown domain(s) {bad}; domains are {list(obj.domains)}")
-        if not want:
-            want = list(obj.domains)
+    """(domains to report, domains to evaluate): `domains` parsed by Objective.resolve_domains (default every
+    domain, OOD included; 'train' = the trained domains); the training domains are always evaluated ('train')."""
+    want = [d for d in obj.resolve_domains(domains, default="each", train="expand") if d != TRAIN]
     evaluated = want + [d for d in obj.train_domains if d not in want]
     return want, evaluated
-
 
 
 def _ticker(progress: Progress | None, total: int, what: str) -> Callable[[int], None]:
@@ -64,10 +55,11 @@ def _ticker(progress: Progress | None, total: int, what: str) -> Callable[[int],
     return lambda done: progress(done, total, what)
 
 
-def surface(obj: Objective, plane: str = "random", grid=51, span=None, seed: int = 0, domains=None, others=None,
-            minima=None, norm: str = "filter", bias: str = "zero", batch: str = "auto", chunk: int | None = None,
-            out: str | Path | None = None, progress: Progress | None = None, pair: Sequence[str] | None = None,
-            descend_steps: int = 300, labels: Sequence[str] | None = None) -> SurfaceResult:
+def surface(obj: Objective, *, plane: str = "random", grid=51, span=None, domains=None, params: str | None = None,
+            seed: int = 0, progress: Progress | None = None, others=None, minima=None, norm: str = "filter",
+            bias: str = "zero", batch: str = "auto", chunk: int | None = None, out: str | Path | None = None,
+            pair: Sequence[str] | None = None, descend_steps: int = 300,
+            labels: Sequence[str] | None = None) -> SurfaceResult:
     """Every domain's loss and the training loss on a grid of a plane around the objective's weights.
 
     plane: 'random' (seeded filter-normalised orthogonal directions, seeds seed and seed+1), 'domains'
@@ -79,11 +71,11 @@ def surface(obj: Objective, plane: str = "random", grid=51, span=None, seed: int
     included; training domains are always evaluated for 'train'). batch: 'auto' | 'vmap' | 'loop'. out:
     an .npz path written at the end; finished rows go to a sidecar so an interrupted grid resumes.
     progress: None or a callable progress(done_points, total_points, what) (the CLI passes its rich bar).
+    params: a regex restricting the moved parameters (Objective.select; the others stay at theta).
     Eval mode; the model, its buffers, flags and the RNG are unchanged.
     """
-    from ..gradsim import preserved
-
     seed = check_seed(seed, "seed")
+    obj = obj.select(params)
     grid_axes({}, span, grid)  # refuse a bad grid or span before any descent or evaluation
     want, names = resolve_domains(obj, domains)
     rank, world = dist_info()
@@ -123,7 +115,7 @@ def surface(obj: Objective, plane: str = "random", grid=51, span=None, seed: int
     side = Sidecar(out, rank, fp) if out is not None and mine else None
     tick = _ticker(progress if rank == 0 else None, nx * ny, f"surface {plane}")
     try:
-        with preserved(obj, False, seed):
+        with obj.preserved(False, seed):
             tick(len(done) * nx)
             for s in range(0, len(mine), rows_per_block):
                 rows = mine[s:s + rows_per_block]
@@ -160,9 +152,9 @@ def surface(obj: Objective, plane: str = "random", grid=51, span=None, seed: int
         settings={"grid": [nx, ny], "span": box, "batch": batch, "batch_used": ev.mode, "batch_note": ev.note,
                   "batch_probe": probed, "chunk": ev.chunk if ev.mode == "vmap" else None, "device": str(device), "dtype": str(dtype),
                   "pair": pl.info.get("pair"), "descend_steps": descend_steps if plane == "domains" else None,
-                  "labels": list(labels) if labels else None, "world_size": world},
+                  "labels": list(labels) if labels else None, "world_size": world, "params": params},
         versions=versions(),
-        timing={"seconds": elapsed, "points": len(computed) * nx, "resumed_rows": resumed,
+        seconds=elapsed, timing={"points": len(computed) * nx, "resumed_rows": resumed,
                 "points_per_s": len(computed) * nx / elapsed if elapsed > 0 and computed else None},
         meta=jsonable(obj.meta), fingerprint=fp)
     if out is not None and rank == 0:
@@ -175,19 +167,19 @@ def surface(obj: Objective, plane: str = "random", grid=51, span=None, seed: int
 
 
 
-def line(obj: Objective, start=None, end=None, points: int = 51, domains=None, *, span=(0.0, 1.0),
-         batch: str = "auto", chunk: int | None = None, descend_steps: int = 300, seed: int = 0,
-         progress: Progress | None = None) -> LineResult:
+def line(obj: Objective, start=None, end=None, *, points: int = 51, span=(0.0, 1.0), domains=None,
+         params: str | None = None, seed: int = 0, progress: Progress | None = None, batch: str = "auto",
+         chunk: int | None = None, descend_steps: int = 300) -> LineResult:
     """Every domain's loss along start + t*(end - start) for `points` values of t in `span`.
 
     start/end: None (the objective's weights), an Objective (another checkpoint), a flat vector, or a
     domain name (that domain's nearest minimum, by `closeness.descend` from the weights): e.g.
     `line(obj, None, 'code')` walks from theta toward the code minimum; span=(-0.5, 1.5) extends it.
     progress: None or progress(done_points, total_points, what), called when the points are evaluated.
+    domains, params: as in `surface`.
     """
-    from ..gradsim import preserved
-
     seed = check_seed(seed, "seed")
+    obj = obj.select(params)
     tick = _ticker(progress, int(points), "line")
     if int(points) < 2:
         raise UserError(f"a line needs at least 2 points, got {points}")
@@ -216,7 +208,7 @@ def line(obj: Objective, start=None, end=None, points: int = 51, domains=None, *
     O, Dd = o.to(device=dev, dtype=dt), d.to(device=dev, dtype=dt)
     ev = Evaluator(obj, names, choose_batch(batch, dev, obj, names, chunk), chunk)
     t0 = time.perf_counter()
-    with preserved(obj, False, seed):
+    with obj.preserved(False, seed):
         tt = torch.as_tensor(t, dtype=dt, device=dev)
         vals = ev(O, torch.stack([Dd, torch.zeros_like(Dd)]), torch.stack([tt, torch.zeros_like(tt)], 1))
     vals[TRAIN] = train_loss(vals, obj)
@@ -230,7 +222,8 @@ def line(obj: Objective, start=None, end=None, points: int = 51, domains=None, *
                       ood=list(obj.ood), weights=dict(obj.weights),
                       settings={"points": int(points), "span": [float(span[0]), float(span[1])], "batch": batch,
                                 "batch_used": ev.mode, "batch_note": ev.note, "device": str(dev), "dtype": str(dt),
-                                "descend_steps": descend_steps},
-                      versions=versions(), timing={"seconds": el, "points_per_s": len(t) / el if el > 0 else None},
+                                "descend_steps": descend_steps, "params": params},
+                      versions=versions(), timing={"points_per_s": len(t) / el if el > 0 else None},
+                      seconds=el, seed=int(seed),
                       meta=jsonable(obj.meta))
 

@@ -11,7 +11,7 @@ import torch
 
 from nexus_opt.errors import UserError
 
-from ..hvp import _math_sdpa
+from ..hvp import math_sdpa
 from ..objective import TRAIN, Objective
 from ..params import get_flat, unflatten
 
@@ -102,7 +102,7 @@ class Evaluator:
         return {d: vals[:, i] for i, d in enumerate(self.names)}
 
     def _vmap(self, origin: torch.Tensor, D: torch.Tensor, ab: torch.Tensor) -> dict[str, np.ndarray]:
-        with _math_sdpa():
+        with math_sdpa():
             vals = torch.func.vmap(self._at)(_weights(origin, D, ab)).cpu().numpy()
         return {d: vals[:, i] for i, d in enumerate(self.names)}
 

@@ -41,9 +41,10 @@ class SurfaceResult(Result):
     normalization: dict = dataclasses.field(default_factory=dict)  # norm, bias policy, seeds, basis, cosine, norms
     settings: dict = dataclasses.field(default_factory=dict)  # grid, span, batch mode, chunk, device, dtype, labels
     versions: dict = dataclasses.field(default_factory=dict)
-    timing: dict = dataclasses.field(default_factory=dict)
+    timing: dict = dataclasses.field(default_factory=dict)  # points, points_per_s, resumed_rows, reused
     meta: dict = dataclasses.field(default_factory=dict)  # the objective's (checkpoint) meta
     fingerprint: str = ""
+    seconds: float = 0.0  # wall-clock time of the grid evaluation
 
     def save(self, path: str | Path) -> Path:
         """Write one .npz: the arrays plus a JSON metadata string (no pickle); atomic replace."""
@@ -77,8 +78,10 @@ class LineResult(Result):
     weights: dict = dataclasses.field(default_factory=dict)
     settings: dict = dataclasses.field(default_factory=dict)
     versions: dict = dataclasses.field(default_factory=dict)
-    timing: dict = dataclasses.field(default_factory=dict)
+    timing: dict = dataclasses.field(default_factory=dict)  # points_per_s
     meta: dict = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0  # wall-clock time of the evaluation
+    seed: int = 0
 
     def save(self, path: str | Path) -> Path:
         return _save_npz(self, path, "line")

@@ -1,0 +1,262 @@
+"""Eigenpairs of a symmetric operator: the result types (RitzPairs, EigenResult), the stopping tests, and the
+dense (LAPACK) and scipy eigsh (ARPACK) backends; thick-restart Lanczos is in landscape.lanczos."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import scipy.linalg
+import torch
+
+from nexus_opt.errors import UserError
+
+WHICH = ("top", "bottom", "both", "magnitude")
+_ALIASES = {"LA": "top", "SA": "bottom", "BE": "both", "LM": "magnitude"}
+
+
+@dataclasses.dataclass
+class RitzPairs:
+    """The Ritz pairs of one end of the spectrum: values with residual norms ||Hv - lambda v||, error bounds
+    min(r, r^2/gap), per-pair convergence and the vectors (n, k) on the CPU, or None when not kept."""
+
+    values: list[float]
+    residuals: list[float]
+    errors: list[float] | None
+    converged: list[bool]
+    vectors: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
+class EigenResult:
+    """Wanted Ritz pairs: `top` (descending), `bottom` (ascending) or `magnitude` (by |value|, descending).
+
+    `residuals` are ||H v - lambda v|| per eigenvalue (unit v); `errors` the eigenvalue error bounds
+    min(r, r^2/gap); `converged` says each met the stopping test at `tol`, relative to |lambda| floored at
+    1e-3 of the spectral norm (values near zero). Vectors (n, k) on the CPU when asked for.
+    """
+
+    which: str
+    eigenvalues: list[float]
+    residuals: list[float]
+    converged: list[bool]
+    bottom_eigenvalues: list[float] | None = None
+    bottom_residuals: list[float] | None = None
+    bottom_converged: list[bool] | None = None
+    errors: list[float] | None = None
+    bottom_errors: list[float] | None = None
+    hvps: int = 0
+    iterations: int = 0
+    restarts: int = 0
+    backend: str = "lanczos"
+    vectors: torch.Tensor | None = None
+    bottom_vectors: torch.Tensor | None = None
+
+    @property
+    def all_converged(self) -> bool:
+        return all(self.converged) and all(self.bottom_converged or [])
+
+    def end(self, name: str) -> RitzPairs | None:
+        """The Ritz pairs of one end: 'top' (or the single end asked for) or 'bottom'; None where not found."""
+        if name == "bottom" and self.which == "both":
+            return RitzPairs(self.bottom_eigenvalues, self.bottom_residuals, self.bottom_errors, self.bottom_converged,
+                             self.bottom_vectors)
+        if name == self.which or (name == "top" and self.which == "both"):
+            return RitzPairs(self.eigenvalues, self.residuals, self.errors, self.converged, self.vectors)
+        return None
+
+
+def _which(which: str) -> str:
+    which = _ALIASES.get(which, which)
+    if which not in WHICH:
+        raise UserError(f"unknown eigenvalue selection '{which}'; choose one of {list(WHICH)}")
+    return which
+
+
+def start_vector(n: int, seed: int) -> torch.Tensor:
+    """A deterministic Gaussian unit vector from a seed (CPU float64)."""
+    g = torch.Generator().manual_seed(int(seed))
+    v = torch.randn(n, generator=g, dtype=torch.float64)
+    return v / v.norm()
+
+
+def _select(theta: np.ndarray, k: int, end: str) -> np.ndarray:
+    """Indices of the k wanted Ritz values (theta ascending) for one end."""
+    m = len(theta)
+    k = min(k, m)
+    if end == "top":
+        return np.arange(m - 1, m - 1 - k, -1)
+    if end == "bottom":
+        return np.arange(k)
+    return np.argsort(-np.abs(theta), kind="stable")[:k]
+
+
+def _ends(which: str) -> list[str]:
+    return ["top", "bottom"] if which == "both" else [which]
+
+
+def _budget_basis(n: int, kw: int, basis_bytes: float) -> int:
+    """Default basis size: as many float64 vectors as fit in basis_bytes, at least 2 kw + 10, at most 200 or n."""
+    fit = int(basis_bytes // (8 * max(n, 1)))
+    return max(2, min(n, max(min(fit, 200), 2 * kw + 10)))
+
+
+def _result(which: str, out: dict[str, RitzPairs], ends, **info) -> EigenResult:
+    """An EigenResult from the Ritz pairs of each end."""
+    first = out[ends[0]]
+    bottom = out.get("bottom") if which == "both" else None
+    return EigenResult(which=which, eigenvalues=first.values, residuals=first.residuals, converged=first.converged,
+                       bottom_eigenvalues=bottom.values if bottom else None,
+                       bottom_residuals=bottom.residuals if bottom else None,
+                       bottom_converged=bottom.converged if bottom else None,
+                       errors=first.errors, bottom_errors=bottom.errors if bottom else None,
+                       vectors=first.vectors, bottom_vectors=bottom.vectors if bottom else None, **info)
+
+
+DENSE_MAX_N = 4000
+
+
+def dense(op, k: int = 5, which: str = "both", *, max_n: int = DENSE_MAX_N, return_vectors: bool = False,
+          progress=None) -> EigenResult:
+    """Exact eigenpairs of the dense float64 Hessian built from n Hessian-vector products (identity blocks),
+    by LAPACK eigh: for small models (n <= max_n) and as the truth the iterative backends are tested against."""
+    which = _which(which)
+    n = int(op.n)
+    if n > max_n:
+        raise UserError(f"the dense backend builds the full {n} x {n} Hessian; it is limited to {max_n} "
+                        "parameters: use backend 'lanczos' (or raise max_n if you have the memory)")
+    k = min(int(k), n)
+    start = getattr(op, "hvps", 0)
+    cols = []
+    block = 256
+    for s0 in range(0, n, block):
+        E = torch.zeros(n, min(block, n - s0), dtype=torch.float64)
+        E[s0 + torch.arange(E.shape[1]), torch.arange(E.shape[1])] = 1.0
+        cols.append(op.matmat(E).detach().to("cpu", torch.float64))
+        if progress is not None:
+            progress(min(n, s0 + block), n)
+    H = torch.cat(cols, dim=1)
+    H = 0.5 * (H + H.T)
+    vals, vecs = scipy.linalg.eigh(H.numpy(), check_finite=False)
+    ends = _ends(which)
+    out = {}
+    for end in ends:
+        idx = _select(vals, k, end)
+        out[end] = RitzPairs(vals[idx].tolist(), [0.0] * len(idx), [0.0] * len(idx), [True] * len(idx),
+                             torch.from_numpy(np.ascontiguousarray(vecs[:, idx])) if return_vectors else None)
+    return _result(which, out, ends, hvps=getattr(op, "hvps", start + n) - start, iterations=n, restarts=0,
+                   backend="dense")
+
+
+def _thresh(value: float, tol: float, scale: float) -> float:
+    """Tolerance unit for one Ritz value: |value|, floored at 1e-3 of the spectral norm (values near zero)."""
+    return tol * max(abs(value), 1e-3 * scale)
+
+
+def error_estimates(theta: np.ndarray, res: np.ndarray) -> np.ndarray:
+    """Eigenvalue error bounds min(r, r^2 / gap) per Ritz value (gap: to the nearest other Ritz value, less
+    that value's residual); the r^2/gap bound is what makes 1e-8 reachable with residuals near 1e-5."""
+    theta, res = np.asarray(theta, dtype=float), np.asarray(res, dtype=float)
+    if len(theta) < 2:
+        return res.copy()
+    d = np.abs(theta[:, None] - theta[None, :]) - res[None, :]
+    np.fill_diagonal(d, np.inf)
+    gap = d.min(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sharp = np.where(gap > 0, res ** 2 / np.where(gap > 0, gap, 1.0), np.inf)
+    return np.minimum(res, sharp)
+
+
+def _converged(theta, res, est, i, tol, scale, strict) -> bool:
+    """Residual test (strict: r <= tol |lambda|) or error test (bound <= tol |lambda| and r <= sqrt(tol) |lambda|)."""
+    unit = _thresh(theta[i], 1.0, scale)
+    if strict:
+        return bool(res[i] <= tol * unit)
+    return bool(est[i] <= tol * unit and res[i] <= math.sqrt(tol) * unit)
+
+
+def _all_converged(theta, res, k, ends, tol, scale, strict) -> bool:
+    if len(theta) < k * len(ends):  # both ends would share Ritz values: not k distinct ones at each
+        return False
+    est = error_estimates(theta, res)
+    for end in ends:
+        idx = _select(theta, k, end)
+        if len(idx) < k or not all(_converged(theta, res, est, i, tol, scale, strict) for i in idx):
+            return False
+    return True
+
+
+def _keep(theta: np.ndarray, k: int, ends: list[str], m: int) -> np.ndarray:
+    """Ritz vectors kept at a restart: the wanted ones plus neighbours, about half the basis."""
+    kk = min(m - 1, max(k * len(ends) + 2, m // 2))
+    if len(ends) == 2:
+        hi = kk // 2 + kk % 2
+        idx = np.concatenate([_select(theta, hi, "top"), _select(theta, kk - hi, "bottom")])
+    else:
+        idx = _select(theta, kk, ends[0])
+    return np.unique(idx)
+
+
+def eigsh(op, k: int = 5, which: str = "both", *, tol: float = 1e-8, max_hvps: int | None = None,
+          seed: int = 0, return_vectors: bool = False, verify: bool = True, progress=None) -> EigenResult:
+    """The same eigenpairs by scipy's ARPACK (implicitly restarted Lanczos) on `op.to_scipy()`, then the same
+    deflated check for missing multiplicities as `lanczos` (verify=False skips it).
+
+    Residuals are measured afterwards with one batched product of the returned vectors (counted in hvps).
+    """
+    start = op.hvps
+    res = _eigsh(op, k, which, tol=tol, max_hvps=max_hvps, seed=seed, progress=progress)
+    if verify:
+        from .lanczos import verify_extremes  # the deflated check runs Lanczos
+        res = verify_extremes(op, res, k, which, tol=tol, seed=seed, progress=progress,
+                              max_hvps=None if not max_hvps else max(0, int(max_hvps) - res.hvps))
+    res.hvps = op.hvps - start
+    if not return_vectors:
+        res.vectors = res.bottom_vectors = None
+    return res
+
+
+def _eigsh(op, k: int = 5, which: str = "both", *, tol: float = 1e-8, max_hvps: int | None = None,
+           seed: int = 0, progress=None) -> EigenResult:
+    """ARPACK's answer with measured residuals and vectors (no multiplicity check)."""
+    return_vectors = True
+    from scipy.sparse.linalg import ArpackNoConvergence
+    from scipy.sparse.linalg import eigsh as _eigsh
+
+    which = _which(which)
+    n = int(op.n)
+    k = min(int(k), n)
+    ends = _ends(which)
+    kw = k * len(ends)
+    start = op.hvps
+    if kw >= n - 1:  # ARPACK needs k < n - 1: take the whole (small) matrix
+        H = op.to_dense().cpu().numpy()
+        vals, vecs = scipy.linalg.eigh(H, check_finite=False)
+        iterations = n
+    else:
+        arpack_which = {"top": "LA", "bottom": "SA", "both": "BE", "magnitude": "LM"}[which]
+        ncv = min(n, max(2 * kw + 1, 20))
+        maxiter = max(1, (int(max_hvps) if max_hvps else max(500, 20 * kw)) // max(ncv - kw, 1))
+        v0 = start_vector(n, seed).numpy()
+        try:
+            vals, vecs = _eigsh(op.to_scipy(), k=kw, which=arpack_which, tol=tol, v0=v0, ncv=ncv, maxiter=maxiter)
+        except ArpackNoConvergence as e:
+            vals, vecs = e.eigenvalues, e.eigenvectors
+        order = np.argsort(vals)
+        vals, vecs = vals[order], vecs[:, order]
+        iterations = op.hvps - start
+    Vt = torch.from_numpy(np.ascontiguousarray(vecs))
+    R = op.matmat(Vt).cpu().double() - Vt * torch.from_numpy(vals)[None, :] if len(vals) else Vt
+    res = R.norm(dim=0).numpy() if len(vals) else np.zeros(0)
+    scale = max(float(np.max(np.abs(vals))) if len(vals) else 0.0, np.finfo(float).tiny)
+    est = error_estimates(vals, res)
+    out = {}
+    for end in ends:
+        idx = _select(vals, k, end)
+        out[end] = RitzPairs(vals[idx].tolist(), res[idx].tolist(), est[idx].tolist(),
+                             [_converged(vals, res, est, i, tol, scale, False) for i in idx],
+                             Vt[:, idx] if return_vectors else None)
+    if progress is not None:
+        progress(op.hvps - start, op.hvps - start)
+    return _result(which, out, ends, hvps=op.hvps - start, iterations=iterations, restarts=0, backend="eigsh")
+

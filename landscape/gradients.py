@@ -1,0 +1,47 @@
+"""Full-batch gradients of a domain's loss as flat float64 vectors: the one implementation every analyzer uses
+(gradient similarity, closeness's Theorem 3.1, the sharded cosines under torchrun)."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from nexus_opt.errors import UserError
+
+
+def batch_gradient(obj, batch, params: Mapping[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, float]:
+    """(flat float64 gradient, loss) of one batch at the model's weights; touches no .grad, keeps no graph."""
+    params = obj.params() if params is None else params
+    loss = obj.loss_fn(obj.model, batch)
+    if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+        raise UserError("the loss does not depend on any trainable parameter; check the model and loss_fn")
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).to(torch.float64)
+                      for g, p in zip(grads, params.values())])
+    return flat, float(loss.detach())
+
+
+def domain_gradient(obj, domain: str | None, *, train_mode: bool | None = None) -> tuple[torch.Tensor, float]:
+    """(flat float64 gradient, loss) of a domain's full loss (None/'train': the training loss), its fixed batches
+    weighted as obj.terms says. Under torch.distributed each rank takes its share of the batches and the sums
+    are all-reduced (the same numbers on every rank). `train_mode`: None keeps the model's mode flags as they
+    are; True/False sets them for the call (restored after)."""
+    from . import distributed as dist
+
+    if train_mode is not None:
+        with obj.evaluating(train_mode):
+            return domain_gradient(obj, domain, train_mode=None)
+    params = obj.params()
+    g = torch.zeros(sum(p.numel() for p in params.values()), dtype=torch.float64, device=obj.device)
+    loss = 0.0
+    terms = obj.terms(domain)
+    if dist.active():
+        terms = dist.shard(terms)
+    for c, b in terms:
+        gb, lb = batch_gradient(obj, b, params)
+        g.add_(gb, alpha=c)
+        loss += c * lb
+    if dist.active():
+        g = dist._allreduce(g)
+        loss = float(dist._allreduce(torch.tensor([loss], dtype=torch.float64, device=g.device))[0])
+    return g, loss
