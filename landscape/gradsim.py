@@ -109,6 +109,8 @@ def gradient_similarity(obj: Objective, *, domains=None, params: str | None = No
     unresamplable batch. Eval mode unless train_mode=True (then dropout draws from `seed`); the caller's
     parameters, .grad fields, buffers and mode flags are unchanged. `domains`: see Objective.resolve_domains
     ('train' = the trained domains); `params`: a regex restricting the parameters (Objective.select).
+    Under torchrun each rank differentiates its share of the batch rows and the rows are all-reduced, so
+    every rank holds the one-process result (bootstraps included; exact in eval mode).
     """
     t0 = time.perf_counter()
     obj = obj.select(params)
@@ -153,12 +155,21 @@ def gradient_similarity(obj: Objective, *, domains=None, params: str | None = No
         plan[d] = entry
 
     X = torch.empty(len(jobs), sum(p.numel() for p in weights_.values()), dtype=torch.float64, device=obj.device)
-    batch_loss: dict[int, float] = {}
+    losses = torch.zeros(len(jobs), dtype=torch.float64, device=obj.device)
+    from . import distributed as dist
+
+    rank, world = (dist.rank(), torch.distributed.get_world_size()) if dist.active() else (0, 1)
+    if world > 1:
+        X.zero_()  # under torchrun each rank differentiates rows i = rank mod world; the sum is every row
     with obj.preserved(train_mode, seed):
         for i, (d, b) in enumerate(jobs):
-            X[i], batch_loss[i] = batch_gradient(obj, b, weights_)
+            if i % world == rank:
+                X[i], losses[i] = batch_gradient(obj, b, weights_)
             if progress:
                 progress(i + 1, len(jobs), f"gradients {d}")
+    if world > 1:
+        X, losses = dist._allreduce(X), dist._allreduce(losses)
+    batch_loss = {i: float(v) for i, v in enumerate(losses.tolist())}
     G = (X @ X.T).cpu().numpy()
     M = X.shape[0]
 

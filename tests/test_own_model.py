@@ -319,7 +319,7 @@ def test_flatness_ggn_default_finds_top_of_dense(texts):
     r = flatness(obj, k=2, trace=False, curvature="ggn")
     ev = torch.linalg.eigvalsh(_dense_ggn(obj)).flip(0)
     assert r.converged and r.bottom_eigenvalues is None and r.settings["curvature"] == "ggn"
-    np.testing.assert_allclose(r.eigenvalues, ev[:2].numpy(), rtol=1e-8)
+    np.testing.assert_allclose(r.eigenvalues, ev[:2].numpy(), rtol=1e-4)  # the default tol (1e-4 relative): what the defaults promise
 
 
 # -- CLI ------------------------------------------------------------------------------------------------

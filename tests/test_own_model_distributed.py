@@ -37,6 +37,7 @@ def _measure(d: str) -> dict:
     from landscape.data import load_domains
     from landscape.distributed import gradient_cosines
     from landscape.flatness import flatness
+    from landscape.gradsim import gradient_similarity
     from landscape.ggn import make_operator
     from landscape.losses import TokenCrossEntropy
     from nexus_opt.models import GPT
@@ -47,6 +48,9 @@ def _measure(d: str) -> dict:
     obj = Objective(model, doms, TokenCrossEntropy())
     V = torch.randn(obj.num_params(), 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     out = {"cos": gradient_cosines(obj)["cosine"]}
+    gs = gradient_similarity(obj, seed=3, resamples=20, per_layer=False)  # rows sharded over ranks
+    out.update(gs_cos=gs.cosine, gs_split=[gs.split_half[d] for d in gs.domains], gs_se=gs.cosine_stderr,
+               gs_loss=[gs.loss[d] for d in gs.domains])
     for c in ("hessian", "ggn"):
         out[f"{c}_eig"] = flatness(obj, k=1, which="top", trace=False, curvature=c, max_hvps=12).eigenvalues
         op = make_operator(obj, "code", c)
