@@ -14,6 +14,7 @@ import torch
 from nexus_opt.errors import UserError
 
 from .gradients import domain_gradient  # noqa: F401  (sharded here; one implementation)
+from .hvp import CurvatureOperator
 
 
 def active() -> bool:
@@ -65,7 +66,7 @@ def shard(terms: list) -> list:
     return [t for i, t in enumerate(terms) if i % w == r]
 
 
-class ShardedOperator:
+class ShardedOperator(CurvatureOperator):
     """Wraps a curvature operator (HessianOperator or GGNOperator): its terms cut to this rank's share, each
     product, loss and gradient all-reduced (sum) over ranks."""
 
@@ -74,21 +75,15 @@ class ShardedOperator:
         op.terms = shard(list(op.terms))
         op.release()
 
+    @property
+    def kind(self) -> str:
+        return self.op.kind
+
     def __getattr__(self, name):  # n, dtype, device, domain, hvps, ... come from the wrapped operator
         return getattr(self.op, name)
 
-    @property
-    def shape(self):
-        return self.op.shape
-
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        return _allreduce(self.op.matvec(v))
-
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         return _allreduce(self.op.matmat(V))
-
-    def __matmul__(self, x):
-        return self.matvec(x) if x.dim() == 1 else self.matmat(x)
 
     def loss(self) -> float:
         return float(_allreduce(torch.tensor([self.op.loss()], dtype=torch.float64))[0])
@@ -96,33 +91,8 @@ class ShardedOperator:
     def gradient(self) -> torch.Tensor:
         return _allreduce(self.op.gradient())
 
-    def to_dense(self, max_n: int = 20000) -> torch.Tensor:
-        if self.n > max_n:
-            raise UserError(f"dense matrix of {self.n} parameters is too large (limit {max_n}); use Lanczos")
-        M = self.matmat(torch.eye(self.n, dtype=self.dtype, device=self.device))
-        return 0.5 * (M + M.T)
-
-    def to_scipy(self):
-        import numpy as np
-        from scipy.sparse.linalg import LinearOperator
-        np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
-
-        def mv(x):
-            return self.matvec(torch.from_numpy(np.ascontiguousarray(x, dtype=np_dtype)).reshape(-1)).cpu().numpy()
-
-        def mm(X):
-            return self.matmat(torch.from_numpy(np.ascontiguousarray(X, dtype=np_dtype))).cpu().numpy()
-
-        return LinearOperator(self.shape, matvec=mv, rmatvec=mv, matmat=mm, rmatmat=mm, dtype=np_dtype)
-
     def release(self):
         self.op.release()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
 
 
 def shard_operator(op):

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import contextlib
 
-import numpy as np
 import torch
 from torch.func import functional_call, jvp, vjp
 
 from nexus_opt.errors import UserError
 
-from .hvp import numerics
+from .hvp import CurvatureOperator, numerics
 from .losses import output_loss
 from .objective import Objective
 from .params import unflatten
@@ -23,12 +22,14 @@ from .params import unflatten
 CURVATURES = ("hessian", "ggn")
 
 
-class GGNOperator:
+class GGNOperator(CurvatureOperator):
     """The GGN of one domain's loss (None/'train' = training loss), weighted over batches like the loss.
 
     Works on a private copy of the objective in `dtype` unless copy=False. The loss must expose its outputs
     (landscape.losses.output_loss); `cache=True` keeps each batch's vjp graph between products.
     """
+
+    kind = "GGN"
 
     def __init__(self, obj: Objective, domain: str | None = None, dtype: torch.dtype | None = torch.float64,
                  train_mode: bool = False, *, cache: bool = True, device=None, copy: bool = True, seed: int = 0,
@@ -52,10 +53,6 @@ class GGNOperator:
         self.hvps = 0
         self._vjps: dict[int, tuple] = {}
         self._vmap_ok = True
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.n, self.n)
 
     @contextlib.contextmanager
     def _ctx(self):
@@ -100,10 +97,6 @@ class GGNOperator:
             parts.append(c * torch.cat([t.reshape(-1) for t in fn(u.to(out.dtype))]))
         return sum(parts) if parts else torch.zeros_like(v)
 
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """G v for a flat vector v; returns a flat vector on the operator's device."""
-        return self.matmat(v.reshape(-1, 1))[:, 0]
-
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """G V for an (n, b) block of columns: vmapped over the columns (a loop where vmap is unsupported)."""
         if V.dim() != 2 or V.shape[0] != self.n:
@@ -122,9 +115,6 @@ class GGNOperator:
                 out = torch.stack([self._column(V[:, j]) for j in range(V.shape[1])], dim=1)
         self.hvps += V.shape[1]
         return out
-
-    def __matmul__(self, x):
-        return self.matvec(x) if x.dim() == 1 else self.matmat(x)
 
     def loss(self) -> float:
         """The loss over the operator's batches (weighted like the curvature)."""
@@ -148,33 +138,8 @@ class GGNOperator:
                                 for x, t in zip(g, leaves.values())])
         return total
 
-    def to_dense(self, max_n: int = 20000) -> torch.Tensor:
-        if self.n > max_n:
-            raise UserError(f"dense GGN of {self.n} parameters is too large (limit {max_n}); use Lanczos")
-        G = self.matmat(torch.eye(self.n, dtype=self.dtype, device=self.device))
-        return 0.5 * (G + G.T)
-
-    def to_scipy(self):
-        from scipy.sparse.linalg import LinearOperator
-
-        np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
-
-        def mv(x):
-            return self.matvec(torch.from_numpy(np.ascontiguousarray(x, dtype=np_dtype)).reshape(-1)).cpu().numpy()
-
-        def mm(X):
-            return self.matmat(torch.from_numpy(np.ascontiguousarray(X, dtype=np_dtype))).cpu().numpy()
-
-        return LinearOperator(self.shape, matvec=mv, rmatvec=mv, matmat=mm, rmatmat=mm, dtype=np_dtype)
-
     def release(self) -> None:
         self._vjps = {}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
 
 
 class _Bound(torch.nn.Module):

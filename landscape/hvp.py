@@ -43,7 +43,55 @@ def math_sdpa():
         return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_math=True, enable_mem_efficient=False)
 
 
-class HessianOperator:
+class CurvatureOperator:
+    """The linear-operator surface shared by every curvature matrix (Hessian, GGN, sharded): subclasses give
+    `n`, `dtype`, `device`, `matmat(V)` and `release()`; this gives matvec, @, shape, dense and scipy views."""
+
+    kind = "curvature"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.n)
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """M v for a flat vector v (any device/dtype); returns a flat vector on the operator's device."""
+        return self.matmat(v.reshape(-1, 1))[:, 0]
+
+    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matvec(x) if x.dim() == 1 else self.matmat(x)
+
+    def to_dense(self, max_n: int = 20000) -> torch.Tensor:
+        """The full matrix from n products, symmetrised (for small models and tests)."""
+        if self.n > max_n:
+            raise UserError(f"dense {self.kind} of {self.n} parameters is too large (limit {max_n}); use Lanczos")
+        M = self.matmat(torch.eye(self.n, dtype=self.dtype, device=self.device))
+        return 0.5 * (M + M.T)
+
+    def to_scipy(self):
+        """A scipy.sparse.linalg.LinearOperator view (numpy in, numpy out) for eigsh and friends."""
+        from scipy.sparse.linalg import LinearOperator
+
+        np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
+
+        def mv(x):
+            return self.matvec(torch.from_numpy(np.ascontiguousarray(x, dtype=np_dtype)).reshape(-1)).cpu().numpy()
+
+        def mm(X):
+            return self.matmat(torch.from_numpy(np.ascontiguousarray(X, dtype=np_dtype))).cpu().numpy()
+
+        return LinearOperator(self.shape, matvec=mv, rmatvec=mv, matmat=mm, rmatmat=mm, dtype=np_dtype)
+
+    def release(self) -> None:
+        """Drop cached graphs (rebuilt on the next product)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class HessianOperator(CurvatureOperator):
     """The Hessian of one domain's loss (None/'train' = the training loss), summed over batches like the loss.
 
     Works on a private copy of the objective in `dtype` (the caller's model is never touched). `matvec(v)`
@@ -51,6 +99,8 @@ class HessianOperator:
     LinearOperator. Parameters that do not reach the loss give zero rows. `cache=True` keeps one gradient
     graph (create_graph) for all products; `cache=False` rebuilds it per call (less memory).
     """
+
+    kind = "Hessian"
 
     def __init__(self, obj: Objective, domain: str | None = None, dtype: torch.dtype | None = torch.float64,
                  mode: str = "double_backward", train_mode: bool = False, *, cache: bool = True,
@@ -80,22 +130,11 @@ class HessianOperator:
         self._timing: dict[str, float] = {}  # seconds per vector of each batched method ('auto')
 
     # -- public products ---------------------------------------------------------------------
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.n, self.n)
-
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """H v for a flat vector v (any device/dtype); returns a flat vector on the operator's device."""
-        return self._products(self._as_block(v.reshape(-1, 1)))[:, 0]
-
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """H V for an (n, b) block of column vectors, computed in batches; returns (n, b)."""
         if V.dim() != 2:
             raise UserError(f"matmat takes an (n, b) block, got shape {tuple(V.shape)}")
         return self._products(self._as_block(V))
-
-    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matvec(x) if x.dim() == 1 else self.matmat(x)
 
     def loss(self) -> float:
         """The loss over the operator's batches (weighted like the Hessian), in the operator's mode."""
@@ -113,36 +152,9 @@ class HessianOperator:
             return torch.zeros(self.n, dtype=self.dtype, device=self.device) if g is None else g.detach().clone()
         return self._grad_at(self._theta)
 
-    def to_dense(self, max_n: int = 20000) -> torch.Tensor:
-        """The full Hessian from n products (for small models and tests)."""
-        if self.n > max_n:
-            raise UserError(f"dense Hessian of {self.n} parameters is too large (limit {max_n}); use Lanczos")
-        H = self.matmat(torch.eye(self.n, dtype=self.dtype, device=self.device))
-        return 0.5 * (H + H.T)
-
-    def to_scipy(self):
-        """A scipy.sparse.linalg.LinearOperator view (numpy in, numpy out) for eigsh and friends."""
-        from scipy.sparse.linalg import LinearOperator
-
-        np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
-
-        def mv(x):
-            return self.matvec(torch.from_numpy(np.ascontiguousarray(x, dtype=np_dtype)).reshape(-1)).cpu().numpy()
-
-        def mm(X):
-            return self.matmat(torch.from_numpy(np.ascontiguousarray(X, dtype=np_dtype))).cpu().numpy()
-
-        return LinearOperator(self.shape, matvec=mv, rmatvec=mv, matmat=mm, rmatmat=mm, dtype=np_dtype)
-
     def release(self) -> None:
         """Drop the cached gradient graph (it is rebuilt on the next product)."""
         self._graph = None
-
-    def __enter__(self) -> "HessianOperator":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
     # -- internals -----------------------------------------------------------------------------
     def _as_block(self, V: torch.Tensor) -> torch.Tensor:
