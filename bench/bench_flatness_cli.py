@@ -15,6 +15,11 @@ including Python/torch start-up, analysis time in brackets:
     2        before                                      26.8 s [20.7 s]      56.6 s
     2        after                                       36.8 s [30.6 s]      36.4 s
 
+Then (same day, same box, load average ~3) curvature work on a small model (< 100k parameters) on the CPU
+was given one intra-op thread (landscape.hvp.cpu_threads_for): with OMP_NUM_THREADS=2 the default command
+went from 153 s (2 threads spinning on a busy box) to 6.8 s, and --domains each from ~90 s to 8.3 s;
+before-tree default with 2 threads on that box: 53 s; either tree with 1 thread: 4.5-5.3 s.
+
 [x s, n]: analysis seconds and HVPs. With 2 threads on a loaded 2-core box, thread contention dominates
 (the same 168 HVPs took 2.5 s on 1 thread and 30.6 s on 2); the 1-thread rows are the comparable ones.
 """

@@ -15,6 +15,7 @@ from nexus_opt.util import check_seed
 from .descent import (DEFAULT_MAX_EVALS, NEAREST_MINIMUM, OPTIMIZERS, DescentResult, Progress,  # noqa: F401
                       _check_settings, descend, loss_at)
 from .gradients import domain_gradient
+from .hvp import cpu_threads_for
 from .objective import Objective
 from .params import get_flat, layer_slices
 from .result import Result, num
@@ -130,14 +131,15 @@ def closeness(obj: Objective, *, domains=None, params: str | None = None, seed: 
             progress(done, total, what)
 
     runs: dict[str, DescentResult] = {}
-    for k, d in enumerate(names):
-        def sub(used, _tot, what, k=k):
+    with cpu_threads_for(obj.num_params(), obj.device):
+        for k, d in enumerate(names):
+            def sub(used, _tot, what, k=k):
+                if progress:
+                    progress(k * budget + used, total, what)
+            runs[d] = descend(obj, d, steps=steps, lr=lr, optimizer=optimizer, max_evals=budget, rtol=rtol,
+                              atol=atol, seed=seed, validate=False, progress=sub)
             if progress:
-                progress(k * budget + used, total, what)
-        runs[d] = descend(obj, d, steps=steps, lr=lr, optimizer=optimizer, max_evals=budget, rtol=rtol, atol=atol,
-                          seed=seed, validate=False, progress=sub)
-        if progress:
-            progress((k + 1) * budget, total, f"descend {d}")
+                progress((k + 1) * budget, total, f"descend {d}")
     ends = {d: runs[d].theta for d in names}
     conv = {d: bool(runs[d].converged) for d in names}
     ok = [d for d in names if conv[d]]

@@ -11,7 +11,7 @@ from nexus_opt.errors import UserError
 from nexus_opt.util import check_seed
 
 from .density import SpectralDensity, spectral_density
-from .hvp import HessianOperator
+from .hvp import cpu_threads_for
 from .eigen import dense, eigsh
 from .lanczos import lanczos, verify_extremes
 from .objective import Objective
@@ -215,13 +215,14 @@ def flatness(obj: Objective, *, domains=None, params: str | None = None, seed: i
     t0 = time.perf_counter()
     work = obj.to(device=device, dtype=dtype)  # one private copy for every domain
     results = {}
-    for name in names:
-        results[name] = _one(obj, work, name, k=k, trace=trace, density=density, seed=seed, backend=backend,
-                             which=which, tol=tol, max_hvps=max_hvps, trace_method=trace_method,
-                             trace_probes=trace_probes, density_probes=density_probes, density_steps=density_steps,
-                             dtype=dtype, train_mode=train_mode, mode=mode, cache=cache, device=device,
-                             progress=progress, trace_target=trace_target, trace_max_probes=trace_max_probes,
-                             curvature=curvature)
+    with cpu_threads_for(n, work.device):
+        for name in names:
+            results[name] = _one(obj, work, name, k=k, trace=trace, density=density, seed=seed, backend=backend,
+                                 which=which, tol=tol, max_hvps=max_hvps, trace_method=trace_method,
+                                 trace_probes=trace_probes, density_probes=density_probes, density_steps=density_steps,
+                                 dtype=dtype, train_mode=train_mode, mode=mode, cache=cache, device=device,
+                                 progress=progress, trace_target=trace_target, trace_max_probes=trace_max_probes,
+                                 curvature=curvature)
     settings = dict(next(iter(results.values())).settings)
     for key in ("eigen_iterations", "eigen_restarts"):  # per domain, in each DomainCurvature
         settings.pop(key, None)
