@@ -11,12 +11,14 @@ from .surface import LineResult, SurfaceResult, line, surface
 from .flatness import DomainCurvature, FlatnessResult, SpectralDensity, flatness
 from .eigen import EigenResult, RitzPairs
 from .gradients import domain_gradient
-from .hvp import HessianOperator, curvature_along
-from .sources import from_pretrained  # [ownmodel] models trained elsewhere
+from .hvp import CurvatureOperator, HessianOperator, curvature_along
+from .ggn import GGNOperator
+from .tracking import GradSimTracker
+from .sources import from_pretrained  # models trained elsewhere (HF directories, safetensors, state dicts)
 
 __all__ = ["Objective", "TRAIN", "Result", "UserError", "load", "suite_of",
            "gradient_similarity", "GradSimResult", "closeness", "descend", "ClosenessResult", "DescentResult",
            "surface", "line", "SurfaceResult", "LineResult",
            "flatness", "FlatnessResult", "DomainCurvature", "SpectralDensity", "EigenResult", "RitzPairs",
-           "domain_gradient", "HessianOperator", "curvature_along",
-           "from_pretrained"]
+           "domain_gradient", "CurvatureOperator", "HessianOperator", "GGNOperator", "curvature_along",
+           "GradSimTracker", "from_pretrained"]
