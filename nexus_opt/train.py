@@ -258,7 +258,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, trus
           stop_at_loss: float | None = None) -> dict:
     """Train per `cfg` into cfg.out; returns the final eval losses and the last checkpoint's path.
 
-    `stop_at_loss`: evaluate after every step and stop, checkpointing, at the first step whose evaluation
+    `stop_at_loss`: evaluate and checkpoint after every step, and stop at the first step whose evaluation
     training loss is <= it (`stopped_at` in the result; used to compare optimizers at equal training loss).
     `on_step(step, model)` runs after every optimizer step (the model then holds the outer weights);
     `on_step_record(step, model, optimizer)` too, and a dict it returns is written to metrics.jsonl.
@@ -401,11 +401,12 @@ def _train_locked(cfg, out, device, model, eval_sets, suite, spec, progress, on_
         is_ckpt = done % cfg.ckpt_every == 0 or done == cfg.steps
         if done % cfg.eval_every == 0 or is_ckpt or stop_at_loss is not None:
             rec = run_eval(done)
-        if stop_at_loss is not None and rec["train_loss"] <= stop_at_loss:
+        if stop_at_loss is not None:  # every step is a candidate for the closest match: keep each
             last_ckpt = save(done, rec)
+        if stop_at_loss is not None and rec["train_loss"] <= stop_at_loss:
             return {"losses": rec["losses"], "train_loss": rec["train_loss"], "checkpoint": last_ckpt,
                     "out": str(out), "stopped_at": done}
-        if is_ckpt:
+        if is_ckpt and stop_at_loss is None:
             last_ckpt = save(done, rec)
     if rec is None:  # resumed at or past the last step: already logged, do not log it twice
         rec = run_eval(cfg.steps, log=False)

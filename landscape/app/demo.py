@@ -48,6 +48,7 @@ class SuitePlan:
     nexus: dict                 # extra TrainConfig fields for both Nexus arms (control and Nexus)
     adamw: dict                 # extra TrainConfig fields for AdamW
     gradsim_every: int = 10     # tracker interval (optimizer steps)
+    gradsim_batches: int = 1    # evaluation batches per domain the tracker measures on
     analysis_batches: int = 2   # evaluation batches per domain used by curvature analyses
     flatness_k: int = 3
     flatness_tol: float = 1e-6  # relative accuracy of the top eigenvalues
@@ -78,7 +79,7 @@ def preset(quick: bool = False, out: str = "demo", device: str = "auto", seeds=N
     if quick:
         text = SuitePlan("text", dict(suite_options=text_data, model_config=text_model, steps=40, batch_size=8,
                                       accum=4, warmup=5, eval_every=5, ckpt_every=5, lr=3e-3),
-                         nexus={"inner_lr": 0.01}, adamw={}, gradsim_every=5, analysis_batches=1, flatness_k=2,
+                         nexus={"inner_lr": 0.01}, adamw={}, gradsim_every=10, analysis_batches=1, flatness_k=2,
                          trace_probes=10, flatness_tol=1e-4, surface_grid=7, **text_cl)
         mix = SuitePlan("mix", dict(suite_options={"eval_batches": 2, "eval_batch_size": 32}, steps=60,
                                     batch_size=16, accum=3, warmup=5, eval_every=5, ckpt_every=5, lr=1e-2,
@@ -89,7 +90,7 @@ def preset(quick: bool = False, out: str = "demo", device: str = "auto", seeds=N
                           mechanism={"n_orders": 2, "n_along": 4, "steps": 30})
     text = SuitePlan("text", dict(suite_options=text_data, model_config=text_model, steps=80, batch_size=8, accum=4,
                                   warmup=8, eval_every=5, ckpt_every=5, lr=3e-3), nexus={"inner_lr": 0.01}, adamw={},
-                     gradsim_every=8, analysis_batches=1, trace_probes=20, flatness_k=3, flatness_tol=1e-5,
+                     gradsim_every=10, analysis_batches=1, trace_probes=20, flatness_k=3, flatness_tol=1e-5,
                      surface_grid=11, **text_cl)
     mix = SuitePlan("mix", dict(suite_options={"eval_batches": 2, "eval_batch_size": 32}, steps=150, batch_size=16,
                                 accum=3, warmup=10, eval_every=5, ckpt_every=5, lr=1e-2, weight_decay=0.0),
@@ -147,9 +148,14 @@ class _Clock:
         return _Stage()
 
 
-def _tracker(tc: TrainConfig, every: int):
+def _tracker(tc: TrainConfig, plan: SuitePlan):
+    """The trainer hook measuring gradient similarity every plan.gradsim_every steps on the first
+    plan.gradsim_batches evaluation batches of each domain (fixed for the whole run)."""
     suite = make_suite(tc.suite, seed=tc.seed, weights=tc.weights, options=tc.suite_options)
-    return GradSimTracker.from_suite(suite, every=every, seed=tc.seed).hook()
+    obj = Objective(torch.nn.Identity(), {d: suite.eval_batches(d)[:plan.gradsim_batches] for d in suite.domains},
+                    suite.loss_fn, train_domains=suite.train_domains, weights=suite.weights, ood=suite.ood_domains,
+                    meta={"suite": suite.spec()})
+    return GradSimTracker(obj, every=plan.gradsim_every, seed=tc.seed).hook()
 
 
 def run_training(cfg: DemoConfig, plan: SuitePlan, arm: str, seed: int, log: Callable,
@@ -165,10 +171,10 @@ def run_training(cfg: DemoConfig, plan: SuitePlan, arm: str, seed: int, log: Cal
             log(f"reuse {out} (step {last.step})")
             return out
         log(f"resume {out} from step {last.step}")
-        resume(out, device=cfg.device, progress=bar, on_step_record=_tracker(tc, plan.gradsim_every))
+        resume(out, device=cfg.device, progress=bar, on_step_record=_tracker(tc, plan))
         return out
     log(f"train {out.name}: {tc.steps} steps x {tc.accum} micro-batches of {tc.batch_size}")
-    train(tc, progress=bar, on_step_record=_tracker(tc, plan.gradsim_every))
+    train(tc, progress=bar, on_step_record=_tracker(tc, plan))
     return out
 
 
@@ -196,8 +202,13 @@ def match_at_target(cfg: DemoConfig, run: Path, target: float, log: Callable) ->
         shutil.copytree(start, mdir / start.name)
         log(f"match {run.name}: from {start.name} to training loss <= {target:.5f}")
         resume(mdir, device=cfg.device, stop_at_loss=target)
-    path, loss = _final(mdir)
-    return {"path": path, "step": read_checkpoint(path).step, "train_loss": loss, "reached": loss <= target}
+    # the crossing step or the step before it, whichever is closer to the target
+    cands = [(abs(float(read_checkpoint(c).manifest["metrics"]["train_loss"]) - target), c) for c in
+             list_checkpoints(mdir)[-2:]]
+    best = min(cands, key=lambda t: t[0])[1]
+    loss = float(read_checkpoint(best).manifest["metrics"]["train_loss"])
+    return {"path": str(best), "step": read_checkpoint(best).step, "train_loss": loss,
+            "reached": _final(mdir)[1] <= target}
 
 
 def _analyse(path: str, plan: SuitePlan, device: str, seed: int, surf_minima: bool, log: Callable,
