@@ -238,7 +238,8 @@ def _metrics(a: dict) -> dict:
     cl, fl, gs = a["closeness"], a["flatness"], a["gradsim"]
     bound = (cl.get("bound") or {}).get("value")
     return {"train_loss": a["losses"]["train"],
-            **{f"loss:{d}": v for d, v in a["losses"].items() if d != "train"},
+            # per-domain losses; a single OOD domain's loss is the "ood_loss" row already (no duplicate rows)
+            **{f"loss:{d}": v for d, v in a["losses"].items() if d != "train" and (d not in ood or len(ood) > 1)},
             "ood_loss": statistics.fmean(a["losses"][d] for d in ood) if ood else None,
             "mean_cosine": gs.get("mean_offdiag_cosine"), "conflict_rate": gs.get("conflict_rate"),
             "spread": cl.get("spread"), "mean_sq_distance": cl.get("mean_sq_distance"),
