@@ -83,18 +83,18 @@ def preset(quick: bool = False, out: str = "demo", device: str = "auto", seeds=N
                          trace_probes=10, flatness_tol=1e-4, surface_grid=7, **text_cl)
         mix = SuitePlan("mix", dict(suite_options={"eval_batches": 2, "eval_batch_size": 32}, steps=60,
                                     batch_size=16, accum=3, warmup=5, eval_every=5, ckpt_every=5, lr=1e-2,
-                                    weight_decay=0.0), nexus={"inner_lr": 0.02}, adamw={}, gradsim_every=5,
+                                    weight_decay=0.0), nexus={"inner_lr": 0.02}, adamw={}, gradsim_every=10,
                         analysis_batches=1, flatness_k=2, trace_probes=10, flatness_tol=1e-4, surface_grid=9,
                         closeness={"max_evals": 2000})
         return DemoConfig(out, device, tuple(seeds or (0, 1)), [text, mix], quick=True,
                           mechanism={"n_orders": 2, "n_along": 4, "steps": 30})
     text = SuitePlan("text", dict(suite_options=text_data, model_config=text_model, steps=80, batch_size=8, accum=4,
                                   warmup=8, eval_every=5, ckpt_every=5, lr=3e-3), nexus={"inner_lr": 0.01}, adamw={},
-                     gradsim_every=10, analysis_batches=1, trace_probes=20, flatness_k=3, flatness_tol=1e-5,
+                     gradsim_every=16, analysis_batches=1, trace_probes=20, flatness_k=3, flatness_tol=1e-5,
                      surface_grid=11, **text_cl)
     mix = SuitePlan("mix", dict(suite_options={"eval_batches": 2, "eval_batch_size": 32}, steps=150, batch_size=16,
                                 accum=3, warmup=10, eval_every=5, ckpt_every=5, lr=1e-2, weight_decay=0.0),
-                    nexus={"inner_lr": 0.02}, adamw={}, gradsim_every=10, analysis_batches=2, flatness_k=3,
+                    nexus={"inner_lr": 0.02}, adamw={}, gradsim_every=25, analysis_batches=2, flatness_k=3,
                     trace_probes=30, flatness_tol=1e-5, surface_grid=15, closeness={"max_evals": 3000})
     return DemoConfig(out, device, tuple(seeds or (0, 1, 2, 3, 4)), [text, mix])
 
