@@ -1,4 +1,4 @@
-"""`landscape demo`: the main job (train AdamW and Nexus, compare at matched loss, report)."""
+"""`landscape demo`: the main job (AdamW, the first-order control and Nexus at equal training loss, paired over seeds)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -47,10 +47,11 @@ def demo_cmd(
     quick: bool = typer.Option(False, "--quick", help="Small models and grids: under 2 minutes on 2 CPU cores."),
     out_dir: str = typer.Option("demo", "--out", help="Output directory (runs, figures, report.html, summary.json)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds (default 0,1,2; quick: 0,1)."),
+    seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds (default 0,1,2,3,4; quick: 0,1)."),
 ):
-    """Train AdamW and Nexus on the built-in suites, compare them at matched training loss, measure flatness,
-    gradient similarity, closeness and surfaces, and write one self-contained HTML report."""
+    """Train AdamW, the first-order control (Nexus parallel) and Nexus on the built-in suites, compare them at equal
+    training loss with paired statistics over seeds, track gradient similarity over training, run the mechanism toy,
+    and write one self-contained HTML report."""
     from nexus_opt.errors import UserError
     from nexus_opt.util import check_seed, resolve_device
 
@@ -72,15 +73,33 @@ def demo_cmd(
                   TimeElapsedColumn(), console=console) as p:
         bars = _RunBars(p)
         summary = run_demo(cfg, log=lambda m: p.console.print(f"[cyan]demo[/cyan] {m}"), progress=bars, task=bars.task)
+    names = {"adamw": "AdamW", "control": "control", "nexus": "Nexus"}
     for suite, s in summary["suites"].items():
-        t = Table(title=f"{suite}: AdamW vs Nexus at matched training loss (mean ± std over {len(cfg.seeds)} seeds)")
-        for c in ("metric", "AdamW", "Nexus"):
+        t = Table(title=f"{suite}: at equal training loss (mean ± std over {len(cfg.seeds)} seeds) and paired "
+                        "differences (mean [95% CI], seeds +/-)")
+        for c in ("metric", *names.values(), "Nexus - AdamW", "Nexus - control", "control - AdamW"):
             t.add_column(c, justify="left" if c == "metric" else "right")
+        pairs = {(p["metric"], p["arm"], p["baseline"]): p for p in s["paired"]}
         for key, label in METRIC_ROWS:
-            a, n = s["aggregate"]["adamw"][key], s["aggregate"]["nexus"][key]
-            t.add_row(label, _pm(a), _pm(n))
+            t.add_row(label, *[_pm(s["aggregate"][a][key]) for a in names],
+                      *[_ci(pairs[(key, a, b)]) for a, b in (("nexus", "adamw"), ("nexus", "control"),
+                                                            ("control", "adamw"))])
         out.print(t)
+        flagged = [f"seed {r['seed']}: {', '.join(r['flagged'])}" for r in s["per_seed"] if r["flagged"]]
+        conv = s["closeness_converged"]
+        console.print(f"{suite}: training losses matched within {max(g for r in s['per_seed'] for g in r['gaps'].values()):.2g}"
+                      + (f" (above {s['match_tol']:g}: {'; '.join(flagged)})" if flagged else "")
+                      + f"; closeness converged on {sum(conv.values())}/{len(conv)} checkpoints")
+    t = summary.get("timings", {})
+    console.print("time: " + ", ".join(f"{k} {v['cpu_s']:.0f} CPU-s" for k, v in t.items())
+                  + f"; total {summary.get('cpu_seconds', 0):.0f} CPU-s, {summary['seconds']:.0f} s wall")
     console.print(f"report: {summary['report']}  (data: {out_dir}/summary.json, figures: {out_dir}/figures/)")
+
+
+def _ci(p: dict) -> str:
+    if p["ci_low"] is None:
+        return "n/a"
+    return f"{p['mean']:+.3g} [{p['ci_low']:+.3g}, {p['ci_high']:+.3g}] {p['positive']}/{p['negative']}"
 
 
 def _pm(s: dict) -> str:

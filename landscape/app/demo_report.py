@@ -6,16 +6,21 @@ from pathlib import Path
 
 from ..closeness import ClosenessResult
 from ..gradsim import GradSimResult
+from ..render.demo_curves import ARM_NAMES, training_figure
 from ..render.geometry import closeness_figure, gradsim_figure
+from ..render.mechanism import mechanism_figure
 from ..render.style import METRICS
 from ..render.surface import compare_figure, html_figure, panels_figure
 from ..render.toys import figure2_plot, trajectory_plot
-from ..render.training import curves_plot
 from ..surface import SurfaceResult
+from .mechanism import MechanismResult
 from .report import Report
 from .toys import Figure2Result, TrajectoryToyResult
 
-SECTIONS = ["reading", "settings", "figure2", "toy2d", "training", "matched", "geometry", "surfaces", "data"]
+SECTIONS = ["reading", "settings", "mechanism", "figure2", "toy2d", "training", "matched", "speed", "paired",
+            "geometry", "surfaces", "data"]
+ARMS = ("adamw", "control", "nexus")
+
 
 def _pm(s: dict) -> str:
     if s["mean"] is None:
@@ -23,47 +28,44 @@ def _pm(s: dict) -> str:
     return f"{s['mean']:.4g} ± {s['std']:.2g}"
 
 
-def _verdict(a: dict, n: dict, sign: int) -> tuple[str, bool | None]:
-    """A plain comparison of Nexus (n) against AdamW (a) over seeds: direction and consistency."""
-    va, vn = a["values"], n["values"]
-    pairs = [(x, y) for x, y in zip(va, vn) if x is not None and y is not None]
-    if not pairs:
-        return "not measured", None
-    diffs = [y - x for x, y in pairs]
-    wins = sum(1 for d in diffs if (d * sign) > 0) if sign else 0
-    mean = sum(diffs) / len(diffs)
-    word = "higher" if mean > 0 else "lower"
-    if sign == 0:
-        return f"Nexus {word} by {abs(mean):.3g}", None
-    better = wins == len(pairs)
-    return (f"Nexus {word} by {abs(mean):.3g} on average; in the predicted direction in {wins}/{len(pairs)} seeds",
-            better if wins in (0, len(pairs)) else None)
+def _label(key: str) -> str:
+    if key.startswith("loss:"):
+        return f"loss on {key[5:]}"
+    return METRICS.get(key, (key, 0))[0]
+
+
+def _ci(p: dict) -> str:
+    if p["ci_low"] is None:
+        return "n/a"
+    return f"[{p['ci_low']:+.3g}, {p['ci_high']:+.3g}]"
 
 
 def reading(summary: dict) -> str:
-    """A short plain-language reading of the numbers, saying so when Nexus does not beat AdamW."""
+    """What the paired intervals support, nothing else: the same sentence template whichever way they fall."""
     lines = []
     for suite, s in summary["suites"].items():
-        agg = s["aggregate"]
-        gaps = [r["pair"]["gap"] for r in s["per_seed"]]
-        lines.append(f"<p><b>{html.escape(suite)}</b> ({len(gaps)} seeds): checkpoints matched at training loss "
-                     f"within {max(gaps):.3g}. ")
-        for key in ("ood_loss", "mean_cosine", "spread", "top_eigenvalue"):
-            label, sign = METRICS[key]
-            text, better = _verdict(agg["adamw"][key], agg["nexus"][key], sign)
-            tail = {True: " (as the paper predicts)", False: " (against the paper's prediction)",
-                    None: " (mixed across seeds)"}[better]
-            lines.append(f"{label}: {text}{tail}. ")
-        text, better = _verdict(agg["adamw"]["ood_loss"], agg["nexus"]["ood_loss"], -1)
-        if better is not True:
-            lines.append("<b>Nexus does not beat AdamW on OOD loss at matched training loss in every seed here.</b> ")
-        fa, fn = agg["adamw"]["final_train_loss"], agg["nexus"]["final_train_loss"]
-        lines.append(f"At the end of training the training loss is {_pm(fa)} (AdamW) vs {_pm(fn)} (Nexus).</p>")
-    f2 = summary["figure2"]["configs"]
-    lines.append(f"<p>Figure 2 toy: both configurations have training loss "
-                 f"{f2['fig2-sum']['train_loss_at_0']:.2f} at x = 0, but target loss "
-                 f"{f2['fig2-sum']['target_loss_at_0']:.2f} (sum of minima; the paper prints 2.67) vs "
-                 f"{f2['fig2-intersection']['target_loss_at_0']:.2f} (intersection).</p>")
+        seeds = len(s["per_seed"])
+        gaps = [g for r in s["per_seed"] for g in r["gaps"].values()]
+        flagged = [f"seed {r['seed']}: {', '.join(r['flagged'])}" for r in s["per_seed"] if r["flagged"]]
+        conv = s["closeness_converged"]
+        lines.append(f"<p><b>{html.escape(suite)}</b> ({seeds} seeds): checkpoints compared at equal training loss, "
+                     f"largest pairwise gap {max(gaps):.2g} (tolerance {s['match_tol']:g}); "
+                     + (f"<b>pairs above the tolerance: {html.escape('; '.join(flagged))}</b>. " if flagged
+                        else "every pair within it. ")
+                     + f"Closeness converged on {sum(conv.values())} of {len(conv)} checkpoints"
+                     + ("." if all(conv.values()) else "; <b>closeness numbers of the others are not reported</b>.")
+                     + "</p><ul>")
+        for p in s["paired"]:
+            if p["metric"] == "train_loss" or p["metric"].startswith("loss:"):
+                continue
+            if p["verdict"] in ("above zero", "below zero"):
+                lines.append(f"<li>{html.escape(_label(p['metric']))}: {html.escape(p['reading'])}</li>")
+        lines.append("</ul>")
+        sup = sum(p["verdict"] in ("above zero", "below zero") for p in s["paired"])
+        lines.append(f"<p>{sup} of {len(s['paired'])} paired comparisons have a 95% interval that excludes zero "
+                     f"(listed above); for every other metric and pair the interval includes zero or fewer than two "
+                     f"seeds were measured, so no difference is supported (full table below).</p>")
+    lines.append(f"<p>Mechanism toy: {html.escape(MechanismResult.from_dict(summary['mechanism']).reading())}</p>")
     return "".join(lines)
 
 
@@ -72,22 +74,40 @@ def write_report(summary: dict, out: Path) -> Path:
     out = Path(out)
     figdir = out / "figures"
     figdir.mkdir(parents=True, exist_ok=True)
-    rep = Report("Nexus vs AdamW: where do they land?")
+    rep = Report("AdamW, the first-order control and Nexus at equal training loss")
 
     def fig(f, name: str, caption: str) -> None:
         f.savefig(figdir / f"{name}.png", dpi=110, bbox_inches="tight")
         rep.figure(f, caption)
 
-    rep.section("reading", "Reading", "What the numbers below say, in plain words.")
+    rep.section("reading", "Reading", "What the paired 95% intervals over seeds support, and nothing else.")
     rep.text(reading(summary), cls="reading")
 
-    rep.section("settings", "Settings and versions")
+    rep.section("settings", "Settings, versions and time")
     v = summary["versions"]
     rep.table(["item", "value"], [[k, val] for k, val in v.items()] +
-              [["seeds", ", ".join(map(str, summary["settings"]["seeds"]))],
+              [["arms", ", ".join(f"{a} = {o}" for a, o in summary["settings"]["arms"].items())],
+               ["seeds", ", ".join(map(str, summary["settings"]["seeds"]))],
                ["quick", summary["settings"]["quick"]], ["device", summary["settings"]["device"]],
                ["wall time (s)", round(summary.get("seconds", 0.0), 1)]])
+    if summary.get("timings"):
+        rep.table(["stage", "wall (s)", "CPU (s)"],
+                  [[k, round(t["wall_s"], 1), round(t["cpu_s"], 1)] for k, t in summary["timings"].items()])
     rep.json_block("training and analysis settings (JSON)", summary["settings"])
+
+    rep.section("mechanism", "The mechanism in isolation: a 2-D two-basin toy",
+                "Two basins of equal training loss, one where the domains' minima coincide (shared) and one where "
+                "they are apart (separated); a held-out downstream domain is low only in the shared basin. AdamW, "
+                "the control (Nexus's first-order term alone) and Nexus start on the ridge between them.")
+    mech = MechanismResult.from_dict(summary["mechanism"])
+    cols = ["arm", "gamma", "n", "frac_shared", "frac_separated", "train_mean", "downstream_mean", "drift_mean"]
+    rep.table(cols, [[r.get(c) if r.get(c) is not None else "-" for c in cols] for r in mech.table])
+    rep.table(["gamma", "Nexus - control: shared fraction", "runs moved in / out", "downstream loss", "drift"],
+              [[sh["gamma"], sh["d_frac_shared"], f"{sh['n_more_shared']} / {sh['n_less_shared']}",
+                f"{sh['d_downstream']:+.3g} ± {sh['d_downstream_stderr'] or 0:.2g}",
+                f"{sh['d_drift']:+.3g} ± {sh['d_drift_stderr'] or 0:.2g}"] for sh in mech.shifts])
+    rep.text(html.escape(mech.reading()).replace("\n", "<br>"))
+    fig(mechanism_figure(mech), "mechanism", "Mechanism toy: contours, basins, sample paths, fractions vs gamma")
 
     rep.section("figure2", "Figure 2 of the paper, reproduced exactly",
                 "Every loss is 8 (x - m)^2 + c; c makes the training loss 1.0 at x = 0.")
@@ -111,63 +131,91 @@ def write_report(summary: dict, out: Path) -> Path:
              "The paths are exact: each micro-batch is one domain's exact gradient, the domain drawn by the "
              "seeded sampler.")
 
-    rep.section("training", "Training curves", "Per-domain evaluation loss (OOD included), mean over seeds with "
-                "min-max band; dots mark the checkpoints matched by training loss (first seed).")
+    rep.section("training", "Training curves and gradient similarity over training",
+                "Evaluation training loss, OOD loss and the tracker's mean cross-domain gradient cosine (fixed "
+                "evaluation batches, outer weights) against step: mean over seeds, min-max band.")
     for suite, s in summary["suites"].items():
-        p = s["per_seed"][0]["pair"]
-        fig(curves_plot(s["curves"], s["ood"], title=suite,
-                        matched={"adamw": (p["a_step"], p["a_train_loss"]), "nexus": (p["b_step"], p["b_train_loss"])}),
-            f"curves-{suite}", f"{suite}: evaluation loss per domain")
+        matched = {a: [(r["matched"][a]["step"], r["matched"][a]["train_loss"]) for r in s["per_seed"]] for a in ARMS}
+        fig(training_figure(s["curves"], s["cosine_curves"], s["ood"], title=suite, matched=matched),
+            f"curves-{suite}", f"{suite}: losses and mean gradient cosine over training")
 
-    rep.section("matched", "Matched training loss vs final checkpoints")
+    rep.section("matched", "Equal training loss",
+                "Per seed, the arm with the highest final training loss sets the target; every other arm is "
+                "resumed from its last checkpoint above the target and stopped at the first step at or below it.")
     for suite, s in summary["suites"].items():
         rows = []
         for r in s["per_seed"]:
-            p = r["pair"]
-            rows.append([r["seed"], p["a_step"], p["a_train_loss"], p["b_step"], p["b_train_loss"], p["gap"],
-                         p["final_a_train_loss"], p["final_b_train_loss"]])
-        rep.table(["seed", "AdamW step", "AdamW train", "Nexus step", "Nexus train", "gap", "final AdamW train",
-                   "final Nexus train"], rows, caption=f"{suite}: matched pairs")
-        agg = s["aggregate"]
-        keys = [k for k in agg["adamw"] if k.startswith("loss:")] + ["ood_loss", "train_loss"]
-        rep.table(["loss at matched checkpoints", "AdamW", "Nexus"],
-                  [[k.replace("loss:", "") + (" (OOD)" if k[5:] in s["ood"] else ""), _pm(agg["adamw"][k]),
-                    _pm(agg["nexus"][k])] for k in keys], caption=f"{suite}: per-domain loss, mean ± std over seeds")
-        fin = s["per_seed"][0]["final"]
-        rep.table(["loss at final checkpoints (first seed)", "AdamW", "Nexus"],
-                  [[d, fin["adamw"][d], fin["nexus"][d]] for d in fin["adamw"]])
+            rows.append([r["seed"], r["reference"], r["target"],
+                         *[f"{r['matched'][a]['step']} ({r['matched'][a]['train_loss']:.5f})" for a in ARMS],
+                         *[r["gaps"][k] for k in ("nexus-adamw", "nexus-control", "control-adamw")],
+                         ", ".join(r["flagged"]) or "none"])
+        rep.table(["seed", "target set by", "target", *[f"{ARM_NAMES[a]} step (loss)" for a in ARMS],
+                   "|nexus-adamw|", "|nexus-control|", "|control-adamw|", f"above {s['match_tol']:g}"], rows,
+                  caption=f"{suite}: matched checkpoints")
 
-    rep.section("geometry", "Geometry at matched training loss",
-                "Flatness (top Hessian eigenvalue, trace: Hutch++ with its standard error), gradient similarity "
-                "(mean cosine between trained domains, conflict rate) and closeness (spread of the per-domain "
-                "minima, Theorem 3.1 bound), mean ± std over seeds.")
+    rep.section("speed", "Speed (apart from the equal-loss comparison)",
+                "Steps each arm needs to reach AdamW's final evaluation training loss (resolution: the evaluation "
+                "interval; '-' = not reached within the run), and the paired differences.")
+    for suite, s in summary["suites"].items():
+        st = s["speed"]["steps"]
+        rep.table(["seed", *[ARM_NAMES[a] for a in ARMS]],
+                  [[r["seed"], *[st[a][i] if st[a][i] is not None else "-" for a in ARMS]]
+                   for i, r in enumerate(s["per_seed"])], caption=suite)
+        rep.table(["pair", "mean", "95% CI", "seeds + / - of n", "reading"],
+                  [[f"{p['arm']} - {p['baseline']}", "n/a" if p["mean"] is None else p["mean"], _ci(p),
+                    f"{p['positive']} / {p['negative']} of {p['n']}", p["reading"]] for p in s["speed"]["paired"]])
+
+    rep.section("paired", "Paired differences over seeds",
+                "Every metric at the matched checkpoints: per-seed difference, mean, 95% t-interval and how many "
+                "seeds agree in sign. n counts the seeds where both values exist (an unconverged closeness has none).")
+    for suite, s in summary["suites"].items():
+        rows = [[_label(p["metric"]), f"{p['arm']} - {p['baseline']}",
+                 ", ".join("-" if d is None else f"{d:+.3g}" for d in p["diffs"]),
+                 "n/a" if p["mean"] is None else p["mean"], _ci(p), f"{p['positive']} / {p['negative']} of {p['n']}",
+                 p["verdict"]] for p in s["paired"]]
+        rep.table(["metric", "pair", "per-seed differences", "mean", "95% CI", "seeds + / - of n", "interval"], rows,
+                  caption=suite)
+
+    rep.section("geometry", "Geometry at equal training loss, per arm",
+                "Flatness (top Hessian eigenvalue, Hutch++ trace), gradient similarity (mean cosine between trained "
+                "domains, conflict rate) and closeness (spread of the per-domain minima, Theorem 3.1 bound), "
+                "mean ± std over seeds; closeness objective and convergence per suite below.")
     for suite, s in summary["suites"].items():
         agg = s["aggregate"]
-        rows = [[label, _pm(agg["adamw"][k]), _pm(agg["nexus"][k]),
-                 _verdict(agg["adamw"][k], agg["nexus"][k], sign)[0]] for k, (label, sign) in METRICS.items()]
-        rep.table(["metric", "AdamW", "Nexus", "comparison"], rows, caption=f"{suite}")
+        keys = [k for k in agg["adamw"] if k.startswith("loss:")] + [k for k in METRICS]
+        rep.table(["metric", *[ARM_NAMES[a] for a in ARMS]],
+                  [[_label(k) + (" (OOD)" if k[5:] in s["ood"] else ""), *[_pm(agg[a][k]) for a in ARMS]]
+                   for k in keys], caption=suite)
+        co = s["closeness_objective"]
+        conv = s["closeness_converged"]
+        rep.text(f"{html.escape(suite)} closeness: parameters {html.escape(str(co.get('params') or 'all'))}, "
+                 f"proximal mu {co.get('prox_mu')}, settings {html.escape(str({k: v for k, v in co.items() if k not in ('params', 'prox_mu')}))}; "
+                 f"converged on {sum(conv.values())} of {len(conv)} checkpoints"
+                 + ("" if all(conv.values()) else
+                    f" (<b>did not converge: {html.escape(', '.join(k for k, v in conv.items() if not v))}; their "
+                    f"closeness numbers are not reported</b>)") + ".")
         m0 = s["per_seed"][0]["matched"]
-        labels = [f"{suite} AdamW", f"{suite} Nexus"]
-        f = gradsim_figure([GradSimResult.from_dict(m0[o]["gradsim"]) for o in ("adamw", "nexus")], labels)
-        fig(f, f"gradsim-{suite}", f"{suite}: domain gradient cosine matrices (first seed)")
-        f = closeness_figure([ClosenessResult.from_dict(m0[o]["closeness"]) for o in ("adamw", "nexus")], labels)
-        fig(f, f"closeness-{suite}", f"{suite}: closeness of per-domain minima (first seed)")
+        labels = [f"{suite} {ARM_NAMES[a]}" for a in ARMS]
+        fig(gradsim_figure([GradSimResult.from_dict(m0[a]["analysis"]["gradsim"]) for a in ARMS], labels),
+            f"gradsim-{suite}", f"{suite}: domain gradient cosine matrices at the matched checkpoints (first seed)")
+        fig(closeness_figure([ClosenessResult.from_dict(m0[a]["analysis"]["closeness"]) for a in ARMS], labels),
+            f"closeness-{suite}", f"{suite}: closeness of per-domain minima (first seed)")
 
-    rep.section("surfaces", "Loss surfaces: sum vs intersection of minima",
-                "The plane through the checkpoint and the minima of two trained domains; each domain's "
-                "low-loss region is outlined so that their overlap (or its absence) is visible.")
+    rep.section("surfaces", "Loss surfaces at the matched checkpoints (first seed)",
+                "The plane through the checkpoint and the minima of two trained domains where closeness kept them "
+                "(else a random filter-normalised plane); each domain's low-loss region is outlined.")
     for suite, s in summary["suites"].items():
-        res = [SurfaceResult.load(s["surfaces"][o]) for o in ("adamw", "nexus")]
-        fig(compare_figure(res, [f"{suite} AdamW", f"{suite} Nexus"]), f"surface-{suite}",
-            f"{suite}: per-domain low-loss regions, AdamW (left) vs Nexus (right)")
-        for o, r in zip(("AdamW", "Nexus"), res):
-            fig(panels_figure(r), f"surface-{suite}-{o.lower()}-panels", f"{suite} {o}: every domain's loss on the plane")
-            rep.plotly(html_figure(r, label=f"{suite} {o}"), f"{suite} {o}: interactive surface (buttons per domain)")
+        res = [SurfaceResult.load(s["surfaces"][a]) for a in ARMS]
+        fig(compare_figure(res, [f"{suite} {ARM_NAMES[a]}" for a in ARMS]), f"surface-{suite}",
+            f"{suite}: per-domain low-loss regions, " + ", ".join(ARM_NAMES[a] for a in ARMS))
+        for a, r in zip(ARMS, res):
+            rep.plotly(html_figure(r, label=f"{suite} {ARM_NAMES[a]}"),
+                       f"{suite} {ARM_NAMES[a]}: interactive surface (buttons per domain)")
 
-    rep.section("data", "Data", "Everything above is in summary.json beside this report; the aggregates and the "
-                "matched pairs are repeated here.")
-    rep.json_block("aggregates (mean, std and per-seed values of every metric)",
-                   {s: v["aggregate"] for s, v in summary["suites"].items()})
-    rep.json_block("matched pairs", {s: [r["pair"] for r in v["per_seed"]] for s, v in summary["suites"].items()})
+    rep.section("data", "Data", "Everything above is in summary.json beside this report; the paired statistics and "
+                "the matched checkpoints are repeated here.")
+    rep.json_block("paired differences", {s: v["paired"] for s, v in summary["suites"].items()})
+    rep.json_block("matched checkpoints", {s: [{k: r[k] for k in ("seed", "target", "reference", "gaps", "flagged")}
+                                               for r in v["per_seed"]] for s, v in summary["suites"].items()})
     rep.json_block("versions and settings", {"versions": summary["versions"], "settings": summary["settings"]})
     return rep.save(out / "report.html")

@@ -64,3 +64,19 @@ def match_by_training_loss(run_a: str | Path, run_b: str | Path) -> MatchedPair:
     return MatchedPair(str(ra / checkpoint_name(sa)), str(rb / checkpoint_name(sb)), sa, sb,
                        ca[sa]["train_loss"], cb[sb]["train_loss"], abs(ca[sa]["train_loss"] - cb[sb]["train_loss"]),
                        str(ra / checkpoint_name(fa)), str(rb / checkpoint_name(fb)), la, lb)
+
+
+def gradsim_records(run_dir: str | Path) -> list[dict]:
+    """The run's gradient-similarity tracker rows (step, mean cross-domain cosine, its stderr), by step."""
+    path = Path(run_dir) / "metrics.jsonl"
+    recs = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if r.get("kind") == "gradsim":
+            recs[r["step"]] = {"step": r["step"], "mean_cosine": r.get("mean_cosine"),
+                               "mean_cosine_stderr": r.get("mean_cosine_stderr"),
+                               "conflict_rate": r.get("conflict_rate")}
+    return [recs[s] for s in sorted(recs)]

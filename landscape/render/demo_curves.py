@@ -1,0 +1,51 @@
+"""The demo's training figure: training loss, OOD loss and the mean cross-domain gradient cosine (tracker rows)
+against step, one line per arm (mean over seeds) with a min-max band."""
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.figure import Figure
+
+ARM_COLORS = {"adamw": "#d62728", "control": "#1f77b4", "nexus": "#2ca02c"}
+ARM_NAMES = {"adamw": "AdamW", "control": "control (Nexus parallel)", "nexus": "Nexus"}
+
+
+def _band(ax, runs: list[list[dict]], key, arm: str) -> None:
+    """Mean and min-max over seeds of `key(record)` on the steps every seed has."""
+    runs = [r for r in runs if r]
+    if not runs:
+        return
+    steps = sorted(set.intersection(*[{x["step"] for x in r} for r in runs]))
+    vals = np.array([[next(key(x) for x in r if x["step"] == s) for s in steps] for r in runs], dtype=float)
+    c = ARM_COLORS.get(arm)
+    ax.plot(steps, np.nanmean(vals, 0), color=c, label=f"{ARM_NAMES.get(arm, arm)} (n={len(runs)})")
+    if len(runs) > 1:
+        ax.fill_between(steps, np.nanmin(vals, 0), np.nanmax(vals, 0), color=c, alpha=0.2)
+
+
+def training_figure(curves: dict, cosine: dict, ood: list[str], title: str = "", matched: dict | None = None) -> Figure:
+    """curves: arm -> per-seed eval records; cosine: arm -> per-seed tracker rows; matched: arm -> [(step, loss)]."""
+    panels = ["train", *ood, "cosine"]
+    fig = Figure(figsize=(3.6 * len(panels), 3.2))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, p in zip(axes, panels):
+        for arm in curves:
+            if p == "cosine":
+                _band(ax, cosine.get(arm, []), lambda x: np.nan if x["mean_cosine"] is None else x["mean_cosine"], arm)
+            else:
+                _band(ax, curves[arm], (lambda x: x["train_loss"]) if p == "train" else (lambda x, p=p: x["losses"][p]),
+                      arm)
+            if matched and p == "train":
+                pts = matched.get(arm, [])
+                ax.plot([s for s, _ in pts], [v for _, v in pts], "o", ms=4, color=ARM_COLORS.get(arm), mec="k")
+        ax.set_xlabel("optimizer step")
+        if p == "cosine":
+            ax.set_title("mean cross-domain gradient cosine")
+            ax.axhline(0, color="grey", lw=0.6)
+        else:
+            ax.set_title("training loss (dots: matched checkpoints)" if p == "train" else f"{p} (OOD) loss")
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
