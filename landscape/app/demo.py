@@ -235,7 +235,8 @@ def _analyse(path: str, plan: SuitePlan, device: str, seed: int, surf_minima: bo
 def _metrics(a: dict) -> dict:
     """The scalar numbers compared across arms (one checkpoint's analysis); None where not measured/converged."""
     ood = a["ood"]
-    cl, fl, gs = a["closeness"], a["flatness"], a["gradsim"]
+    cl, gs = a["closeness"], a["gradsim"]
+    fl = a["flatness"]["results"]["train"]  # flatness of the training loss (the default domain)
     bound = (cl.get("bound") or {}).get("value")
     return {"train_loss": a["losses"]["train"],
             # per-domain losses; a single OOD domain's loss is the "ood_loss" row already (no duplicate rows)
@@ -296,8 +297,8 @@ def run_suite(cfg: DemoConfig, plan: SuitePlan, clock: _Clock, log: Callable, pr
                    for a, b in PAIRS]
     curves = {a: [eval_records(runs[a][s]) for s in cfg.seeds] for a in ARMS}
     cos_curves = {a: [gradsim_records(runs[a][s]) for s in cfg.seeds] for a in ARMS}
-    converged = {f"{a}/s{r['seed']}": bool(all((r["matched"][a]["analysis"]["closeness"].get("converged") or
-                                                {"-": False}).values())) for r in per_seed for a in ARMS}
+    converged = {f"{a}/s{r['seed']}": bool(r["matched"][a]["analysis"]["closeness"].get("converged"))
+                 for r in per_seed for a in ARMS}
     surf = {}
     p0 = per_seed[0]
     with clock(f"{plan.suite}: surfaces"):
