@@ -78,7 +78,7 @@ def test_closeness_converged_on_every_checkpoint(summary):
         for r in s["per_seed"]:
             for a in ARMS:
                 cl = r["matched"][a]["analysis"]["closeness"]
-                assert all(cl["converged"].values()) and cl["spread"] is not None
+                assert cl["converged"] is True and all(cl["converged_by_domain"].values()) and cl["spread"] is not None
 
 
 def test_cosine_over_training_for_every_arm(summary):
