@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
-ARM_COLORS = {"adamw": "#d62728", "control": "#1f77b4", "nexus": "#2ca02c"}
-ARM_NAMES = {"adamw": "AdamW", "control": "control (Nexus parallel)", "nexus": "Nexus"}
+from .style import ARM_LABELS as ARM_NAMES, OPTIMIZER_COLORS as ARM_COLORS
 
 
 def _band(ax, runs: list[list[dict]], key, arm: str) -> None:
@@ -25,7 +25,7 @@ def _band(ax, runs: list[list[dict]], key, arm: str) -> None:
 def training_figure(curves: dict, cosine: dict, ood: list[str], title: str = "", matched: dict | None = None) -> Figure:
     """curves: arm -> per-seed eval records; cosine: arm -> per-seed tracker rows; matched: arm -> [(step, loss)]."""
     panels = ["train", *ood, "cosine"]
-    fig = Figure(figsize=(3.6 * len(panels), 3.2))
+    fig = Figure(figsize=(3.8 * len(panels), 3.4), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, p in zip(axes, panels):
         for arm in curves:
@@ -39,13 +39,17 @@ def training_figure(curves: dict, cosine: dict, ood: list[str], title: str = "",
                 ax.plot([s for s, _ in pts], [v for _, v in pts], "o", ms=4, color=ARM_COLORS.get(arm), mec="k")
         ax.set_xlabel("optimizer step")
         if p == "cosine":
-            ax.set_title("mean cross-domain gradient cosine")
+            ax.set_title("gradient alignment over training")
+            ax.set_ylabel("mean cross-domain gradient cosine")
             ax.axhline(0, color="grey", lw=0.6)
         else:
-            ax.set_title("training loss (dots: matched checkpoints)" if p == "train" else f"{p} (OOD) loss")
-            ax.set_yscale("log")
-    axes[0].legend(fontsize=7)
+            ax.set_title("training loss" if p == "train" else f"{p} (OOD) loss")
+            ax.set_ylabel("evaluation loss")
+    handles, _ = axes[0].get_legend_handles_labels()
+    if matched:
+        handles.append(Line2D([], [], ls="", marker="o", ms=4, mfc="white", mec="k", label="matched checkpoint"))
+    handles.append(Line2D([], [], lw=6, color="grey", alpha=0.3, label="min-max over seeds"))
+    axes[0].legend(handles=handles, fontsize=7)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     return fig

@@ -44,7 +44,8 @@ def _gamma_axis(ax, g) -> None:
 def mechanism_figure(r: MechanismResult) -> Figure:
     """Four panels: (a) training-loss contours, both basins, starts and sample paths; (b) shared-basin fraction,
     (c) downstream loss reached and (d) paired Nexus-minus-control shifts, each against gamma."""
-    fig = Figure(figsize=(18, 5.4), layout="constrained")
+    fig = Figure(figsize=(19, 6.2), layout="constrained")
+    fig.get_layout_engine().set(wspace=0.06)  # room between the colorbar label and panel (b)
     ax0, ax1, ax2, ax3 = fig.subplots(1, 4, gridspec_kw={"width_ratios": [1.5, 1, 1, 1]})
     land, X, Y, Z = _grid(r)
 
@@ -122,7 +123,7 @@ def mechanism_figure(r: MechanismResult) -> Figure:
     _gamma_axis(ax3, g)
     ax3.set_ylabel(f"Nexus minus control (paired over the {n} runs)")
     ax3.set_title("(d) what the walk adds")
-    ax3.legend(fontsize=7, loc="upper left")
+    ax3.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), frameon=False)
     fig.suptitle(f"The mechanism on a 2-D toy: AdamW vs the control (Nexus without the walk) vs Nexus; "
                  f"K={r.settings.get('K')} micro-batches per step, {n} runs per arm and gamma", fontsize=11)
     return fig

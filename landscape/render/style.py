@@ -8,7 +8,8 @@ from typing import Sequence
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
            "#7f7f7f"]
 TRAIN_COLOR = "k"  # the training loss
-OPTIMIZER_COLORS = {"adamw": "#d62728", "nexus": "#2ca02c", "sgd": "#1f77b4"}
+OPTIMIZER_COLORS = {"adamw": "#d62728", "nexus": "#2ca02c", "sgd": "#9467bd",
+                    "control": "#1f77b4", "nexus-parallel": "#1f77b4"}  # the control arm = nexus-parallel
 NOT_CONVERGED = "#7f7f7f"
 
 # metric key -> (label, the direction the paper predicts for Nexus vs AdamW: -1 lower, +1 higher, 0 none)
