@@ -8,7 +8,7 @@ from rich.table import Table
 
 from .sources import source_options  # [ownmodel]
 from .app import command
-from .common import analyse_each, train_mode_kw, check_output_file, comparison_table, console, figure_formats, parse_names, tables
+from .common import analyse_each, train_mode_kw, check_output_file, check_range, comparison_table, console, figure_formats, parse_names, tables
 
 
 def _g(v, fmt: str = ".4g") -> str:
@@ -98,6 +98,8 @@ def closeness_cmd(
         raise UserError(f"unknown optimizer '{optimizer}'; choose one of {', '.join(names)}")
     if lr is not None and not (0 < lr < float("inf")):
         raise UserError(f"--lr must be a positive finite number, got {lr}")
+    check_range(rtol, "--rtol", 0.0, 0.5, "a fraction of the gradient norm at the checkpoint")
+    check_range(atol, "--atol", 0.0, 1e3, "an absolute gradient norm; larger would call the start converged")
     check_output_file(json_out, "--json")
     check_output_file(csv_out, "--csv")
     check_output_file(plot, "--plot", figure_formats() if plot else None)

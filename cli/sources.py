@@ -49,6 +49,7 @@ def source_options(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         opts = {n: kwargs.pop(n) for n, _, d in _PARAMS if n in kwargs}
+        _check_sizes(opts)
         _distributed_outputs(kwargs)
         token = _OPTIONS.set(opts)
         try:
@@ -58,6 +59,19 @@ def source_options(fn):
 
     wrapper.__signature__ = sig.replace(parameters=params + extra)
     return wrapper
+
+
+def _check_sizes(o: dict) -> None:
+    """Batch and window sizes are checked when parsed, whether or not --data is given (refused, never ignored)."""
+    from nexus_opt.util import check_seed
+
+    from .common import check_range
+
+    check_range(o.get("batch_size"), "--batch-size", 1, 1 << 16, "sequences or examples per batch")
+    check_range(o.get("seq_len"), "--seq-len", 1, 1 << 20, "tokens per sequence")
+    check_range(o.get("num_batches"), "--num-batches", 1, 1 << 16, "held-out batches per domain")
+    if o.get("data_seed") is not None:
+        check_seed(o["data_seed"], "--data-seed")
 
 
 def _distributed_outputs(kwargs: dict) -> None:

@@ -128,3 +128,31 @@ def pytest_collection_modifyitems(config, items):
     if len(keep) != len(items):
         config.hook.pytest_deselected(items=[i for i in items if i.get_closest_marker("hostile_full") is not None])
         items[:] = keep
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for gloo process groups)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_and_wait(worker, args: tuple, nprocs: int, timeout: float, what: str) -> None:
+    """Run worker(rank, *args) in `nprocs` spawned processes (spawn, not fork: a forked child of a process whose
+    OpenMP pool already ran can deadlock); fail the test if they do not finish within `timeout` seconds."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what} did not finish within {timeout:.0f} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()

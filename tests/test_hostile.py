@@ -223,6 +223,7 @@ def _base_args(command: str, run: Path, tmp: Path) -> list[str]:
         "gradsim": [str(run), "--device", "cpu", "--resamples", "4"],
         "closeness": [str(run), "--device", "cpu", "--steps", "20"],
         "plot-surface": [str(run), "--device", "cpu", "--grid", "5", "--steps", "20", "--out", str(tmp / "surf")],
+        "mechanism": ["--gammas", "0.2", "--orders", "1", "--starts", "2", "--steps", "4", "--out", str(tmp / "mech")],
     }[command]
 
 
@@ -235,13 +236,16 @@ def _with(args: list[str], option: str, value: str) -> list[str]:
 
 
 # The only hostile option values that succeed: each is a meaningful setting.
-DOCUMENTED_SUCCESS = {(c, "--seed", v) for c in ("train", "flatness", "gradsim", "closeness", "plot-surface")
-                      for v in ("0", "-1")} | {
+DOCUMENTED_SUCCESS = {(c, o, v) for c in ("train", "flatness", "gradsim", "closeness", "plot-surface", "mechanism")
+                      for o in ("--seed", "--data-seed") for v in ("0", "-1")} | {
     ("gradsim", "--resamples", "0"),        # no bootstrap: cosines without error bars
+    ("closeness", "--rtol", "0"),           # stop on the absolute gradient norm (--atol) alone
+    ("closeness", "--atol", "0"),           # stop on the relative gradient norm (--rtol) alone
     ("train", "--weight-decay", "0"),       # plain Adam
     ("train", "--warmup", "0"),             # no warmup
     ("train", "--min-lr-ratio", "0"),       # cosine down to 0
-    ("plot-surface", "--steps", "0"),       # domain minima taken at theta (no descent)
+    ("plot-surface", "--descent-steps", "0"),  # domain minima taken at theta (no descent)
+    ("train", "--gradsim-every", "0"),      # no gradient-similarity tracking (the default)
 }
 
 

@@ -109,7 +109,7 @@ def test_stale_temporaries_of_dead_writers_are_cleaned_by_the_next_writer(tmp_pa
     dead = 2 ** 22 + 12345
     shutil.copytree(run / FINAL, run / f".ckpt-000008.tmp-{dead}")
     shutil.copytree(run / "ckpt-000002", run / f".ckpt-000002.old-{dead}")            # its checkpoint exists: removed
-    shutil.copytree(run / "ckpt-000004", run / f".ckpt-000010.old-{dead}")            # killed mid-replace: put back
+    shutil.move(run / "ckpt-000004", run / f".ckpt-000004.old-{dead}")                # killed mid-replace: put back
     (run / f".latest.json.tmp-{dead}").write_text("{")
     landscape.load(run)  # readers never clean (nor lock)
     assert (run / f".ckpt-000008.tmp-{dead}").exists()
@@ -117,8 +117,8 @@ def test_stale_temporaries_of_dead_writers_are_cleaned_by_the_next_writer(tmp_pa
     assert r.exit_code == 0, r.stderr
     names = sorted(p.name for p in run.iterdir())
     assert not [n for n in names if n.startswith(".ckpt-") or n.startswith(".latest")], names
-    assert (run / "ckpt-000010" / "manifest.json").is_file()
-    assert ck.read_checkpoint(run / "ckpt-000010").step == 4
+    assert (run / "ckpt-000004" / "manifest.json").is_file()
+    assert ck.read_checkpoint(run / "ckpt-000004").step == 4
 
 
 # -- 2. bounded work -------------------------------------------------------------------------------

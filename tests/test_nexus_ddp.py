@@ -3,8 +3,6 @@ micro-batches."""
 from __future__ import annotations
 
 import os
-import socket
-import time
 from datetime import timedelta
 
 import pytest
@@ -12,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from conftest import free_port, spawn_and_wait
 from nexus_opt import Nexus
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -66,28 +65,9 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow  # two spawned interpreters import torch: ~10-20 s on 2 busy cores
 def test_ddp_matches_single_process(tmp_path):
-    import torch.multiprocessing as mp
-
-    # spawn, not fork: a forked child of a process whose OpenMP pool already ran can deadlock.
-    ctx = mp.start_processes(_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 120
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("DDP workers did not finish within 120 s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
+    spawn_and_wait(_worker, (WORLD, free_port(), str(tmp_path)), WORLD, 120, "DDP workers")
     finals = {}
     for mode in MODES:
         single = _train(_model(), mode=mode)

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import ROOT
+from conftest import ROOT, free_port, spawn_and_wait
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -71,12 +69,6 @@ def _worker(rank: int, port: int, d: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _close(a, b, tol=1e-10):
     ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
     return (ta - tb).abs().max().item() <= tol * max(1.0, tb.abs().max().item())
@@ -84,20 +76,8 @@ def _close(a, b, tol=1e-10):
 
 @pytest.mark.slow  # two spawned interpreters import torch: ~10-20 s on 2 busy cores
 def test_two_gloo_processes_equal_one(tmp_path, one_thread):
-    import torch.multiprocessing as mp
-
     single = _measure(str(tmp_path / "single"))
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 180
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("workers did not finish within 180 s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
+    spawn_and_wait(_worker, (free_port(), str(tmp_path)), WORLD, 180, "workers")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
     assert ranks[0] == ranks[1]  # every rank holds the same all-reduced numbers
     for k, v in single.items():
@@ -120,11 +100,11 @@ def test_cli_under_torchrun_writes_from_rank0_only(tmp_path):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(_free_port()), "-m", "cli.main", *args,
+                          "--master_port", str(free_port()), "-m", "cli.main", *args,
                           "--json", str(tmp_path / "two.json")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.count("Hessian eigenvalues") == 1  # rank 0 prints, rank 1 does not
-    a = json.loads((tmp_path / "one.json").read_text())["results"][0]["result"]
-    b = json.loads((tmp_path / "two.json").read_text())["results"][0]["result"]
+    a = json.loads((tmp_path / "one.json").read_text())["results"][0]["result"]["results"]["train"]
+    b = json.loads((tmp_path / "two.json").read_text())["results"][0]["result"]["results"]["train"]
     assert _close(b["eigenvalues"], a["eigenvalues"]) and abs(a["loss"] - b["loss"]) < 1e-10

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 import nexus_opt
-from nexus_opt.checkpoint import checkpoint_name, list_checkpoints, read_checkpoint
+from nexus_opt.checkpoint import list_checkpoints, read_checkpoint
 from nexus_opt.suites import make_suite
 from nexus_opt.train import TrainConfig, resume, train
 

@@ -10,7 +10,7 @@ from ..render.demo_curves import ARM_NAMES, training_figure
 from ..render.geometry import closeness_figure, gradsim_figure
 from ..render.mechanism import mechanism_figure
 from ..render.style import METRICS
-from ..render.surface import compare_figure, html_figure, panels_figure
+from ..render.surface import compare_figure, html_figure
 from ..render.toys import figure2_plot, trajectory_plot
 from ..surface import SurfaceResult
 from .mechanism import MechanismResult
