@@ -50,6 +50,17 @@ def _train_run(tmp_path_factory, name: str, base: dict) -> Run:
     return Run(out, dict(base), res)
 
 
+TINY_BOWLS = dict(suite="bowls", steps=2, batch_size=2, accum=1, warmup=1, eval_every=1, ckpt_every=2, seed=0,
+                  device="cpu")
+
+
+@pytest.fixture(scope="session")
+def bowls_run(tmp_path_factory) -> Path:
+    """A 2-step run of the 2-D bowls (a Point model; checkpoints at steps 0 and 2): every analyzer on it takes a
+    fraction of a second. Read-only."""
+    return _train_run(tmp_path_factory, "tiny_bowls", TINY_BOWLS).path
+
+
 @pytest.fixture(scope="session")
 def tiny_mix_run(tmp_path_factory) -> Run:
     """A 6-step AdamW run on the mix suite (checkpoints at 0, 2, 4, 6; eval every step). Read-only."""

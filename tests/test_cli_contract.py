@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import invoke_cli, tiny_config
+from conftest import invoke_cli
 from nexus_opt import __version__
 
 COLUMNS = ["checkpoint", "step", "domain", "metric", "value"]
@@ -20,42 +20,31 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="module")
-def bowls(tmp_path_factory):
-    """A 2-step run of the 2-D bowls (checkpoints at steps 0 and 2): every analyzer on it takes a blink."""
-    from nexus_opt.train import train
-
-    out = tmp_path_factory.mktemp("contract") / "run"
-    train(tiny_config(dict(suite="bowls", steps=2, batch_size=2, accum=1, warmup=1, eval_every=1, ckpt_every=2,
-                           seed=0, device="cpu"), out))
-    return out
-
-
 def _args(command, run, tmp_path):
     extra = ["--out", str(tmp_path / "surf")] if command == "plot-surface" else []
     return [command, str(run / "ckpt-000000"), str(run), "--device", "cpu", *TINY[command], *extra]
 
 
 @pytest.mark.parametrize("command", list(TINY))
-def test_json_stdout_is_one_envelope(command, bowls, tmp_path):
-    r = invoke_cli(*_args(command, bowls, tmp_path), "--json", "-")
+def test_json_stdout_is_one_envelope(command, bowls_run, tmp_path):
+    r = invoke_cli(*_args(command, bowls_run, tmp_path), "--json", "-")
     assert r.exit_code == 0, r.stderr
     data = json.loads(r.stdout)  # stdout carries only the JSON: the tables went to stderr
     assert data["command"] == command and data["version"] == __version__
-    assert [e["checkpoint"] for e in data["results"]] == [str(bowls / "ckpt-000000"), str(bowls)]
+    assert [e["checkpoint"] for e in data["results"]] == [str(bowls_run / "ckpt-000000"), str(bowls_run)]
     assert [e["step"] for e in data["results"]] == [0, 2]
     assert all(isinstance(e["result"], dict) and e["result"] for e in data["results"])
     assert r.stderr.strip()  # the table is still shown, on stderr
 
 
 @pytest.mark.parametrize("command", list(TINY))
-def test_csv_stdout_is_long_format(command, bowls, tmp_path):
-    r = invoke_cli(*_args(command, bowls, tmp_path), "--csv", "-")
+def test_csv_stdout_is_long_format(command, bowls_run, tmp_path):
+    r = invoke_cli(*_args(command, bowls_run, tmp_path), "--csv", "-")
     assert r.exit_code == 0, r.stderr
     reader = csv.DictReader(io.StringIO(r.stdout))
     rows = list(reader)
     assert reader.fieldnames == COLUMNS and rows
-    assert {row["checkpoint"] for row in rows} == {str(bowls / "ckpt-000000"), str(bowls)}
+    assert {row["checkpoint"] for row in rows} == {str(bowls_run / "ckpt-000000"), str(bowls_run)}
     assert {row["step"] for row in rows} == {"0", "2"}
     for row in rows:
         if row["value"]:
@@ -63,8 +52,8 @@ def test_csv_stdout_is_long_format(command, bowls, tmp_path):
     assert any(row["domain"] in ("bowl0", "bowl1", "train") for row in rows)  # per-domain metrics carry their domain
 
 
-def test_json_and_csv_files_and_table_on_stdout(bowls, tmp_path):
-    r = invoke_cli("gradsim", str(bowls), "--resamples", "2", "--device", "cpu", "--json", tmp_path / "g.json",
+def test_json_and_csv_files_and_table_on_stdout(bowls_run, tmp_path):
+    r = invoke_cli("gradsim", str(bowls_run), "--resamples", "2", "--device", "cpu", "--json", tmp_path / "g.json",
                    "--csv", tmp_path / "g.csv")
     assert r.exit_code == 0, r.stderr
     assert "gradient similarity summary" in r.stdout and "wrote" in r.stderr and "wrote" not in r.stdout
@@ -76,16 +65,16 @@ def test_json_and_csv_files_and_table_on_stdout(bowls, tmp_path):
     assert cos[("bowl0", "cosine.bowl1")] == pytest.approx(data["cosine"][i][j])
 
 
-def test_plot_surface_out_file_is_that_file(bowls, tmp_path):
+def test_plot_surface_out_file_is_that_file(bowls_run, tmp_path):
     target = tmp_path / "fig" / "x.png"
-    r = invoke_cli("plot-surface", str(bowls), "--grid", "3", "--device", "cpu", "--out", target)
+    r = invoke_cli("plot-surface", str(bowls_run), "--grid", "3", "--device", "cpu", "--out", target)
     assert r.exit_code == 0, r.stderr
     assert target.is_file() and target.stat().st_size > 1000
     assert (tmp_path / "fig" / "x.npz").is_file() and "loss surfaces" in r.stdout
 
 
-def test_flatness_domains_list_and_ggn_title(bowls, tmp_path):
-    r = invoke_cli("flatness", str(bowls), "--domains", "bowl0,bowl1", "-k", "1", "--no-trace", "--which", "top",
+def test_flatness_domains_list_and_ggn_title(bowls_run, tmp_path):
+    r = invoke_cli("flatness", str(bowls_run), "--domains", "bowl0,bowl1", "-k", "1", "--no-trace", "--which", "top",
                    "--device", "cpu", "--json", "-")
     assert r.exit_code == 0, r.stderr
     res = json.loads(r.stdout)["results"][0]["result"]

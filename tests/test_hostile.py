@@ -204,17 +204,6 @@ OPTION_CASES = [(c, o, v) for c, o in OPTIONS for v in VALUES]
 OPTION_SAMPLE = _sample(OPTION_CASES, key=lambda c: (c[0], c[1]))
 
 
-@pytest.fixture(scope="module")
-def bowls_run(tmp_path_factory):
-    """A 2-step run of the 2-D bowls (a Point model): every analyzer on it takes a fraction of a second."""
-    from nexus_opt.train import train
-
-    out = tmp_path_factory.mktemp("hostile_bowls") / "run"
-    train(tiny_config(dict(suite="bowls", steps=2, batch_size=2, accum=1, warmup=1, eval_every=1, ckpt_every=2,
-                           seed=0, device="cpu"), out))
-    return out
-
-
 def _base_args(command: str, run: Path, tmp: Path) -> list[str]:
     return {
         "train": ["--suite", "bowls", "--steps", "2", "--accum", "1", "--warmup", "1", "--eval-every", "1",

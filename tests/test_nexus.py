@@ -387,13 +387,22 @@ def test_add_param_group_passes_through(batches):
         opt.add_param_group({"params": [extra]})
 
 
-@pytest.mark.parametrize("path", ["sync_free_inner", "offloaded_outer"])
-def test_accelerator_code_paths_on_cpu(batches, monkeypatch, path):
-    """The CUDA-only paths (no host read of the norm; single-transfer outer step) still match the reference."""
+ACCELERATOR_PATHS = ["sync_free_inner", "offloaded_outer"]
+
+
+def simulate_accelerator_path(monkeypatch, path: str) -> None:
+    """Take an accelerator-only code path on the CPU: no host read of the gradient norm ('sync_free_inner'), or
+    the anchor/displacement kept on another device ('offloaded_outer')."""
     if path == "sync_free_inner":
         monkeypatch.setattr(Nexus, "_host_read_is_free", staticmethod(lambda t: False))
     else:
-        monkeypatch.setattr(Nexus, "_offloaded", staticmethod(lambda ps, anchors: True))
+        monkeypatch.setattr(Nexus, "_offloaded", staticmethod(lambda params, buffers: True))
+
+
+@pytest.mark.parametrize("path", ACCELERATOR_PATHS)
+def test_accelerator_code_paths_on_cpu(batches, monkeypatch, path):
+    """The CUDA-only paths (no host read of the norm; single-transfer outer step) still match the reference."""
+    simulate_accelerator_path(monkeypatch, path)
     for scale in ("raw", "inner_lr"):
         for foreach in (True, False):
             ref, mine = MultiHead(), MultiHead()

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from nexus_opt import Nexus
-from test_nexus import (GAMMA, K, T, MultiHead, _save_load, adamw, groups_of, loss_fn, make_batches, max_diff,
-                        nexus_run, reference_run, warmup_cosine)
+from test_nexus import (ACCELERATOR_PATHS, GAMMA, K, T, MultiHead, _save_load, adamw, groups_of, loss_fn,
+                        make_batches, max_diff, nexus_run, reference_run, simulate_accelerator_path, warmup_cosine)
 
 
 @pytest.fixture
@@ -50,13 +50,10 @@ def test_parallel_matches_reference_sgd_inner_lr_scale_follows_schedule(batches)
     assert max_diff(ref, mine) < 1e-12
 
 
-@pytest.mark.parametrize("path", ["sync_free_inner", "offloaded"])
+@pytest.mark.parametrize("path", ACCELERATOR_PATHS)
 def test_parallel_accelerator_code_paths_on_cpu(batches, monkeypatch, path):
     """The accelerator-only paths (no host read of the norm; displacement on another device) match too."""
-    if path == "sync_free_inner":
-        monkeypatch.setattr(Nexus, "_host_read_is_free", staticmethod(lambda t: False))
-    else:
-        monkeypatch.setattr(Nexus, "_offloaded", staticmethod(lambda ps, bufs: True))
+    simulate_accelerator_path(monkeypatch, path)
     for scale in ("raw", "inner_lr"):
         ref, mine = MultiHead(), MultiHead()
         reference_run(ref, adamw(groups_of(ref, [1e-2, 3e-3], [0.05, 0.02])), batches[:8 * K], K, GAMMA, scale=scale,
