@@ -52,7 +52,8 @@ def init_from_env() -> bool:
     return True
 
 
-def _allreduce(t: torch.Tensor) -> torch.Tensor:
+def allreduce(t: torch.Tensor) -> torch.Tensor:
+    """The sum of `t` over every rank (every rank gets it): how sharded products, losses and gradients combine."""
     import torch.distributed as dist
     t = t.contiguous()
     dist.all_reduce(t)
@@ -83,13 +84,13 @@ class ShardedOperator(CurvatureOperator):
         return getattr(self.op, name)
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        return _allreduce(self.op.matmat(V))
+        return allreduce(self.op.matmat(V))
 
     def loss(self) -> float:
-        return float(_allreduce(torch.tensor([self.op.loss()], dtype=torch.float64))[0])
+        return float(allreduce(torch.tensor([self.op.loss()], dtype=torch.float64))[0])
 
     def gradient(self) -> torch.Tensor:
-        return _allreduce(self.op.gradient())
+        return allreduce(self.op.gradient())
 
     def release(self):
         self.op.release()

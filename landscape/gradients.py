@@ -42,6 +42,6 @@ def domain_gradient(obj, domain: str | None, *, train_mode: bool | None = None) 
         g.add_(gb, alpha=c)
         loss += c * lb
     if dist.active():
-        g = dist._allreduce(g)
-        loss = float(dist._allreduce(torch.tensor([loss], dtype=torch.float64, device=g.device))[0])
+        g = dist.allreduce(g)
+        loss = float(dist.allreduce(torch.tensor([loss], dtype=torch.float64, device=g.device))[0])
     return g, loss

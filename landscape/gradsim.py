@@ -168,7 +168,7 @@ def gradient_similarity(obj: Objective, *, domains=None, params: str | None = No
             if progress:
                 progress(i + 1, len(jobs), f"gradients {d}")
     if world > 1:
-        X, losses = dist._allreduce(X), dist._allreduce(losses)
+        X, losses = dist.allreduce(X), dist.allreduce(losses)
     batch_loss = {i: float(v) for i, v in enumerate(losses.tolist())}
     G = (X @ X.T).cpu().numpy()
     M = X.shape[0]
