@@ -205,7 +205,7 @@ def resume(out: str | Path, steps: int | None = None, device: str = "auto",
            progress: Callable[[dict], None] | None = None, trust_remote_code: bool = False,
            overrides: dict | None = None, allow_large: bool | None = None,
            on_step_record: Callable[[int, torch.nn.Module, object], dict | None] | None = None,
-           stop_at_loss: float | None = None) -> dict:
+           stop_at_loss: float | None = None, stop_when: Callable[[dict], bool] | None = None) -> dict:
     """Continue the run in `out` from its latest checkpoint with its saved config.
 
     `steps` may extend the run (never shorten it below the saved step count); `overrides` are the other
@@ -242,7 +242,7 @@ def resume(out: str | Path, steps: int | None = None, device: str = "auto",
     except TypeError as e:
         raise UserError(f"checkpoint {ckpt.path} has no usable trainer config ({e}); it cannot be resumed") from None
     return train(cfg, progress=progress, trust_remote_code=trust_remote_code, _resume=ckpt, allow_large=allow_large,
-                 on_step_record=on_step_record, stop_at_loss=stop_at_loss)
+                 on_step_record=on_step_record, stop_at_loss=stop_at_loss, stop_when=stop_when)
 
 
 def _check_base_lrs(v, n_groups: int) -> list:
@@ -255,17 +255,23 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, trus
           on_step: Callable[[int, torch.nn.Module], None] | None = None, _resume: ck.Checkpoint | None = None,
           allow_large: bool | None = None,
           on_step_record: Callable[[int, torch.nn.Module, object], dict | None] | None = None,
-          stop_at_loss: float | None = None) -> dict:
+          stop_at_loss: float | None = None, stop_when: Callable[[dict], bool] | None = None) -> dict:
     """Train per `cfg` into cfg.out; returns the final eval losses and the last checkpoint's path.
 
-    `stop_at_loss`: evaluate and checkpoint after every step, and stop at the first step whose evaluation
-    training loss is <= it (`stopped_at` in the result; used to compare optimizers at equal training loss).
+    `stop_when(record)`: evaluate and checkpoint after every step, and stop at the first step whose evaluation
+    record (step, losses, train_loss) makes it true (`stopped_at` in the result; used to compare optimizers at
+    equal training loss); `stop_at_loss=x` is `stop_when=lambda r: r["train_loss"] <= x`.
     `on_step(step, model)` runs after every optimizer step (the model then holds the outer weights);
     `on_step_record(step, model, optimizer)` too, and a dict it returns is written to metrics.jsonl.
     The run directory is locked for the whole run (one writer at a time, see `checkpoint.RunLock`).
     `allow_large` lifts the size limits of `nexus_opt.limits` (default: LANDSCAPE_ALLOW_LARGE).
     """
     cfg.validate()
+    if stop_at_loss is not None:
+        if stop_when is not None:
+            raise UserError("pass stop_at_loss or stop_when, not both")
+        x = float(stop_at_loss)
+        stop_when = lambda r: r["train_loss"] <= x  # noqa: E731
     out = Path(cfg.out)
     if _resume is None and (out / "manifest.json").is_file():
         raise UserError(f"--out {out} is a checkpoint directory; choose a new run directory")
@@ -288,7 +294,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, trus
             raise UserError(f"run directory '{out}' already has checkpoints; pass --resume to continue it or "
                             "choose another --out")
         return _train_locked(cfg, out, device, model, eval_sets, suite, spec, progress, on_step, _resume,
-                             on_step_record, stop_at_loss)
+                             on_step_record, stop_when)
 
 
 def _probe(model, suite, eval_sets) -> None:
@@ -309,7 +315,7 @@ def _probe(model, suite, eval_sets) -> None:
 
 
 def _train_locked(cfg, out, device, model, eval_sets, suite, spec, progress, on_step, resume_ckpt,
-                  on_step_record=None, stop_at_loss=None) -> dict:
+                  on_step_record=None, stop_when=None) -> dict:
     opt = build_optimizer(model, cfg)
     base_lrs = [g["lr"] for g in opt.param_groups]
     start = 0
@@ -399,14 +405,14 @@ def _train_locked(cfg, out, device, model, eval_sets, suite, spec, progress, on_
             progress({"event": "step", "step": done, "steps": cfg.steps, "micro": list(zip(doms, values)),
                       "elapsed": time.time() - t0})
         is_ckpt = done % cfg.ckpt_every == 0 or done == cfg.steps
-        if done % cfg.eval_every == 0 or is_ckpt or stop_at_loss is not None:
+        if done % cfg.eval_every == 0 or is_ckpt or stop_when is not None:
             rec = run_eval(done)
-        if stop_at_loss is not None:  # every step is a candidate for the closest match: keep each
+        if stop_when is not None:  # every step is a candidate for the closest match: keep each
             last_ckpt = save(done, rec)
-        if stop_at_loss is not None and rec["train_loss"] <= stop_at_loss:
-            return {"losses": rec["losses"], "train_loss": rec["train_loss"], "checkpoint": last_ckpt,
-                    "out": str(out), "stopped_at": done}
-        if is_ckpt and stop_at_loss is None:
+            if stop_when(rec):
+                return {"losses": rec["losses"], "train_loss": rec["train_loss"], "checkpoint": last_ckpt,
+                        "out": str(out), "stopped_at": done}
+        if is_ckpt and stop_when is None:
             last_ckpt = save(done, rec)
     if rec is None:  # resumed at or past the last step: already logged, do not log it twice
         rec = run_eval(cfg.steps, log=False)

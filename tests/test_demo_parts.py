@@ -1,12 +1,15 @@
-"""Pieces of the demo's controlled comparison, fast: paired statistics and the trainer's stop-at-loss option."""
+"""Pieces of the demo's controlled comparison, fast: paired statistics, the trainer's stop-at-loss option and the
+equal-loss matching of runs."""
 from __future__ import annotations
 
+import itertools
 import json
 import re
 
 import pytest
 from scipy import stats
 
+from landscape.app.matching import AFTER_CROSSING, MATCH_WINDOW, MAX_CANDIDATES, choose_jointly, dense_window
 from landscape.app.stats import paired
 from nexus_opt.checkpoint import list_checkpoints, read_checkpoint
 from nexus_opt.train import TrainConfig, train
@@ -46,3 +49,45 @@ def test_stop_at_loss_checkpoints_the_first_step_at_or_below_the_target(tmp_path
     assert res["stopped_at"] == read_checkpoint(cks[-1]).step < 60
     assert losses[-1] <= target < losses[-2]  # every step kept, the run stopped at the first crossing
     assert len(cks) == res["stopped_at"] + 1
+
+
+def test_choose_jointly_picks_the_agreeing_tuple_nearest_the_target():
+    def c(*losses):
+        return [{"path": f"p{v}", "step": i, "train_loss": v} for i, v in enumerate(losses)]
+
+    cands = {"a": c(1.000, 1.0015, 1.007), "b": c(0.9974, 1.0022, 1.0068), "c": c(1.0049, 0.9951, 1.0083)}
+    got = choose_jointly(cands, 1.0, tol=0.002)
+    # brute-force truth: of the 27 tuples, those with spread <= 0.002, then the smallest largest |loss - 1|
+    best = min((t for t in itertools.product(*cands.values())
+                if max(x["train_loss"] for x in t) - min(x["train_loss"] for x in t) <= 0.002),
+               key=lambda t: max(abs(x["train_loss"] - 1.0) for x in t))
+    assert [got[k]["train_loss"] for k in "abc"] == [x["train_loss"] for x in best] == [1.007, 1.0068, 1.0083]
+    # no tuple within tol: the one with the smallest spread, which is then flagged by the caller
+    far = choose_jointly({"a": c(1.0, 1.01), "b": c(1.005, 1.02)}, 1.0, tol=0.002)
+    assert (far["a"]["train_loss"], far["b"]["train_loss"]) == (1.0, 1.005)
+
+
+def test_dense_window_every_step_around_the_first_crossing(tmp_path):
+    """Candidates are every-step checkpoints within the window of the target, resumed bit-for-bit from the run
+    (their losses equal a full every-step run's), and a second call reuses them."""
+    kw = dict(suite="bowls", optimizer="adamw", lr=0.05, steps=40, accum=2, batch_size=4, warmup=0, eval_every=10,
+              ckpt_every=10, seed=0, device="cpu")
+    train(TrainConfig(out=str(tmp_path / "run"), **kw))
+    dense = train(TrainConfig(out=str(tmp_path / "dense"), **kw), stop_at_loss=-1.0)  # every step, to the end
+    truth = {read_checkpoint(c).step: read_checkpoint(c).manifest["metrics"]["train_loss"]
+             for c in list_checkpoints(tmp_path / "dense")}
+    assert dense.get("stopped_at") is None and len(truth) == 41
+    target = truth[25] + 1e-9  # crossed first between regular evaluations (20 and 30)
+    logs = []
+    cands = dense_window(tmp_path / "run", target, "cpu", logs.append)
+    assert cands and len(logs) == 1
+    for c in cands:
+        assert abs(c["train_loss"] - target) <= MATCH_WINDOW
+        assert c["train_loss"] == truth[c["step"]]  # resumed exactly
+    first = next(s for s in sorted(truth) if truth[s] <= target)
+    near = {s for s, v in truth.items() if abs(v - target) <= MATCH_WINDOW and s <= first + AFTER_CROSSING
+            and s > max(s2 for s2 in (0, 10, 20) if truth[s2] > target + MATCH_WINDOW)}
+    assert {c["step"] for c in cands} == set(sorted(near, key=lambda s: abs(truth[s] - target))[:MAX_CANDIDATES])
+    mtime = (tmp_path / "run-match").stat().st_mtime_ns
+    assert dense_window(tmp_path / "run", target, "cpu", logs.append) == cands and len(logs) == 1
+    assert (tmp_path / "run-match").stat().st_mtime_ns == mtime

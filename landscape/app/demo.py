@@ -8,7 +8,6 @@ import dataclasses
 import json
 import platform
 import resource
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from ..objective import Objective
 from ..render.style import METRICS
 from ..surface import surface
 from ..tracking import GradSimTracker
+from .matching import MATCH_TOL, MATCH_WINDOW, choose_jointly, dense_window
 from .runs import eval_records, gradsim_records
 from .stats import paired
 from .toys import figure2, trajectory_toy
@@ -36,7 +36,6 @@ from .toys import figure2, trajectory_toy
 # arm -> trainer optimizer; the control is Nexus's first-order term alone (same K normalised gradients, no walk)
 ARMS = {"adamw": "adamw", "control": "nexus-parallel", "nexus": "nexus"}
 PAIRS = (("nexus", "adamw"), ("nexus", "control"), ("control", "adamw"))
-MATCH_TOL = 0.002  # training losses of compared checkpoints must agree within this (else the pair is flagged)
 
 
 @dataclasses.dataclass
@@ -183,34 +182,6 @@ def _final(run: Path) -> tuple[str, float]:
     return str(ck), float(read_checkpoint(ck).manifest["metrics"]["train_loss"])
 
 
-def match_at_target(cfg: DemoConfig, run: Path, target: float, log: Callable) -> dict:
-    """The checkpoint where `run` first reaches training loss <= target: resumed from its last checkpoint above the
-    target in a copy of the run (`<run>-match`), evaluating after every step (trainer's stop_at_loss)."""
-    path, loss = _final(run)
-    recs = eval_records(run)
-    cross = next((r["step"] for r in recs if r["train_loss"] <= target), None)
-    if abs(loss - target) <= 1e-12 or cross is None:  # the reference run itself, or a run that never gets there
-        return {"path": path, "step": read_checkpoint(path).step, "train_loss": loss, "reached": cross is not None}
-    before = [c for c in list_checkpoints(run) if int(c.name.split("-")[1]) < cross]
-    start = before[-1]
-    mdir = Path(str(run) + "-match")
-    done = [c for c in list_checkpoints(mdir)] if mdir.exists() else []
-    if not (done and len(done) > 1 and done[0].name == start.name
-            and float(read_checkpoint(done[-1]).manifest["metrics"]["train_loss"]) <= target):
-        shutil.rmtree(mdir, ignore_errors=True)
-        mdir.mkdir(parents=True)
-        shutil.copytree(start, mdir / start.name)
-        log(f"match {run.name}: from {start.name} to training loss <= {target:.5f}")
-        resume(mdir, device=cfg.device, stop_at_loss=target)
-    # the crossing step or the step before it, whichever is closer to the target
-    cands = [(abs(float(read_checkpoint(c).manifest["metrics"]["train_loss"]) - target), c) for c in
-             list_checkpoints(mdir)[-2:]]
-    best = min(cands, key=lambda t: t[0])[1]
-    loss = float(read_checkpoint(best).manifest["metrics"]["train_loss"])
-    return {"path": str(best), "step": read_checkpoint(best).step, "train_loss": loss,
-            "reached": _final(mdir)[1] <= target}
-
-
 def _analyse(path: str, plan: SuitePlan, device: str, seed: int, surf_minima: bool, log: Callable,
              task: Callable | None = None) -> dict:
     """Losses, gradient similarity, closeness and flatness of one checkpoint (JSON-ready)."""
@@ -271,7 +242,8 @@ def run_suite(cfg: DemoConfig, plan: SuitePlan, clock: _Clock, log: Callable, pr
         ref = max(finals, key=finals.get)  # the arm with the highest final training loss sets the target
         target = finals[ref]
         with clock(f"{plan.suite}: matching"):
-            matched = {arm: match_at_target(cfg, runs[arm][s], target, log) for arm in ARMS}
+            cands = {arm: dense_window(runs[arm][s], target, cfg.device, log) for arm in ARMS}
+            matched = choose_jointly(cands, target, MATCH_TOL)
         gaps = {f"{a}-{b}": abs(matched[a]["train_loss"] - matched[b]["train_loss"]) for a, b in PAIRS}
         flagged = sorted(k for k, g in gaps.items() if g > MATCH_TOL)
         log(f"{plan.suite} seed {s}: target {target:.4f} ({ref}); matched steps "
@@ -314,7 +286,7 @@ def run_suite(cfg: DemoConfig, plan: SuitePlan, clock: _Clock, log: Callable, pr
             surf[a] = str(spath)
     return {"per_seed": per_seed, "aggregate": agg, "paired": pairs, "speed": {"steps": speed, "paired": speed_pairs},
             "curves": curves, "cosine_curves": cos_curves, "closeness_converged": converged, "surfaces": surf,
-            "ood": p0["matched"]["adamw"]["analysis"]["ood"], "match_tol": MATCH_TOL,
+            "ood": p0["matched"]["adamw"]["analysis"]["ood"], "match_tol": MATCH_TOL, "match_window": MATCH_WINDOW,
             "closeness_objective": {"params": plan.closeness_params, "prox_mu": plan.closeness_prox,
                                     **plan.closeness}}
 
@@ -334,7 +306,8 @@ def run_demo(cfg: DemoConfig, log: Callable = print, progress: Callable[[str], C
     clock = _Clock()
     summary: dict = {"settings": {"quick": cfg.quick, "device": cfg.device, "seeds": list(cfg.seeds),
                                   "arms": dict(ARMS), "plans": [dataclasses.asdict(p) for p in cfg.plans],
-                                  "mechanism": cfg.mechanism, "match_tol": MATCH_TOL},
+                                  "mechanism": cfg.mechanism, "match_tol": MATCH_TOL,
+                                  "match_window": MATCH_WINDOW},
                      "versions": {"package": nexus_opt.__version__, "torch": torch.__version__,
                                   "python": platform.python_version(), "platform": platform.platform()},
                      "suites": {}}

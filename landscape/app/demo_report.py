@@ -140,8 +140,11 @@ def write_report(summary: dict, out: Path) -> Path:
             f"curves-{suite}", f"{suite}: losses and mean gradient cosine over training")
 
     rep.section("matched", "Equal training loss",
-                "Per seed, the arm with the highest final training loss sets the target; every other arm is "
-                "resumed from its last checkpoint above the target and stopped at the first step at or below it.")
+                "Per seed, the arm with the highest final training loss sets the target. Every arm is resumed "
+                "from its last checkpoint above the window around the target (target ± "
+                f"{summary['settings']['match_window']:g}) and checkpointed after every step "
+                "until a few steps past its first crossing; one checkpoint per arm is then chosen jointly: the "
+                "triple whose losses agree within the tolerance and lie closest to the target.")
     for suite, s in summary["suites"].items():
         rows = []
         for r in s["per_seed"]:
