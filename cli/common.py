@@ -21,18 +21,15 @@ MAX_LANCZOS_STEPS = 100_000  # flatness --density-steps before the parameter cou
 
 
 def check_range(value, option: str, lo, hi, why: str = ""):
-    """A numeric option within [lo, hi] (and finite), else a UserError naming the option and the limits."""
-    import math
-
-    from nexus_opt.errors import UserError
+    """A numeric option within [lo, hi] (and finite), else a UserError naming the option and the limits; None
+    passes. The checks are nexus_opt.limits' (check_int for integer limits, check_float otherwise)."""
+    from nexus_opt.limits import check_float, check_int
 
     if value is None:
         return value
-    if isinstance(value, float) and not math.isfinite(value):
-        raise UserError(f"{option} must be a finite number, got {value}")
-    if not lo <= value <= hi:
-        raise UserError(f"{option} must be between {lo} and {hi}{' (' + why + ')' if why else ''}, got {value}")
-    return value
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in (value, lo, hi)):
+        return check_int(value, option, lo, hi, why=why)
+    return check_float(value, option, lo, hi, why=why)
 
 
 def parse_kv(text: str | None, what: str) -> dict:
