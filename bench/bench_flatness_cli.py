@@ -1,4 +1,4 @@
-"""Wall time of `landscape flatness RUN` with default options (training loss, then --domain each) from a code
+"""Wall time of `landscape flatness RUN` with default options (training loss, then --domains each) from a code
 tree: run it on the old and the new tree to compare defaults (issue 10).
 
     python bench/bench_flatness_cli.py RUN [--repo DIR] [--threads 2]
@@ -8,7 +8,7 @@ Measured 2026-11-30 on the shared 2-core CPU box while other jobs ran (load aver
 several x between runs; 1,377-parameter MLP from `train --suite mix --model mlp --steps 100`), whole command
 including Python/torch start-up, analysis time in brackets:
 
-    threads  code                                        default              --domain each
+    threads  code                                        default              --domains each
     1        before (main: tol 1e-8, 99 Hutch++ probes)  11.5 s [5.2 s, 179]  11.1 s
     1        after  (tol 1e-4 + multiplicity check,      7.6 s  [2.5 s, 168]  10.6 s
                      adaptive trace to 1% stderr)
@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-each", action="store_true")
     a = ap.parse_args()
-    for label, extra in [("default", []), ("--domain each", ["--domain", "each"])]:
+    for label, extra in [("default", []), ("--domains each", ["--domains", "each"])]:
         if a.skip_each and extra:
             continue
         dt, out = timed(a.repo, [a.run, "--device", "cpu", *extra], a.threads)

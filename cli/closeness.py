@@ -8,7 +8,8 @@ from rich.table import Table
 
 from .sources import source_options  # [ownmodel]
 from .app import command
-from .common import analyse_each, train_mode_kw, check_output_file, check_range, comparison_table, console, figure_formats, parse_names, tables
+from .common import (analyse_each, check_output_file, check_range, comparison_table, console, figure_formats,
+                     merge_alias, parse_names, tables)
 
 
 def _g(v, fmt: str = ".4g") -> str:
@@ -65,20 +66,23 @@ def closeness_table(results: list, labels: list[str]) -> Table:
 def closeness_cmd(
     checkpoints: List[str] = typer.Argument(..., help="Checkpoint directories (a run directory means its latest)."),
     optimizer: str = typer.Option("newton-cg", help="Descent: newton-cg (trust-region Newton-CG on exact HVPs, "
-                                                     "default), lbfgs, adamw or sgd (full batch; 'adam' = adamw "
-                                                     "without weight decay, as before)."),
+                                                     "default), lbfgs, adamw (full-batch Adam, no weight decay) "
+                                                     "or sgd."),
     max_evals: Optional[int] = typer.Option(None, help="Budget per domain in gradient/HVP/loss evaluations "
-                                                       "(default: newton-cg 5000, lbfgs 2000, adam/sgd 300)."),
+                                                       "(default: newton-cg 5000, lbfgs 2000, adamw/sgd 300)."),
     rtol: float = typer.Option(1e-8, help="Converged when ||grad|| <= max(rtol * ||grad at the checkpoint||, atol)."),
     atol: float = typer.Option(1e-12, help="Absolute floor of the gradient-norm test."),
-    steps: Optional[int] = typer.Option(None, "--max-steps", "--steps", help="Optional cap on iterations "
-                                                                           "(adamw/sgd: steps) per domain."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate of lbfgs (1), adam (1e-3) or sgd (1e-2)."),
+    steps: Optional[int] = typer.Option(None, "--max-steps", help="Optional cap on iterations (adamw/sgd: steps) "
+                                                                  "per domain."),
+    old_steps: Optional[int] = typer.Option(None, "--steps", hidden=True),  # the old spelling of --max-steps
+    lr: Optional[float] = typer.Option(None, help="Learning rate of lbfgs (1), adamw (1e-3) or sgd (1e-2)."),
     domains: Optional[str] = typer.Option(None, help="Comma-separated domains to descend on (default: trained)."),
-    seed: int = typer.Option(0, help="Seed recorded with the result (the descent itself is deterministic)."),
+    seed: int = typer.Option(0, help="Seed recorded with the result; in train mode it fixes each batch's dropout "
+                                     "masks (the descent itself is deterministic)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    train_mode: bool = typer.Option(False, help="Descend in train mode (dropout, BatchNorm batch statistics); "
-                                                "default eval mode."),
+    train_mode: bool = typer.Option(False, help="Measure the train-mode loss (dropout with masks fixed per batch "
+                                                "by --seed, BatchNorm batch statistics) in every descent, loss, "
+                                                "barrier, gradient and curvature; default eval mode."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write all results as JSON to this file ('-': stdout)."),
     csv_out: Optional[str] = typer.Option(None, "--csv", help="Write all results as long-format CSV "
                                                               "(checkpoint,step,domain,metric,value; '-': stdout)."),
@@ -88,14 +92,11 @@ def closeness_cmd(
 ):
     """Descend on each domain from the checkpoint to its nearest minimum (Newton-CG until the gradient norm falls
     by rtol); report distances, spread, cross-losses and the Thm 3.1 bound (n/a where a descent did not converge)."""
-    from landscape.closeness import OPTIMIZERS, closeness
+    from landscape.closeness import closeness, optimizer_name
     from nexus_opt.errors import UserError
 
-    if optimizer == "adamw" and "adamw" not in OPTIMIZERS:
-        optimizer = "adam"  # one optimizer name across commands (train --optimizer adamw); no decay on a descent
-    if optimizer not in OPTIMIZERS:
-        names = ["adamw" if o == "adam" else o for o in OPTIMIZERS]
-        raise UserError(f"unknown optimizer '{optimizer}'; choose one of {', '.join(names)}")
+    optimizer = optimizer_name(optimizer)  # adamw, as `train --optimizer adamw` ('adam' still accepted)
+    steps = merge_alias(steps, old_steps, "steps", "--max-steps", "--steps")
     if lr is not None and not (0 < lr < float("inf")):
         raise UserError(f"--lr must be a positive finite number, got {lr}")
     check_range(rtol, "--rtol", 0.0, 0.5, "a fraction of the gradient norm at the checkpoint")
@@ -104,11 +105,10 @@ def closeness_cmd(
     check_output_file(csv_out, "--csv")
     check_output_file(plot, "--plot", figure_formats() if plot else None)
     doms = parse_names(domains, "--domains")
-    mode = train_mode_kw(closeness, train_mode, "closeness")
     results, labels, steps_at = analyse_each(
         checkpoints, lambda obj, bar: closeness(obj, steps=steps, lr=lr, optimizer=optimizer, domains=doms,
                                                 seed=seed, keep_minima=keep_minima, progress=bar,
-                                                max_evals=max_evals, rtol=rtol, atol=atol, **mode),
+                                                max_evals=max_evals, rtol=rtol, atol=atol, train_mode=train_mode),
         device, trust_remote_code)
     tables(json_out, csv_out).print(closeness_table(results, labels))
     from .export import emit

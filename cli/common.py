@@ -21,18 +21,36 @@ MAX_LANCZOS_STEPS = 100_000  # flatness --density-steps before the parameter cou
 
 
 def check_range(value, option: str, lo, hi, why: str = ""):
-    """A numeric option within [lo, hi] (and finite), else a UserError naming the option and the limits."""
-    import math
-
-    from nexus_opt.errors import UserError
+    """A numeric option within [lo, hi] (and finite), else a UserError naming the option and the limits; None
+    passes. The checks are nexus_opt.limits' (check_int for integer limits, check_float otherwise)."""
+    from nexus_opt.limits import check_float, check_int
 
     if value is None:
         return value
-    if isinstance(value, float) and not math.isfinite(value):
-        raise UserError(f"{option} must be a finite number, got {value}")
-    if not lo <= value <= hi:
-        raise UserError(f"{option} must be between {lo} and {hi}{' (' + why + ')' if why else ''}, got {value}")
-    return value
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in (value, lo, hi)):
+        return check_int(value, option, lo, hi, why=why)
+    return check_float(value, option, lo, hi, why=why)
+
+
+def merge_alias(value, old, param: str, option: str, old_option: str):
+    """The value of an option whose old spelling is kept, hidden from --help, for compatibility: `old` (the hidden
+    option's value, None when absent) when only it was given, else `value`; both given and different: a UserError."""
+    from nexus_opt.errors import UserError
+
+    if old is None:
+        return value
+    try:  # typer >= 0.2x vendors its own click
+        from typer._click.core import ParameterSource
+        from typer._click.globals import get_current_context
+    except ImportError:  # pragma: no cover
+        from click.core import ParameterSource
+        from click.globals import get_current_context
+    ctx = get_current_context(silent=True)
+    source = ctx.get_parameter_source(param) if ctx is not None else None
+    given = source is not None and source not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+    if given and value != old:
+        raise UserError(f"{option} {value} and {old_option} {old} (its old spelling) disagree; give {option} once")
+    return old
 
 
 def parse_kv(text: str | None, what: str) -> dict:
@@ -201,17 +219,3 @@ def comparison_table(title: str, results: list, labels: list[str], first: str = 
 
     return t, row
 
-
-def train_mode_kw(fn: Callable, train_mode: bool, command: str) -> dict:
-    """{'train_mode': True} for an analyzer that takes it; {} in eval mode; a UserError when the analyzer cannot
-    differentiate in train mode yet (its library function has no train_mode parameter)."""
-    import inspect
-
-    from nexus_opt.errors import UserError
-
-    if not train_mode:
-        return {}
-    if "train_mode" in inspect.signature(fn).parameters:
-        return {"train_mode": True}
-    raise UserError(f"{command} --train-mode: this analyzer evaluates in eval mode only in this version; "
-                    "drop --train-mode")

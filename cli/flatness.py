@@ -7,7 +7,7 @@ import typer
 from rich.table import Table
 
 from .app import command
-from .common import (MAX_LANCZOS_STEPS, check_output_file, check_range, console, figure_formats,
+from .common import (MAX_LANCZOS_STEPS, check_output_file, check_range, console, figure_formats, merge_alias,
                      progress_bar, tables)
 from .sources import source_options
 
@@ -62,8 +62,9 @@ def eigen_table(results: dict, title: str = "Hessian eigenvalues") -> Table:
 def flatness_cmd(
     checkpoints: List[str] = typer.Argument(..., help="Checkpoint directories (a run directory means its latest)."),
     top_k: int = typer.Option(5, "--top-k", "-k", help="Eigenvalues at each end."),
-    domains: str = typer.Option("train", "--domains", "--domain", help="'train' (the training loss), 'each' (every "
-                                                                        "domain) or comma-separated domain names."),
+    domains: str = typer.Option("train", "--domains", help="'train' (the training loss), 'each' (every domain) or "
+                                                           "comma-separated domain names."),
+    old_domains: Optional[str] = typer.Option(None, "--domain", hidden=True),  # the old spelling of --domains
     which: str = typer.Option("both", help="both, top or bottom (pyhessian: top only)."),
     trace: bool = typer.Option(True, "--trace/--no-trace", help="Estimate the Hessian trace (Hutch++)."),
     density: bool = typer.Option(False, "--density", help="Estimate the spectral density (stochastic Lanczos)."),
@@ -103,6 +104,7 @@ def flatness_cmd(
 
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
+    domains = merge_alias(domains, old_domains, "domains", "--domains", "--domain")
     check_range(density_steps, "--density-steps", 1, MAX_LANCZOS_STEPS, "Lanczos steps")
     check_output_file(json_out, "--json")
     check_output_file(csv_out, "--csv")

@@ -12,7 +12,7 @@ from rich.table import Table
 from .sources import source_options  # [ownmodel]
 from .app import command
 from .common import (MAX_GRID, check_output_dir, check_output_file, check_range, comparison_table, console,
-                     parse_names, tables, train_mode_kw)
+                     merge_alias, parse_names, tables)
 
 FIGURE_EXTS = ("png", "svg", "pdf", "html")
 
@@ -37,7 +37,7 @@ def surface_summary(r, level=None, files=()) -> dict:
             "domains": list(r.domains), "ood": list(r.ood), "points": r.points, "offplane": r.offplane,
             "point_losses": r.point_losses, "grid_minimum": grid_min, "level": levels,
             "common_region": common_region(r, levels), "timing": r.timing, "seed": r.seed,
-            "files": [str(f) for f in files]}
+            "train_mode": bool(r.settings.get("train_mode", False)), "files": [str(f) for f in files]}
 
 
 def parse_span(text: Optional[str]):
@@ -73,7 +73,8 @@ def summary_table(results: list, labels: list[str], level) -> Table:
 
     row("plane", lambda r: r.plane)
     row("grid", lambda r: "x".join(map(str, r.settings.get("grid", []))))
-    row("evaluation", lambda r: f"{r.settings.get('batch_used')} on {r.settings.get('device')}")
+    row("evaluation", lambda r: f"{r.settings.get('batch_used')} on {r.settings.get('device')}"
+        + (", train mode" if r.settings.get("train_mode") else ""))
     row("points/s", lambda r: "reused" if r.timing.get("reused") else
         (f"{r.timing['points_per_s']:.1f}" if r.timing.get("points_per_s") else "n/a"))
     for d in list(dict.fromkeys(d for r in results for d in r.losses)):
@@ -90,7 +91,8 @@ def plot_surface_cmd(
     plane: str = typer.Option("random", help="random (filter-normalised), domains (theta + two domain minima) or checkpoints (through 2-3 CKPTs)."),
     grid: int = typer.Option(51, help="Grid points per side."),
     span: Optional[str] = typer.Option(None, help="'auto' (default: +-1 for random, the points' box otherwise), a number s (+-s) or 'xmin,xmax,ymin,ymax'."),
-    seed: int = typer.Option(0, help="Seed of the random directions (seed and seed+1)."),
+    seed: int = typer.Option(0, help="Seed of the random directions (seed and seed+1) and, in train mode, of each "
+                                     "batch's dropout masks."),
     domains: Optional[str] = typer.Option(None, help="Comma-separated domains to evaluate (default: all, OOD included)."),
     pair: Optional[str] = typer.Option(None, help="The two domains whose minima span the domains plane (default: first two trained)."),
     level: Optional[str] = typer.Option(None, help="Low-loss level of the overlay: 'rel:E' (min_d + E*train(theta); default rel:0.1), a number X (min_d + X) or 'theta:E'."),
@@ -103,13 +105,16 @@ def plot_surface_cmd(
                                                                 "stdout); the grids stay in the .npz files."),
     csv_out: Optional[str] = typer.Option(None, "--csv", help="Write the summaries as long-format CSV "
                                                               "(checkpoint,step,domain,metric,value; '-': stdout)."),
-    train_mode: bool = typer.Option(False, help="Evaluate in train mode; default eval mode."),
+    train_mode: bool = typer.Option(False, help="Evaluate the train-mode loss (dropout with masks fixed per batch "
+                                                "by --seed, BatchNorm batch statistics; the domains plane descends "
+                                                "on it too); default eval mode."),
     from_: Optional[List[str]] = typer.Option(None, "--from", help="Re-render saved surface .npz file(s) without recomputing (repeatable)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     batch: str = typer.Option("auto", help="auto (vmap on CUDA, the measured faster mode elsewhere), vmap or loop."),
     norm: str = typer.Option("filter", help="Random-direction normalisation: filter, layer or none."),
     bias: str = typer.Option("zero", help="1-D parameters (biases, norms) in random directions: zero or filter."),
-    steps: int = typer.Option(300, "--descent-steps", "--steps", help="Descent steps per domain minimum (domains plane)."),
+    steps: int = typer.Option(300, "--descent-steps", help="Descent steps per domain minimum (domains plane)."),
+    old_steps: Optional[int] = typer.Option(None, "--steps", hidden=True),  # the old spelling of --descent-steps
     kind: str = typer.Option("filled", help="Panels: filled, contour or surface (3-D)."),
     trust_remote_code: bool = typer.Option(False, help="Allow a checkpoint's user model factory to be imported."),
 ):
@@ -126,6 +131,7 @@ def plot_surface_cmd(
         raise UserError(f"unknown batch mode '{batch}'; choose one of {list(BATCH_MODES)}")
     if kind not in ("filled", "contour", "surface"):
         raise UserError(f"unknown --kind '{kind}'; choose filled, contour or surface")
+    steps = merge_alias(steps, old_steps, "steps", "--descent-steps", "--steps")
     check_range(grid, "--grid", 2, MAX_GRID, "points per side (the surface costs grid^2 loss evaluations)")
     check_range(steps, "--descent-steps", 0, 10 ** 6, "descent steps per domain minimum")
     box = parse_span(span)
@@ -138,7 +144,6 @@ def plot_surface_cmd(
     check_output_dir(out_dir, "--out")
     check_output_file(json_out, "--json")
     check_output_file(csv_out, "--csv")
-    mode = train_mode_kw(surface, train_mode, "plot-surface")
     outd = Path(out_dir)
     base = Path(plot).stem if plot else "surface"
     formats = ([Path(plot).suffix.lower().lstrip(".")] if plot else ["png", "svg"])
@@ -162,7 +167,7 @@ def plot_surface_cmd(
         from .sources import load_target as load  # [ownmodel]
 
         common = dict(grid=grid, span=box, seed=seed, domains=parse_names(domains, "--domains"), norm=norm, bias=bias,
-                      batch=batch, pair=parse_names(pair, "--pair"), descend_steps=steps)
+                      batch=batch, pair=parse_names(pair, "--pair"), descend_steps=steps, train_mode=train_mode)
         if plane == "checkpoints":
             if len(checkpoints) not in (2, 3):
                 raise UserError(f"--plane checkpoints needs 2 or 3 checkpoints, got {len(checkpoints)}")
@@ -171,7 +176,7 @@ def plot_surface_cmd(
             npz = outd / f"{base}.npz"
             with progress_bar() as bar:
                 results.append(surface(objs[0], plane="checkpoints", others=objs[1:], labels=labs, out=npz,
-                                       progress=bar, **common, **mode))
+                                       progress=bar, **common))
             labels.append(" vs ".join(labs))
             stems.append(outd / base)
             sources.append(" ".join(str(p) for p in checkpoints))
@@ -185,7 +190,7 @@ def plot_surface_cmd(
                                                     f"{base}_{i + 1}_{_slug(label(p))}"))
                 npz = stem.with_name(stem.name + ".npz")
                 with progress_bar() as bar:
-                    results.append(surface(obj, plane=plane, out=npz, progress=bar, **common, **mode))
+                    results.append(surface(obj, plane=plane, out=npz, progress=bar, **common))
                 labels.append(label(p))
                 sources.append(str(p))
                 steps_at.append(checkpoint_step(obj))

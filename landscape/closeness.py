@@ -13,7 +13,7 @@ from nexus_opt.errors import UserError
 from nexus_opt.util import check_seed
 
 from .descent import (DEFAULT_MAX_EVALS, NEAREST_MINIMUM, OPTIMIZERS, DescentResult, Progress,  # noqa: F401
-                      _check_settings, descend, loss_at)
+                      _check_settings, descend, loss_at, optimizer_name)
 from .gradients import domain_gradient
 from .hvp import cpu_threads_for
 from .objective import Objective
@@ -80,7 +80,7 @@ def closeness(obj: Objective, *, domains=None, params: str | None = None, seed: 
               progress: Progress | None = None, steps: int | None = None, lr: float | None = None,
               optimizer: str = "newton-cg", keep_minima: bool = False, barrier_points: int = 11,
               curvature: bool = True, max_evals: int | None = None, rtol: float = 1e-8,
-              atol: float = 1e-12) -> ClosenessResult:
+              atol: float = 1e-12, train_mode: bool = False) -> ClosenessResult:
     """Closeness of the per-domain minima theta_k* found by `descend` from the checkpoint theta (see
     NEAREST_MINIMUM for what the minimum is and how convergence is decided).
 
@@ -102,24 +102,30 @@ def closeness(obj: Objective, *, domains=None, params: str | None = None, seed: 
     Unconverged descents: see ClosenessResult (their numbers are null, never printed as minima).
     `domains`: see Objective.resolve_domains ('train' = the trained domains, the default); `params`: a regex
     restricting the descended parameters (Objective.select); the others stay at the checkpoint.
+    `train_mode`: every number (descents, losses, cross-losses, barriers, gradients, curvature) is of the one
+    train-mode objective whose batch k draws its dropout masks from objective.batch_seed(seed, k) (see
+    `descend`); `optimizer`: newton-cg, lbfgs, adamw ('adam' accepted) or sgd. The caller's model, buffers,
+    flags and RNG are unchanged.
     """
     t0 = time.perf_counter()
     obj = obj.select(params)
     names = obj.resolve_domains(domains, default="train", train="expand")
     _check_settings(optimizer, steps, max_evals, lr, rtol, atol)
+    optimizer = optimizer_name(optimizer)
+    train_mode = bool(train_mode)
     if steps is not None and int(steps) < 1:
         raise UserError(f"steps must be at least 1: closeness descends from the checkpoint to each domain's "
                         f"minimum, got {steps}")
     seed = check_seed(seed, "seed")
     if int(barrier_points) < 2:
         raise UserError(f"barrier_points must be >= 2, got {barrier_points}")
-    obj.validate(list(dict.fromkeys(names + list(obj.domains))))  # every column's loss is evaluated later
+    obj.validate(list(dict.fromkeys(names + list(obj.domains))), train_mode=train_mode)  # every column, later
     n_pts, N = int(barrier_points), len(names)
     params = obj.params()
     theta = get_flat(params, torch.float64).cpu()
     theta_norm = float(theta.norm())
     budget = int(max_evals) if max_evals is not None else DEFAULT_MAX_EVALS[optimizer]
-    if steps is not None and optimizer in ("adam", "sgd") and max_evals is None:
+    if steps is not None and optimizer in ("adamw", "sgd") and max_evals is None:
         budget = int(steps) + 1
     total = N * (budget + 2)  # per domain: the descent's budget, evaluation, curvature
     done = N * budget
@@ -137,7 +143,7 @@ def closeness(obj: Objective, *, domains=None, params: str | None = None, seed: 
                 if progress:
                     progress(k * budget + used, total, what)
             runs[d] = descend(obj, d, steps=steps, lr=lr, optimizer=optimizer, max_evals=budget, rtol=rtol,
-                              atol=atol, seed=seed, validate=False, progress=sub)
+                              atol=atol, seed=seed, validate=False, progress=sub, train_mode=train_mode)
             if progress:
                 progress((k + 1) * budget, total, f"descend {d}")
     ends = {d: runs[d].theta for d in names}
@@ -164,25 +170,29 @@ def closeness(obj: Objective, *, domains=None, params: str | None = None, seed: 
         center_dist = float((theta - center).norm())
 
     columns = list(obj.domains)
-    with obj.preserved(False, seed):
-        loss_start = {d: loss_at(obj, theta, d) for d in names}
-        train_loss = loss_at(obj, theta, None)
-        cross = [[loss_at(obj, ends[i], j) for j in columns] if conv[i] else None for i in names]
-        cross_train = {i: loss_at(obj, ends[i], None) if conv[i] else None for i in names}
-        loss_min = {d: loss_at(obj, ends[d], d) for d in names}
+    rng = seed if train_mode else None  # train mode: each batch's masks from batch_seed(seed, key), as the descent
+
+    def at(x, d):
+        return loss_at(obj, x, d, seed=rng)
+    with obj.preserved(train_mode, seed):
+        loss_start = {d: at(theta, d) for d in names}
+        train_loss = at(theta, None)
+        cross = [[at(ends[i], j) for j in columns] if conv[i] else None for i in names]
+        cross_train = {i: at(ends[i], None) if conv[i] else None for i in names}
+        loss_min = {d: at(ends[d], d) for d in names}
         ts = np.linspace(0.0, 1.0, n_pts)
         profile, barrier = {}, {}
         for d in names:
             if conv[d]:
                 vals = [loss_start[d] if t == 0 else loss_min[d] if t == 1 else
-                        loss_at(obj, theta + float(t) * (ends[d] - theta), d) for t in ts]
+                        at(theta + float(t) * (ends[d] - theta), d) for t in ts]
                 chord = (1 - ts) * loss_start[d] + ts * loss_min[d]
                 profile[d] = vals
                 barrier[d] = float(np.max(np.array(vals) - chord))
             else:
                 profile[d], barrier[d] = None, None
             tick(f"evaluate {d}")
-        grads = {d: domain_gradient(obj, d)[0].cpu() for d in names}
+        grads = {d: domain_gradient(obj, d, seed=rng)[0].cpu() for d in names}
 
     curv: dict[str, Optional[float]] = {d: None for d in names}
     if curvature:
@@ -190,7 +200,7 @@ def closeness(obj: Objective, *, domains=None, params: str | None = None, seed: 
         for d in names:
             u = ends[d] - theta
             if conv[d] and float(u.norm()) > 0:
-                curv[d] = num(float(curvature_along(obj, [u], domain=d)[0]))
+                curv[d] = num(float(curvature_along(obj, [u], domain=d, train_mode=train_mode, seed=seed)[0]))
             tick(f"curvature {d}")
     else:
         for d in names:
@@ -215,7 +225,7 @@ def closeness(obj: Objective, *, domains=None, params: str | None = None, seed: 
                   "atol": float(atol), "tol": first.tol, "window": first.window, "barrier_points": n_pts,
                   "curvature": bool(curvature), "num_params": int(theta.numel()), "device": str(obj.device),
                   "dtype": str(obj.dtype).replace("torch.", ""), "descent_dtype": "float64", "params": params,
-                  "keep_minima": bool(keep_minima)},
+                  "keep_minima": bool(keep_minima), "train_mode": train_mode},
         seed=int(seed), seconds=time.perf_counter() - t0, minima={d: ends[d].tolist() for d in names if conv[d]} if keep_minima else None)
 
 

@@ -1,5 +1,6 @@
 """Full-batch single-domain descent from a checkpoint to the domain's nearest minimum: trust-region Newton-CG
-(default), L-BFGS, Adam or SGD on a float64 copy, with a gradient-norm stopping test and an evaluation budget."""
+(default), L-BFGS, AdamW (full-batch Adam, no decay) or SGD on a float64 copy, with a gradient-norm stopping test
+and an evaluation budget; in eval mode or in train mode with each batch's dropout masks fixed by the seed."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,14 +12,15 @@ import torch
 
 from nexus_opt.errors import UserError
 
-from .objective import Objective
+from .objective import Objective, batch_rng
 from .params import get_flat, set_flat, unflatten
 from .result import Result
 
 Progress = Callable[[int, int, str], None]  # progress(done, total, what)
 
-OPTIMIZERS = {"newton-cg": None, "lbfgs": 1.0, "adam": 1e-3, "sgd": 1e-2}  # name -> default learning rate
-DEFAULT_MAX_EVALS = {"newton-cg": 5000, "lbfgs": 2000, "adam": 300, "sgd": 300}
+OPTIMIZERS = {"newton-cg": None, "lbfgs": 1.0, "adamw": 1e-3, "sgd": 1e-2}  # name -> default learning rate
+DEFAULT_MAX_EVALS = {"newton-cg": 5000, "lbfgs": 2000, "adamw": 300, "sgd": 300}
+ALIASES = {"adam": "adamw"}  # accepted old names -> documented name (a full-batch descent has no weight decay)
 NEAREST_MINIMUM = """\
 The "nearest minimum" theta_k* of domain k is the point the default descent reaches from the checkpoint
 theta: trust-region Newton-CG (Steihaug) on domain k's full-batch loss in float64, stopped when
@@ -55,6 +57,7 @@ class DescentResult(Result):
     tol: float = 0.0
     window: int = 0
     seed: int = 0
+    train_mode: bool = False  # the train-mode loss (dropout masks fixed per batch by seed, batch statistics)
     seconds: float = 0.0  # wall-clock time of the descent
 
     @property
@@ -64,19 +67,30 @@ class DescentResult(Result):
 
 
 # -- losses at flat weights --------------------------------------------------------------------------
-def loss_at(obj: Objective, theta: torch.Tensor, domain: str | None) -> float:
-    """A domain's full loss (or the training loss) at flat weights `theta`, without touching the model."""
+def loss_at(obj: Objective, theta: torch.Tensor, domain: str | None, *, seed: int | None = None) -> float:
+    """A domain's full loss (or the training loss) at flat weights `theta`, without touching the model, in the
+    mode the model's flags are in; `seed`: each batch on an RNG seeded for it (train mode), None: RNG untouched."""
     p = obj.params()
-    named = unflatten(theta.to(device=obj.device, dtype=obj.dtype), p)
+    return _loss(obj, unflatten(theta.to(device=obj.device, dtype=obj.dtype), p), obj.keyed_terms(domain), seed)
+
+
+def _loss(obj: Objective, named: dict, terms, seed: int | None) -> float:
+    """The weighted loss over keyed `terms` at named parameters (batch_rng(seed, key) around each batch)."""
+    total = 0.0
     with torch.no_grad():
-        return float(sum(c * float(obj.functional_loss(named, b)) for c, b in obj.terms(domain)))
+        for k, c, b in terms:
+            with batch_rng(seed, k, obj.device):
+                total += c * float(obj.functional_loss(named, b))
+    return total
 
 
-def _loss_grad(obj: Objective, leaves: dict, terms) -> float:
-    """Full-batch loss at `leaves`; writes its gradient into each leaf's .grad (one graph per batch)."""
+def _loss_grad(obj: Objective, leaves: dict, terms, seed: int | None) -> float:
+    """Full-batch loss at `leaves` over keyed terms; writes its gradient into each leaf's .grad (one graph per
+    batch, each on batch_rng(seed, key))."""
     total, grads = 0.0, [torch.zeros_like(v) for v in leaves.values()]
-    for c, b in terms:
-        loss = obj.functional_loss(leaves, b)
+    for k, c, b in terms:
+        with batch_rng(seed, k, obj.device):
+            loss = obj.functional_loss(leaves, b)
         gs = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
         for acc, g in zip(grads, gs):
             if g is not None:
@@ -87,9 +101,16 @@ def _loss_grad(obj: Objective, leaves: dict, terms) -> float:
     return total
 
 
+def optimizer_name(optimizer: str) -> str:
+    """The documented name of a descent optimizer ('adam' -> 'adamw'), or a UserError listing the names."""
+    name = ALIASES.get(optimizer, optimizer)
+    if name not in OPTIMIZERS:
+        raise UserError(f"unknown optimizer '{optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
+    return name
+
+
 def _check_settings(optimizer, steps, max_evals, lr, rtol, atol) -> None:
-    if optimizer not in OPTIMIZERS:
-        raise UserError(f"unknown optimizer '{optimizer}'; choose one of {list(OPTIMIZERS)}")
+    optimizer = optimizer_name(optimizer)
     if steps is not None and int(steps) < 0:
         raise UserError(f"steps must be >= 0, got {steps}")
     if max_evals is not None and int(max_evals) < 1:
@@ -97,7 +118,7 @@ def _check_settings(optimizer, steps, max_evals, lr, rtol, atol) -> None:
     if lr is not None:
         if optimizer == "newton-cg":
             raise UserError("newton-cg takes no learning rate (its steps come from the Hessian); drop lr or "
-                            "choose --optimizer adam, sgd or lbfgs")
+                            "choose --optimizer adamw, sgd or lbfgs")
         if not (lr > 0 and math.isfinite(lr)):
             raise UserError(f"lr must be a positive number, got {lr}")
     if not (0 <= float(rtol) < 1) or not (float(atol) >= 0) or not math.isfinite(float(atol)):
@@ -157,24 +178,23 @@ class _Counter:
 
 
 def _newton_cg(work: Objective, name: str, domain, x: torch.Tensor, *, rtol, atol, max_evals, steps, seed,
-               progress):
+               train_mode, progress):
     """Trust-region Newton-CG on the float64 copy `work`, from flat x: (x, losses, grads, steps, stop, evals)."""
     from .hvp import HessianOperator
 
     params = work.params()
     cnt = _Counter(max_evals, progress, name)
+    terms, rng = work.keyed_terms(domain), (seed if train_mode else None)
 
     def at(xv):
         set_flat(params, xv)
-        op = HessianOperator(work, domain, dtype=None, copy=False, cache=True, seed=seed)
+        op = HessianOperator(work, domain, dtype=None, copy=False, cache=True, seed=seed, train_mode=train_mode)
         g = op.gradient().to("cpu", torch.float64)
         cnt.add()
         return op, g
 
     def loss(xv) -> float:
-        with torch.no_grad():
-            v = float(sum(c * float(work.functional_loss(unflatten(xv.to(work.device), params), b))
-                          for c, b in work.terms(domain)))
+        v = _loss(work, unflatten(xv.to(work.device), params), terms, rng)
         cnt.add()
         return v
 
@@ -189,7 +209,7 @@ def _newton_cg(work: Objective, name: str, domain, x: torch.Tensor, *, rtol, ato
         gn = gnorms[-1]
         if not math.isfinite(f) or not math.isfinite(gn):
             raise UserError(f"descent on domain '{name}' reached a non-finite loss or gradient ({f:.4g}); the "
-                            "loss is not defined along the way (try --optimizer adam with a small --lr)")
+                            "loss is not defined along the way (try --optimizer adamw with a small --lr)")
         if gn <= target:
             stop = "gradient"
             break
@@ -237,25 +257,30 @@ def _newton_cg(work: Objective, name: str, domain, x: torch.Tensor, *, rtol, ato
 def descend(obj: Objective, domain: str | None, *, optimizer: str = "newton-cg", steps: int | None = None,
             max_evals: int | None = None, rtol: float = 1e-8, atol: float = 1e-12, lr: float | None = None,
             tol: float = 1e-12, window: int = 10, seed: int = 0, validate: bool = True,
-            progress: Progress | None = None) -> DescentResult:
+            progress: Progress | None = None, train_mode: bool = False) -> DescentResult:
     """Full-batch single-domain descent from the current weights (on a float64 copy) to the domain's nearest
     minimum (see NEAREST_MINIMUM); converged means ||grad|| <= max(rtol * ||grad at start||, atol).
 
     The loss is the domain's fixed batches weighted as obj.terms says (domain None/'train': the training loss),
-    in eval mode. `optimizer`: 'newton-cg' (default: trust-region Newton-CG on exact float64 Hessian-vector
-    products; no learning rate), 'lbfgs' (strong-Wolfe line search, lr 1.0), 'adam' (lr 1e-3) or 'sgd' (lr 1e-2).
-    The budget `max_evals` counts gradient, Hessian-vector and loss evaluations (default 5000 for newton-cg,
-    2000 for lbfgs, 300 for adam/sgd); `steps` optionally caps the iterations too. First-order methods also stop
-    on a plateau of the best loss (tol, window) -- stalled, which is not convergence. A non-finite loss raises
-    UserError (divergence). The caller's model is never moved.
+    in eval mode; `train_mode=True`: the train-mode loss (dropout on, BatchNorm batch statistics) with batch k's
+    RNG seeded by objective.batch_seed(seed, k) in every loss, gradient and Hessian-vector product, so the descent
+    sees one smooth deterministic function of the weights (a different seed: different dropout masks).
+    `optimizer`: 'newton-cg' (default: trust-region Newton-CG on exact float64 Hessian-vector products; no
+    learning rate), 'lbfgs' (strong-Wolfe line search, lr 1.0), 'adamw' (full-batch Adam without weight decay,
+    lr 1e-3; 'adam' is accepted too) or 'sgd' (lr 1e-2). The budget `max_evals` counts gradient, Hessian-vector
+    and loss evaluations (default 5000 for newton-cg, 2000 for lbfgs, 300 for adamw/sgd); `steps` optionally caps
+    the iterations too. First-order methods also stop on a plateau of the best loss (tol, window) -- stalled,
+    which is not convergence. A non-finite loss raises UserError (divergence). The caller's model, its buffers,
+    flags and the RNG are unchanged.
     """
     t0 = time.perf_counter()
     _check_settings(optimizer, steps, max_evals, lr, rtol, atol)
+    optimizer = optimizer_name(optimizer)
     if not tol >= 0 or int(window) < 1:
         raise UserError(f"tol must be >= 0 and window >= 1, got tol={tol}, window={window}")
     window = int(window)
     budget = int(max_evals) if max_evals is not None else DEFAULT_MAX_EVALS[optimizer]
-    if steps is not None and optimizer in ("adam", "sgd") and max_evals is None:
+    if steps is not None and optimizer in ("adamw", "sgd") and max_evals is None:
         budget = int(steps) + 1  # one gradient per step (and one at the end)
     steps = None if steps is None else int(steps)
     lr = None if optimizer == "newton-cg" else float(OPTIMIZERS[optimizer] if lr is None else lr)
@@ -264,33 +289,36 @@ def descend(obj: Objective, domain: str | None, *, optimizer: str = "newton-cg",
     if not obj.params():
         raise UserError("the model has no trainable parameters")
     if validate:
-        obj.validate(obj.train_domains if name == "train" else [name])
+        obj.validate(obj.train_domains if name == "train" else [name], train_mode=train_mode)
+    train_mode = bool(train_mode)
     work = obj.to(dtype=torch.float64)
     x0 = get_flat(work.params(), torch.float64).cpu()
-    with work.preserved(False, seed):
+    with work.preserved(train_mode, seed):
         if optimizer == "newton-cg":
             x, losses, gnorms, it, stop, used = _newton_cg(work, name, domain, x0.clone(), rtol=rtol, atol=atol,
                                                             max_evals=budget, steps=steps, seed=seed,
-                                                            progress=progress)
+                                                            train_mode=train_mode, progress=progress)
             res = DescentResult(domain=name, theta=x, losses=losses, steps=it, converged=stop == "gradient",
                                  best_step=len(losses) - 1, loss_min=losses[-1], grad_norm=gnorms[-1],
                                  grad_norm_start=gnorms[0], evals=used, max_evals=budget, stop=stop,
                                  optimizer=optimizer, lr=None, rtol=float(rtol), atol=float(atol), tol=float(tol),
                                  window=window, seed=int(seed))
         else:
-            res = _first_order(work, name, terms=work.terms(domain), optimizer=optimizer, lr=lr, steps=steps,
+            res = _first_order(work, name, terms=work.keyed_terms(domain), optimizer=optimizer, lr=lr, steps=steps,
                                 budget=budget, rtol=rtol, atol=atol, tol=tol, window=window, seed=seed,
-                                progress=progress)
+                                rng=seed if train_mode else None, progress=progress)
+    res.train_mode = train_mode
     res.seconds = time.perf_counter() - t0
     return res
 
 
 def _first_order(work: Objective, name: str, *, terms, optimizer, lr, steps, budget, rtol, atol, tol, window, seed,
-                 progress) -> DescentResult:
-    """Adam, SGD or L-BFGS on the float64 copy, stopping on the gradient test, a plateau, steps or the budget."""
+                 rng, progress) -> DescentResult:
+    """Adam, SGD or L-BFGS on the float64 copy over keyed `terms` (batch_rng(rng, key) per batch), stopping on the
+    gradient test, a plateau, steps or the budget."""
     leaves = {n: p.detach().clone().requires_grad_(True) for n, p in work.params().items()}
     vals = list(leaves.values())
-    if optimizer == "adam":
+    if optimizer == "adamw":  # full-batch Adam: a descent to a minimum has no weight decay
         opt = torch.optim.Adam(vals, lr=lr)
     elif optimizer == "sgd":
         opt = torch.optim.SGD(vals, lr=lr)
@@ -302,7 +330,7 @@ def _first_order(work: Objective, name: str, *, terms, optimizer, lr, steps, bud
 
     def closure():
         cnt.add()
-        return _loss_grad(work, leaves, terms)
+        return _loss_grad(work, leaves, terms, rng)
 
     def gnorm() -> float:
         return math.sqrt(sum(float(v.grad.double().pow(2).sum()) for v in vals if v.grad is not None))

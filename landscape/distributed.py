@@ -61,7 +61,7 @@ def allreduce(t: torch.Tensor) -> torch.Tensor:
 
 
 def shard(terms: list) -> list:
-    """This rank's share of (coefficient, batch) terms, coefficients unchanged."""
+    """This rank's share of the terms ((coefficient, batch) or keyed (key, coefficient, batch)), unchanged."""
     import torch.distributed as dist
     r, w = dist.get_rank(), dist.get_world_size()
     return [t for i, t in enumerate(terms) if i % w == r]

@@ -16,7 +16,7 @@ from nexus_opt.errors import UserError
 
 from .hvp import CurvatureOperator, numerics
 from .losses import output_loss
-from .objective import Objective
+from .objective import Objective, reseed
 from .params import unflatten
 
 CURVATURES = ("hessian", "ggn")
@@ -49,7 +49,7 @@ class GGNOperator(CurvatureOperator):
         first = next(iter(self._theta.values()))
         self.dtype, self.device = first.dtype, first.device
         self.n = sum(t.numel() for t in self._theta.values())
-        self.terms = self.obj.terms(self.domain)
+        self.terms = self.obj.keyed_terms(self.domain)  # (key, coefficient, batch): the key seeds train mode
         self.hvps = 0
         self._vjps: dict[int, tuple] = {}
         self._vmap_ok = True
@@ -63,10 +63,10 @@ class GGNOperator(CurvatureOperator):
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 yield
 
-    def _reseed(self, i: int) -> None:
-        """Train mode: the same dropout masks for batch i in every forward (jvp and the cached vjp)."""
+    def _reseed(self, key: int) -> None:
+        """Train mode: the same dropout masks for a batch in every forward (jvp and the cached vjp)."""
         if self.train_mode:
-            torch.manual_seed(self.seed * 1_000_003 + i)
+            reseed(self.seed, key)
 
     def _f(self, batch):
         model, lo = self.obj.model, self.loss_obj
@@ -75,10 +75,10 @@ class GGNOperator(CurvatureOperator):
             return lo.outputs(_Bound(model, dict(zip(self._keys, ps))), batch)
         return f
 
-    def _vjp(self, i: int, batch):
+    def _vjp(self, i: int, key: int, batch):
         if i in self._vjps:
             return self._vjps[i]
-        self._reseed(i)
+        self._reseed(key)
         out, fn = vjp(self._f(batch), *self._theta.values())
         if self.cache:
             self._vjps[i] = (out, fn)
@@ -89,11 +89,11 @@ class GGNOperator(CurvatureOperator):
         tangents = tuple(unflatten(v, self._theta).values())
         primals = tuple(self._theta.values())
         parts = []
-        for i, (c, batch) in enumerate(self.terms):
-            self._reseed(i)
+        for i, (key, c, batch) in enumerate(self.terms):
+            self._reseed(key)
             out, jv = jvp(self._f(batch), primals, tangents)
             u = self.loss_obj.hessian_vp(out, jv, batch)
-            _, fn = self._vjp(i, batch)
+            _, fn = self._vjp(i, key, batch)
             parts.append(c * torch.cat([t.reshape(-1) for t in fn(u.to(out.dtype))]))
         return sum(parts) if parts else torch.zeros_like(v)
 
@@ -103,8 +103,8 @@ class GGNOperator(CurvatureOperator):
             raise UserError(f"GGN products take (n={self.n}, b) blocks, got shape {tuple(V.shape)}")
         V = V.detach().to(device=self.device, dtype=self.dtype)
         with self._ctx():
-            for i, (_, batch) in enumerate(self.terms):  # build the cached vjp graphs outside vmap
-                self._vjp(i, batch)
+            for i, (key, _, batch) in enumerate(self.terms):  # build the cached vjp graphs outside vmap
+                self._vjp(i, key, batch)
             out = None
             if V.shape[1] > 1 and self.cache and self._vmap_ok and not self.train_mode:
                 try:
@@ -120,18 +120,18 @@ class GGNOperator(CurvatureOperator):
         """The loss over the operator's batches (weighted like the curvature)."""
         total = 0.0
         with torch.no_grad(), self._ctx():
-            for i, (c, b) in enumerate(self.terms):
-                self._reseed(i)
+            for key, c, b in self.terms:
+                self._reseed(key)
                 total += c * float(self.obj.functional_loss(self._theta, b))
         return total
 
     def gradient(self) -> torch.Tensor:
         """The flat gradient of the loss (detached)."""
         total = torch.zeros(self.n, dtype=self.dtype, device=self.device)
-        for i, (c, b) in enumerate(self.terms):
+        for key, c, b in self.terms:
             leaves = {k: t.detach().requires_grad_(True) for k, t in self._theta.items()}
             with self._ctx():
-                self._reseed(i)
+                self._reseed(key)
                 g = torch.autograd.grad(self.obj.functional_loss(leaves, b) * c, list(leaves.values()),
                                         allow_unused=True)
             total += torch.cat([(x if x is not None else torch.zeros_like(t)).reshape(-1)

@@ -21,24 +21,28 @@ def batch_gradient(obj, batch, params: Mapping[str, torch.Tensor] | None = None)
     return flat, float(loss.detach())
 
 
-def domain_gradient(obj, domain: str | None, *, train_mode: bool | None = None) -> tuple[torch.Tensor, float]:
+def domain_gradient(obj, domain: str | None, *, train_mode: bool | None = None,
+                    seed: int | None = None) -> tuple[torch.Tensor, float]:
     """(flat float64 gradient, loss) of a domain's full loss (None/'train': the training loss), its fixed batches
     weighted as obj.terms says. Under torch.distributed each rank takes its share of the batches and the sums
     are all-reduced (the same numbers on every rank). `train_mode`: None keeps the model's mode flags as they
-    are; True/False sets them for the call (restored after)."""
+    are; True/False sets them for the call (restored after). `seed`: each batch runs on an RNG seeded for it
+    (objective.batch_rng: train mode's fixed dropout masks); None leaves the RNG alone."""
     from . import distributed as dist
+    from .objective import batch_rng
 
     if train_mode is not None:
         with obj.evaluating(train_mode):
-            return domain_gradient(obj, domain, train_mode=None)
+            return domain_gradient(obj, domain, train_mode=None, seed=seed)
     params = obj.params()
     g = torch.zeros(sum(p.numel() for p in params.values()), dtype=torch.float64, device=obj.device)
     loss = 0.0
-    terms = obj.terms(domain)
+    terms = obj.keyed_terms(domain)
     if dist.active():
         terms = dist.shard(terms)
-    for c, b in terms:
-        gb, lb = batch_gradient(obj, b, params)
+    for k, c, b in terms:
+        with batch_rng(seed, k, obj.device):
+            gb, lb = batch_gradient(obj, b, params)
         g.add_(gb, alpha=c)
         loss += c * lb
     if dist.active():

@@ -12,7 +12,7 @@ from nexus_opt.errors import UserError
 from nexus_opt.util import check_seed
 
 from .gradients import batch_gradient, domain_gradient  # noqa: F401  (re-exported)
-from .objective import Objective
+from .objective import Objective, batch_rng
 from .params import layer_slices
 from .result import Result, num
 
@@ -106,7 +106,8 @@ def gradient_similarity(obj: Objective, *, domains=None, params: str | None = No
     into up to CHUNKS contiguous chunks of examples, one extra pass): a same-domain noise floor for
     half-size estimates. `cosine_stderr` is the standard deviation over `resamples` bootstrap resamplings
     (with replacement, seeded by `seed`) of each domain's batches (or chunks); null where a domain has one
-    unresamplable batch. Eval mode unless train_mode=True (then dropout draws from `seed`); the caller's
+    unresamplable batch. Eval mode unless train_mode=True (then each batch, or each chunk of a single batch,
+    draws its dropout masks from objective.batch_seed(seed, its batch's key), as every analyzer); the caller's
     parameters, .grad fields, buffers and mode flags are unchanged. `domains`: see Objective.resolve_domains
     ('train' = the trained domains); `params`: a regex restricting the parameters (Objective.select).
     Under torchrun each rank differentiates its share of the batch rows and the rows are all-reduced, so
@@ -129,26 +130,26 @@ def gradient_similarity(obj: Objective, *, domains=None, params: str | None = No
 
     # Plan: rows of X are per-batch (or per-half) gradients; each domain is a weighted sum of rows.
     plan = {}  # domain -> dict(full=[(row, coef)], units=[(row, coef)], halves=([...], [...]) | None, reason)
-    jobs: list[tuple[str, object]] = []  # (domain, batch) to differentiate, in row order
+    jobs: list[tuple[str, int, object]] = []  # (domain, batch key, batch) to differentiate, in row order
 
-    def add(d, batch):
-        jobs.append((d, batch))
+    def add(d, key, batch):
+        jobs.append((d, key, batch))
         return len(jobs) - 1
 
     for d in names:
-        terms = obj.terms(d)
-        full = [(add(d, b), c) for c, b in terms]
+        terms = obj.keyed_terms(d)
+        full = [(add(d, k, b), c) for k, c, b in terms]
         entry = {"full": full, "units": full, "halves": None, "reason": None}
         if len(terms) >= 2:
             entry["halves"] = (full[0::2], full[1::2])
             entry["reason"] = f"{len(terms)} batches split even/odd"
         else:
-            chunks = _split_examples(terms[0][1])
+            chunks = _split_examples(terms[0][2])
             if isinstance(chunks, str):
                 entry["reason"] = chunks
             else:
                 n = sum(k for _, k in chunks)
-                units = [(add(d, c), k / n) for c, k in chunks]
+                units = [(add(d, terms[0][0], c), k / n) for c, k in chunks]
                 entry["units"], entry["halves"] = units, (units[0::2], units[1::2])
                 entry["reason"] = (f"one batch of {n} examples cut into {len(units)} chunks of examples, "
                                    "split even/odd")
@@ -161,10 +162,12 @@ def gradient_similarity(obj: Objective, *, domains=None, params: str | None = No
     rank, world = (dist.rank(), torch.distributed.get_world_size()) if dist.active() else (0, 1)
     if world > 1:
         X.zero_()  # under torchrun each rank differentiates rows i = rank mod world; the sum is every row
+    rng = seed if train_mode else None
     with obj.preserved(train_mode, seed):
-        for i, (d, b) in enumerate(jobs):
+        for i, (d, key, b) in enumerate(jobs):
             if i % world == rank:
-                X[i], losses[i] = batch_gradient(obj, b, weights_)
+                with batch_rng(rng, key, obj.device):
+                    X[i], losses[i] = batch_gradient(obj, b, weights_)
             if progress:
                 progress(i + 1, len(jobs), f"gradients {d}")
     if world > 1:

@@ -12,7 +12,7 @@ import torch
 
 from nexus_opt.errors import UserError
 
-from .objective import Objective
+from .objective import Objective, reseed
 from .params import flatten, unflatten
 
 MODES = ("double_backward", "finite_difference")
@@ -121,7 +121,9 @@ class HessianOperator(CurvatureOperator):
     Works on a private copy of the objective in `dtype` (the caller's model is never touched). `matvec(v)`
     and `matmat(V)` (columns of an (n, b) block) count products in `.hvps`; `to_scipy()` gives a scipy
     LinearOperator. Parameters that do not reach the loss give zero rows. `cache=True` keeps one gradient
-    graph (create_graph) for all products; `cache=False` rebuilds it per call (less memory).
+    graph (create_graph) for all products; `cache=False` rebuilds it per call (less memory). `train_mode`: the
+    modules' training flags on, each batch's RNG seeded by objective.batch_seed(seed, key) in every evaluation, so
+    dropout masks are fixed and H is the Hessian of one deterministic function.
     """
 
     kind = "Hessian"
@@ -148,7 +150,7 @@ class HessianOperator(CurvatureOperator):
         self.dtype = next(iter(self._theta.values())).dtype
         self.device = next(iter(self._theta.values())).device
         self.n = sum(t.numel() for t in self._theta.values())
-        self.terms = self.obj.terms(self.domain)
+        self.terms = self.obj.keyed_terms(self.domain)  # (key, coefficient, batch): the key seeds train mode
         self.hvps = 0
         self._graph: tuple[dict[str, torch.Tensor], torch.Tensor | None] | None = None
         self._timing: dict[str, float] = {}  # seconds per vector of each batched method ('auto')
@@ -164,8 +166,8 @@ class HessianOperator(CurvatureOperator):
         """The loss over the operator's batches (weighted like the Hessian), in the operator's mode."""
         total = 0.0
         with torch.no_grad():
-            for i, (c, batch) in enumerate(self.terms):
-                with self._ctx(i):
+            for k, c, batch in self.terms:
+                with self._ctx(k):
                     total += c * float(self.obj.functional_loss(self._theta, batch))
         return total
 
@@ -187,15 +189,17 @@ class HessianOperator(CurvatureOperator):
         return V.detach().to(device=self.device, dtype=self.dtype)
 
     @contextlib.contextmanager
-    def _ctx(self, i: int = 0):
-        """Eval/train mode, TF32 off, math attention, and (train mode) a fixed RNG per batch for dropout."""
+    def _ctx(self, key: int | None = None):
+        """Eval/train mode, TF32 off, math attention, and (train mode) a forked RNG seeded for batch `key`
+        (objective.reseed; None: forked only, the caller reseeds per batch), so dropout masks are fixed."""
         with self.obj.evaluating(self.train_mode), numerics():
             if not self.train_mode:
                 yield
                 return
             devices = [self.device] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(self.seed * 1_000_003 + i)
+                if key is not None:
+                    reseed(self.seed, key)
                 yield
 
     def _flat(self, grads: Sequence[torch.Tensor | None], like: dict[str, torch.Tensor], batch_shape=()) -> torch.Tensor:
@@ -211,8 +215,8 @@ class HessianOperator(CurvatureOperator):
         """Leaves and the flat gradient (with create_graph) of the weighted loss over `terms`."""
         leaves = self._leaves()
         total = None
-        for i, (c, batch) in terms:
-            with self._ctx(i):
+        for k, c, batch in terms:
+            with self._ctx(k):
                 loss = self.obj.functional_loss(leaves, batch) * c
                 g = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
             flat = self._flat(g, leaves)
@@ -221,7 +225,7 @@ class HessianOperator(CurvatureOperator):
 
     def _cached_graph(self):
         if self._graph is None:
-            self._graph = self._graph_for(list(enumerate(self.terms)))
+            self._graph = self._graph_for(self.terms)
         return self._graph
 
     def _products(self, V: torch.Tensor) -> torch.Tensor:
@@ -256,8 +260,8 @@ class HessianOperator(CurvatureOperator):
                 out = self._from_graph(leaves, g, V, method)
             else:
                 out = torch.zeros_like(V)
-                for i, term in enumerate(self.terms):
-                    leaves, g = self._graph_for([(i, term)])
+                for term in self.terms:
+                    leaves, g = self._graph_for([term])
                     out += self._from_graph(leaves, g, V, method)
         if calibrating:
             self._timing[method] = (self._clock() - t0) / V.shape[1]
@@ -314,18 +318,21 @@ class HessianOperator(CurvatureOperator):
 
         keys = list(self._theta)
         primals = tuple(self._theta[k] for k in keys)
-        terms = list(enumerate(self.terms))
-
         def loss(*ps):
             p = dict(zip(keys, ps))
-            return sum(self.obj.functional_loss(p, b) * c for _, (c, b) in terms)
+            total = 0
+            for k, c, b in self.terms:
+                if self.train_mode:
+                    reseed(self.seed, k)  # the masks of the graph-based products (vmap: randomness="same")
+                total = total + self.obj.functional_loss(p, b) * c
+            return total
 
         def hv(v):
             tangents = tuple(unflatten(v, self._theta).values())
             out = jvp(grad(loss, argnums=tuple(range(len(keys)))), primals, tangents)[1]
             return torch.cat([o.reshape(-1) for o in out])
 
-        with self._ctx(0), warnings.catch_warnings():
+        with self._ctx(None), warnings.catch_warnings():
             # torch's own forward-AD decompositions call the deprecated torch.jit.script: not the user's concern
             warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=DeprecationWarning)
             return vmap(hv, randomness="same")(V.T.contiguous()).T
@@ -333,9 +340,9 @@ class HessianOperator(CurvatureOperator):
     def _grad_at(self, theta: dict[str, torch.Tensor]) -> torch.Tensor:
         """The flat gradient of the weighted loss at parameters `theta` (no graph kept)."""
         total = torch.zeros(self.n, dtype=self.dtype, device=self.device)
-        for i, (c, batch) in enumerate(self.terms):
+        for key, c, batch in self.terms:
             leaves = {k: t.detach().requires_grad_(True) for k, t in theta.items()}
-            with self._ctx(i):
+            with self._ctx(key):
                 loss = self.obj.functional_loss(leaves, batch) * c
                 g = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
             total += self._flat(g, leaves)
@@ -356,14 +363,15 @@ class HessianOperator(CurvatureOperator):
 
 def curvature_along(obj: Objective, directions: Sequence[torch.Tensor], domain: str | None = None, *,
                     dtype: torch.dtype = torch.float64, train_mode: bool = False,
-                    mode: str = "double_backward") -> list[float]:
+                    mode: str = "double_backward", seed: int = 0) -> list[float]:
     """u^T H u / u^T u for each flat direction u (obj.params() order): the curvature of the loss along u.
 
-    A zero direction has no curvature and gives NaN (null in JSON).
+    A zero direction has no curvature and gives NaN (null in JSON). train_mode: the Hessian of the train-mode
+    loss with each batch's dropout masks fixed by `seed` (HessianOperator).
     """
     if not len(directions):
         return []
-    op = HessianOperator(obj, domain, dtype=dtype, train_mode=train_mode, mode=mode)
+    op = HessianOperator(obj, domain, dtype=dtype, train_mode=train_mode, mode=mode, seed=seed)
     U = torch.stack([torch.as_tensor(u).reshape(-1).to(device=op.device, dtype=op.dtype) for u in directions], dim=1) \
         if all(torch.as_tensor(u).numel() == op.n for u in directions) else None
     if U is None:

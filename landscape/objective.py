@@ -14,6 +14,31 @@ from nexus_opt.util import batch_size, domain_loss, move_batch
 TRAIN = "train"  # the domain spec meaning "the training loss" (weighted mean over the trained domains)
 
 
+def batch_seed(seed: int, key: int) -> int:
+    """The train-mode RNG seed of the batch with key `key` (Objective.keyed_terms): the one rule every analyzer
+    uses, so a batch's dropout masks are a fixed function of (seed, batch) and a train-mode loss is one
+    deterministic function of the weights, whatever was evaluated before it."""
+    return int(seed) * 1_000_003 + int(key)
+
+
+def reseed(seed: int, key: int) -> None:
+    """Seed the global RNG (every device) for batch `key`: torch.manual_seed(batch_seed(seed, key))."""
+    torch.manual_seed(batch_seed(seed, key))
+
+
+@contextlib.contextmanager
+def batch_rng(seed: int | None, key: int, device=None) -> Iterator[None]:
+    """Run the block on a forked RNG seeded for batch `key` (`reseed`); the caller's RNG is untouched after.
+    `seed` None (eval mode: nothing random to fix) leaves the RNG alone and costs nothing."""
+    if seed is None:
+        yield
+        return
+    devices = [device] if device is not None and torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        reseed(seed, key)
+        yield
+
+
 class _LossModule(torch.nn.Module):
     """Wraps (model, loss_fn) so that `functional_call` can evaluate the loss at any parameters."""
 
@@ -134,14 +159,24 @@ class Objective:
 
     def terms(self, domain: str | None = None) -> list[tuple[float, object]]:
         """(coefficient, batch) pairs whose weighted sum of batch losses is the domain's loss."""
+        return [(c, b) for _, c, b in self.keyed_terms(domain)]
+
+    def keyed_terms(self, domain: str | None = None) -> list[tuple[int, float, object]]:
+        """terms() with each batch's key: its position among all the objective's batches (domains in order), the
+        same whether a domain's loss or the training loss reaches it; train mode seeds that batch's RNG from it."""
         names = self.resolve(domain)
         if names != [TRAIN] and len(names) != 1:
             raise UserError("terms() takes one domain, not 'each'")
         if names == [TRAIN]:
-            return [(self.weights[d] * c, b) for d in self.train_domains for c, b in self.terms(d)]
+            return [(k, self.weights[d] * c, b) for d in self.train_domains for k, c, b in self.keyed_terms(d)]
+        offset = 0
+        for d, bs in self.domains.items():
+            if d == names[0]:
+                break
+            offset += len(bs)
         bs = self.domains[names[0]]
         n = sum(batch_size(b) for b in bs)
-        return [(batch_size(b) / n, b) for b in bs]
+        return [(offset + i, batch_size(b) / n, b) for i, b in enumerate(bs)]
 
     # -- evaluation ----------------------------------------------------------------------------
     @contextlib.contextmanager

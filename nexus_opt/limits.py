@@ -68,21 +68,26 @@ def human(n: float) -> str:
     return f"{n:.1f} PB"
 
 
-def check_int(value, name: str, lo: int = 1, hi: int = MAX_DIM, where: str = "") -> int:
-    """An integer in [lo, hi] (not a bool, not a float), or a UserError naming the field."""
+def _why(why: str) -> str:
+    return f" ({why})" if why else ""
+
+
+def check_int(value, name: str, lo: int = 1, hi: int = MAX_DIM, where: str = "", why: str = "") -> int:
+    """An integer in [lo, hi] (not a bool, not a float), or a UserError naming the field (and `why` the limits)."""
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, float) and value.is_integer() and math.isfinite(value):
             value = int(value)
         else:
             raise UserError(f"{where}{name} must be an integer, got {value!r}")
     if not lo <= value <= hi:
-        raise UserError(f"{where}{name} must be between {lo} and {hi}, got {value}")
+        raise UserError(f"{where}{name} must be between {lo} and {hi}{_why(why)}, got {value}")
     return value
 
 
 def check_float(value, name: str, lo: float = -math.inf, hi: float = math.inf, where: str = "",
-                lo_open: bool = False, hi_open: bool = False) -> float:
-    """A finite number in the given range (not a bool, not a string), or a UserError naming the field."""
+                lo_open: bool = False, hi_open: bool = False, why: str = "") -> float:
+    """A finite number in the given range (not a bool, not a string), or a UserError naming the field (and
+    `why` the limits)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise UserError(f"{where}{name} must be a number, got {value!r}")
     try:
@@ -93,7 +98,7 @@ def check_float(value, name: str, lo: float = -math.inf, hi: float = math.inf, w
         raise UserError(f"{where}{name} must be a finite number, got {value!r}")
     if v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
         lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
-        raise UserError(f"{where}{name} must be in {lb}{lo:g}, {hi:g}{rb}, got {value!r}")
+        raise UserError(f"{where}{name} must be in {lb}{lo:g}, {hi:g}{rb}{_why(why)}, got {value!r}")
     return v
 
 

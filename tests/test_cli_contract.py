@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import invoke_cli
+from conftest import assert_one_line_error, invoke_cli
 from nexus_opt import __version__
 
 COLUMNS = ["checkpoint", "step", "domain", "metric", "value"]
@@ -91,3 +91,44 @@ def test_flatten_is_generic():
     assert ("a", "cosine.b", "0.5") in rows and ("b", "loss", "") in rows and ("a", "converged", "1") in rows
     assert ("", "spread", "0.25") in rows and ("", "eigenvalues.1", "2.0") in rows
     assert not any("settings" in m or "note" in m for _, m, _ in rows)
+
+
+# -- old option spellings: accepted, hidden from --help, never in conflict with the documented one --------------
+ALIASES = [("closeness", "--steps", "--max-steps"), ("plot-surface", "--steps", "--descent-steps"),
+           ("flatness", "--domain", "--domains")]
+
+
+@pytest.mark.parametrize("command,old,new", ALIASES)
+def test_old_spellings_are_hidden_from_help(command, old, new):
+    import re
+
+    r = invoke_cli(command, "--help")
+    assert r.exit_code == 0
+    assert new in r.stdout and not re.search(re.escape(old) + r"(?![\w-])", r.stdout), r.stdout
+    if command == "closeness":
+        assert "adamw" in r.stdout and not re.search(r"\badam\b", r.stdout)
+
+
+def test_old_spellings_still_work(bowls_run, tmp_path):
+    r = invoke_cli("closeness", str(bowls_run), "--steps", "3", "--optimizer", "adam", "--device", "cpu", "--json", "-")
+    assert r.exit_code == 0, r.stderr
+    settings = json.loads(r.stdout)["results"][0]["result"]["settings"]
+    assert settings["steps"] == 3 and settings["optimizer"] == "adamw"
+    r = invoke_cli("flatness", str(bowls_run), "--domain", "bowl1", "-k", "1", "--no-trace", "--which", "top",
+                   "--device", "cpu", "--json", "-")
+    assert r.exit_code == 0, r.stderr
+    assert set(json.loads(r.stdout)["results"][0]["result"]["results"]) == {"bowl1"}
+    r = invoke_cli("plot-surface", str(bowls_run), "--plane", "domains", "--steps", "0", "--device", "cpu",
+                   "--out", str(tmp_path / "s"))
+    assert_one_line_error(r.exit_code, r.stderr, contains="--descent-steps")  # --steps reached --descent-steps
+
+
+@pytest.mark.parametrize("command,args", [
+    ("closeness", ["--max-steps", "3", "--steps", "4"]),
+    ("plot-surface", ["--descent-steps", "3", "--steps", "4"]),
+    ("flatness", ["--domains", "bowl0", "--domain", "bowl1"]),
+])
+def test_old_and_new_spelling_disagreeing_is_refused(command, args, bowls_run, tmp_path):
+    r = invoke_cli(command, str(bowls_run), *args, "--device", "cpu", "--out" if command == "plot-surface" else
+                   "--seed", str(tmp_path / "s") if command == "plot-surface" else "0")
+    assert_one_line_error(r.exit_code, r.stderr, contains="disagree")

@@ -48,7 +48,7 @@ def test_descend_finds_analytic_minima():
     train = descend(obj, None, optimizer="lbfgs")
     torch.testing.assert_close(train.theta, s.minimum(None), atol=1e-6, rtol=0)
     assert train.domain == "train"
-    adam = descend(obj, "bowl0", optimizer="adam", lr=0.05, steps=60)
+    adam = descend(obj, "bowl0", optimizer="adamw", lr=0.05, steps=60)
     assert adam.loss_min < 0.05 * adam.loss_start
     assert torch.equal(obj.params()["theta"].detach(), theta0)  # the caller's model never moves
 
@@ -129,7 +129,7 @@ def test_mlp_closeness_leaves_model_untouched_and_unconverged_summaries_are_null
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     calls = []
-    r = closeness(obj, steps=25, lr=1e-2, optimizer="adam", seed=0,
+    r = closeness(obj, steps=25, lr=1e-2, optimizer="adamw", seed=0,
                   progress=lambda done, total, what: calls.append((done, total)))
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -191,7 +191,7 @@ def test_figure_and_cli(tmp_path):
     train(TrainConfig(suite="bowls", suite_options={"dim": 2, "n_domains": 2}, steps=2, eval_every=1, ckpt_every=1,
                       device="cpu", out=str(run), warmup=0))
     ckpts = sorted(str(p) for p in run.glob("ckpt-*"))
-    res = CliRunner().invoke(app, ["closeness", ckpts[0], ckpts[-1], "--optimizer", "lbfgs", "--steps", "50",
+    res = CliRunner().invoke(app, ["closeness", ckpts[0], ckpts[-1], "--optimizer", "lbfgs", "--max-steps", "50",
                                    "--json", str(tmp_path / "c.json"), "--plot", str(tmp_path / "c2.png"),
                                    "--device", "cpu"])
     assert res.exit_code == 0, res.output

@@ -71,7 +71,7 @@ def test_default_closeness_on_convex_quadratics_matches_analytic_minima():
     assert r.spread == pytest.approx(float(((stack - stack.mean(0)) ** 2).sum(1).mean()), abs=1e-6)
     assert r.mean_sq_distance == pytest.approx(float(((stack - theta) ** 2).sum(1).mean()), abs=1e-6)
     # the old default (Adam, lr 1e-3, 300 steps) walks ~0.5 of the ~3-4 units and says so
-    adam = descend(obj, "q0", optimizer="adam", steps=300)
+    adam = descend(obj, "q0", optimizer="adamw", steps=300)
     assert not adam.converged and adam.stop == "steps"
 
 

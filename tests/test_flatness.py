@@ -268,7 +268,7 @@ def test_cli_flatness(tmp_path, tiny_mix_run):
     from conftest import assert_one_line_error, invoke_cli
 
     out = tmp_path / "flat.json"
-    res = invoke_cli("flatness", tiny_mix_run.path, "--top-k", "2", "--domain", "each", "--trace-probes", "6",
+    res = invoke_cli("flatness", tiny_mix_run.path, "--top-k", "2", "--domains", "each", "--trace-probes", "6",
                      "--json", out, "--plot", tmp_path / "flat.png", "--density-probes", "2", "--density-steps", "8")
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
@@ -282,7 +282,7 @@ def test_cli_flatness(tmp_path, tiny_mix_run):
     payload = json.loads(res.stdout)["results"][0]  # with --json -, stdout is only the JSON
     one = payload["result"]["results"]["train"]
     assert one["backend"] == "pyhessian" and one["bottom_eigenvalues"] is None
-    res = invoke_cli("flatness", tiny_mix_run.path, "--domain", "nope")
+    res = invoke_cli("flatness", tiny_mix_run.path, "--domains", "nope")
     assert_one_line_error(res.exit_code, res.stderr, contains="unknown domain")
 
 

@@ -210,8 +210,8 @@ def _base_args(command: str, run: Path, tmp: Path) -> list[str]:
                   "--ckpt-every", "2", "--device", "cpu", "--out", str(tmp / "out")],
         "flatness": [str(run), "--device", "cpu", "--trace-probes", "4"],
         "gradsim": [str(run), "--device", "cpu", "--resamples", "4"],
-        "closeness": [str(run), "--device", "cpu", "--steps", "20"],
-        "plot-surface": [str(run), "--device", "cpu", "--grid", "5", "--steps", "20", "--out", str(tmp / "surf")],
+        "closeness": [str(run), "--device", "cpu", "--max-steps", "20"],
+        "plot-surface": [str(run), "--device", "cpu", "--grid", "5", "--descent-steps", "20", "--out", str(tmp / "surf")],
         "mechanism": ["--gammas", "0.2", "--orders", "1", "--starts", "2", "--steps", "4", "--out", str(tmp / "mech")],
     }[command]
 

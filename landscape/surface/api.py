@@ -2,7 +2,8 @@
 
 Each grid point's weights are built as theta + a*d1 + b*d2 from device-resident directions and handed to
 `functional_call` (the evaluation of `obj.functional_loss`, all domains in one call); the model is never
-walked in place, so nothing drifts and the caller's model is unchanged. Evaluation is batched with
+walked in place, so nothing drifts and the caller's model is unchanged (in train mode too: buffers, flags and
+the RNG are restored, and each batch's dropout masks come from the seed; see `engine`). Evaluation is batched with
 `torch.func.vmap` over chunks of grid points, or a plain per-point loop. `batch="auto"`: vmap on CUDA
 (measured 9-19x faster than the loop on an H200); elsewhere a short interleaved probe of both modes on
 the objective picks the faster (on 2 shared CPU cores vmap was 6-9x faster for the mix MLP and 0.45-0.7x
@@ -59,7 +60,7 @@ def surface(obj: Objective, *, plane: str = "random", grid=51, span=None, domain
             seed: int = 0, progress: Progress | None = None, others=None, minima=None, norm: str = "filter",
             bias: str = "zero", batch: str = "auto", chunk: int | None = None, out: str | Path | None = None,
             pair: Sequence[str] | None = None, descend_steps: int = 300,
-            labels: Sequence[str] | None = None) -> SurfaceResult:
+            labels: Sequence[str] | None = None, train_mode: bool = False) -> SurfaceResult:
     """Every domain's loss and the training loss on a grid of a plane around the objective's weights.
 
     plane: 'random' (seeded filter-normalised orthogonal directions, seeds seed and seed+1), 'domains'
@@ -72,7 +73,10 @@ def surface(obj: Objective, *, plane: str = "random", grid=51, span=None, domain
     an .npz path written at the end; finished rows go to a sidecar so an interrupted grid resumes.
     progress: None or a callable progress(done_points, total_points, what) (the CLI passes its rich bar).
     params: a regex restricting the moved parameters (Objective.select; the others stay at theta).
-    Eval mode; the model, its buffers, flags and the RNG are unchanged.
+    Eval mode, or `train_mode=True`: dropout on and BatchNorm batch statistics, batch k's dropout masks drawn
+    from objective.batch_seed(seed, k) at every point (a point's value does not depend on chunk, batch or order;
+    the domains plane descends on the same train-mode loss). The model, its buffers, flags and the RNG are
+    unchanged.
     """
     seed = check_seed(seed, "seed")
     obj = obj.select(params)
@@ -81,14 +85,15 @@ def surface(obj: Objective, *, plane: str = "random", grid=51, span=None, domain
     rank, world = dist_info()
     _ticker(progress, 0, "")  # a bad callback is refused before any work
     device, dtype = obj.device, obj.dtype
+    train_mode = bool(train_mode)
     pl = make_plane(obj, plane, seed=seed, norm=norm, bias=bias, others=others, minima=minima, pair=pair,
-                    domains=want, descend_steps=descend_steps, labels=labels)
+                    domains=want, descend_steps=descend_steps, labels=labels, train_mode=train_mode)
     origin = pl.origin.to(device=device, dtype=dtype)
     D = torch.stack([pl.d1, pl.d2]).to(device=device, dtype=dtype)
     if world > 1:  # one plane for all ranks (descent on GPUs need not be bit-identical)
         origin, D, pl.points, pl.offplane = broadcast([origin, D, pl.points, pl.offplane], device)
     x, y, box = grid_axes(pl.points, span, grid)
-    fp = fingerprint(obj, origin, D, x, y, names)
+    fp = fingerprint(obj, origin, D, x, y, names, seed if train_mode else None)
     out = Path(out) if out is not None else None
     if out is not None and out.is_file():
         try:
@@ -98,9 +103,9 @@ def surface(obj: Objective, *, plane: str = "random", grid=51, span=None, domain
                 return old
         except UserError:
             pass
-    probed = probe(obj, names, chunk) if batch == "auto" and device.type != "cuda" else None
+    probed = probe(obj, names, chunk, train_mode=train_mode) if batch == "auto" and device.type != "cuda" else None
     mode = probed["pick"] if probed else choose_batch(batch, device)
-    ev = Evaluator(obj, names, mode, chunk)
+    ev = Evaluator(obj, names, mode, chunk, train_mode=train_mode, seed=seed)
     nx, ny = len(x), len(y)
     rows_per_block = 1 if mode == "loop" else max(1, ev.chunk // nx)
     Z = {d: np.full((ny, nx), np.nan) for d in names}
@@ -115,7 +120,7 @@ def surface(obj: Objective, *, plane: str = "random", grid=51, span=None, domain
     side = Sidecar(out, rank, fp) if out is not None and mine else None
     tick = _ticker(progress if rank == 0 else None, nx * ny, f"surface {plane}")
     try:
-        with obj.preserved(False, seed):
+        with obj.preserved(train_mode, seed):
             tick(len(done) * nx)
             for s in range(0, len(mine), rows_per_block):
                 rows = mine[s:s + rows_per_block]
@@ -152,7 +157,8 @@ def surface(obj: Objective, *, plane: str = "random", grid=51, span=None, domain
         settings={"grid": [nx, ny], "span": box, "batch": batch, "batch_used": ev.mode, "batch_note": ev.note,
                   "batch_probe": probed, "chunk": ev.chunk if ev.mode == "vmap" else None, "device": str(device), "dtype": str(dtype),
                   "pair": pl.info.get("pair"), "descend_steps": descend_steps if plane == "domains" else None,
-                  "labels": list(labels) if labels else None, "world_size": world, "params": params},
+                  "labels": list(labels) if labels else None, "world_size": world, "params": params,
+                  "train_mode": train_mode},
         versions=versions(),
         seconds=elapsed, timing={"points": len(computed) * nx, "resumed_rows": resumed,
                 "points_per_s": len(computed) * nx / elapsed if elapsed > 0 and computed else None},
@@ -169,14 +175,14 @@ def surface(obj: Objective, *, plane: str = "random", grid=51, span=None, domain
 
 def line(obj: Objective, start=None, end=None, *, points: int = 51, span=(0.0, 1.0), domains=None,
          params: str | None = None, seed: int = 0, progress: Progress | None = None, batch: str = "auto",
-         chunk: int | None = None, descend_steps: int = 300) -> LineResult:
+         chunk: int | None = None, descend_steps: int = 300, train_mode: bool = False) -> LineResult:
     """Every domain's loss along start + t*(end - start) for `points` values of t in `span`.
 
     start/end: None (the objective's weights), an Objective (another checkpoint), a flat vector, or a
     domain name (that domain's nearest minimum, by `closeness.descend` from the weights): e.g.
     `line(obj, None, 'code')` walks from theta toward the code minimum; span=(-0.5, 1.5) extends it.
     progress: None or progress(done_points, total_points, what), called when the points are evaluated.
-    domains, params: as in `surface`.
+    domains, params, train_mode: as in `surface`.
     """
     seed = check_seed(seed, "seed")
     obj = obj.select(params)
@@ -192,7 +198,7 @@ def line(obj: Objective, start=None, end=None, *, points: int = 51, span=(0.0, 1
             if p not in obj.domains and p != TRAIN:
                 raise UserError(f"line {what} '{p}' is neither a point nor a domain; domains are {list(obj.domains)}")
             from ..closeness import descend
-            m = descend(obj, None if p == TRAIN else p, steps=descend_steps, seed=seed).theta
+            m = descend(obj, None if p == TRAIN else p, steps=descend_steps, seed=seed, train_mode=train_mode).theta
             return m.to(obj.device), f"min:{p}"
         return flat_of(p, obj), what
 
@@ -206,9 +212,11 @@ def line(obj: Objective, start=None, end=None, *, points: int = 51, span=(0.0, 1
     t = np.linspace(float(span[0]), float(span[1]), int(points))
     dev, dt = obj.device, obj.dtype
     O, Dd = o.to(device=dev, dtype=dt), d.to(device=dev, dtype=dt)
-    ev = Evaluator(obj, names, choose_batch(batch, dev, obj, names, chunk), chunk)
+    train_mode = bool(train_mode)
+    ev = Evaluator(obj, names, choose_batch(batch, dev, obj, names, chunk, train_mode), chunk, train_mode=train_mode,
+                   seed=seed)
     t0 = time.perf_counter()
-    with obj.preserved(False, seed):
+    with obj.preserved(train_mode, seed):
         tt = torch.as_tensor(t, dtype=dt, device=dev)
         vals = ev(O, torch.stack([Dd, torch.zeros_like(Dd)]), torch.stack([tt, torch.zeros_like(tt)], 1))
     vals[TRAIN] = train_loss(vals, obj)
@@ -222,7 +230,7 @@ def line(obj: Objective, start=None, end=None, *, points: int = 51, span=(0.0, 1
                       ood=list(obj.ood), weights=dict(obj.weights),
                       settings={"points": int(points), "span": [float(span[0]), float(span[1])], "batch": batch,
                                 "batch_used": ev.mode, "batch_note": ev.note, "device": str(dev), "dtype": str(dt),
-                                "descend_steps": descend_steps, "params": params},
+                                "descend_steps": descend_steps, "params": params, "train_mode": train_mode},
                       versions=versions(), timing={"points_per_s": len(t) / el if el > 0 else None},
                       seconds=el, seed=int(seed),
                       meta=jsonable(obj.meta))

@@ -1,6 +1,12 @@
 """The evaluation engine: every chosen domain's loss at many points origin + a*d1 + b*d2 of weight space,
 by `torch.func.vmap` over chunks of points or a plain per-point loop (`functional_call`; the model is never
-written to). `batch="auto"` picks vmap on CUDA and elsewhere the faster of the two as probed on the objective."""
+written to). `batch="auto"` picks vmap on CUDA and elsewhere the faster of the two as probed on the objective.
+
+Train mode: every batch's loss runs on an RNG reseeded for that batch (objective.batch_rng(seed, key)) at every
+point, so a point's value is one deterministic function of its weights whatever the chunking, batching or order.
+vmap then uses randomness="same": one dropout mask per batch, drawn as the per-point loop draws it, shared by
+the chunk's points (vmap's "different" would give each point its own masks: values depending on the chunk).
+BatchNorm in train mode cannot run under vmap (its running-statistics update is in place): the loop is used."""
 from __future__ import annotations
 
 import time
@@ -12,7 +18,7 @@ import torch
 from nexus_opt.errors import UserError
 
 from ..hvp import math_sdpa
-from ..objective import TRAIN, Objective
+from ..objective import TRAIN, Objective, batch_rng
 from ..params import get_flat, unflatten
 
 BATCH_MODES = ("auto", "vmap", "loop")
@@ -21,7 +27,7 @@ _OOM = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
 
 
 def choose_batch(batch: str, device, obj: Objective | None = None, names: Sequence[str] | None = None,
-                 chunk: int | None = None) -> str:
+                 chunk: int | None = None, train_mode: bool = False) -> str:
     """'auto' -> 'vmap' on CUDA (measured 9-19x faster there); elsewhere the faster of the two as measured
     once on this objective by `probe` (without an objective: 'loop')."""
     if batch not in BATCH_MODES:
@@ -32,18 +38,19 @@ def choose_batch(batch: str, device, obj: Objective | None = None, names: Sequen
         return "vmap"
     if obj is None:
         return "loop"
-    return probe(obj, names or list(obj.domains), chunk)["pick"]
+    return probe(obj, names or list(obj.domains), chunk, train_mode=train_mode)["pick"]
 
 
-def probe(obj: Objective, names: Sequence[str], chunk: int | None = None, points: int = 16, repeats: int = 2) -> dict:
+def probe(obj: Objective, names: Sequence[str], chunk: int | None = None, points: int = 16, repeats: int = 2,
+          train_mode: bool = False) -> dict:
     """Points per second of the loop and of vmap at the current weights (best of `repeats`, interleaved so
-    that a busy machine slows both alike); 'pick' is the faster."""
+    that a busy machine slows both alike), in the mode the surface will use; 'pick' is the faster."""
     theta = get_flat(obj.params())
     D = torch.zeros(2, theta.numel(), dtype=theta.dtype, device=theta.device)
-    evs = {m: Evaluator(obj, names, m, chunk) for m in ("vmap", "loop")}
+    evs = {m: Evaluator(obj, names, m, chunk, train_mode=train_mode) for m in ("vmap", "loop")}
     ks = {"vmap": min(points, evs["vmap"].chunk), "loop": max(1, min(points, evs["vmap"].chunk) // 4)}
     rates = {m: 0.0 for m in evs}
-    with obj.evaluating(), torch.no_grad():
+    with obj.preserved(train_mode, None), torch.no_grad():
         for m, ev in evs.items():  # warm-up
             ev(theta, D, torch.zeros(min(2, ks[m]), 2, dtype=theta.dtype, device=theta.device))
         for _ in range(repeats):
@@ -65,15 +72,20 @@ def default_chunk(n_params: int, itemsize: int) -> int:
 
 
 class _AllLosses(torch.nn.Module):
-    """Every chosen domain's loss in one forward (so one functional_call per point, not one per batch)."""
+    """Every chosen domain's loss in one forward (so one functional_call per point, not one per batch); with
+    `seed` (train mode) each batch's loss runs on batch_rng(seed, key)."""
 
-    def __init__(self, obj: Objective, names: Sequence[str]):
+    def __init__(self, obj: Objective, names: Sequence[str], seed: int | None = None):
         super().__init__()
-        self.model, self.loss_fn = obj.model, obj.loss_fn
-        self.terms = [obj.terms(d) for d in names]
+        self.model, self.loss_fn, self.seed, self.device = obj.model, obj.loss_fn, seed, obj.device
+        self.terms = [obj.keyed_terms(d) for d in names]
+
+    def _term(self, key: int, c: float, batch) -> torch.Tensor:
+        with batch_rng(self.seed, key, self.device):
+            return c * self.loss_fn(self.model, batch).double()
 
     def forward(self) -> torch.Tensor:
-        return torch.stack([sum(c * self.loss_fn(self.model, b).double() for c, b in ts) for ts in self.terms])
+        return torch.stack([sum(self._term(*t) for t in ts) for ts in self.terms])
 
 
 class Evaluator:
@@ -81,12 +93,15 @@ class Evaluator:
 
     Both modes call `functional_call` on a module holding the objective's model and loss (the same
     evaluation as `obj.functional_loss`) with the point's weights: nothing is written into the model.
+    Calls set the model's flags to eval (or `train_mode`: each batch reseeded from `seed`, see the module
+    docstring); the caller keeps the buffers (Objective.preserved), which train-mode BatchNorm updates.
     """
 
-    def __init__(self, obj: Objective, names: Sequence[str], mode: str, chunk: int | None = None):
-        self.obj, self.names, self.mode = obj, list(names), mode
+    def __init__(self, obj: Objective, names: Sequence[str], mode: str, chunk: int | None = None, *,
+                 train_mode: bool = False, seed: int = 0):
+        self.obj, self.names, self.mode, self.train_mode = obj, list(names), mode, bool(train_mode)
         self.like = obj.params()
-        self.module = _AllLosses(obj, self.names)
+        self.module = _AllLosses(obj, self.names, int(seed) if self.train_mode else None)
         n = sum(p.numel() for p in self.like.values())
         self.chunk = int(chunk) if chunk else default_chunk(n, torch.empty((), dtype=obj.dtype).element_size())
         if self.chunk < 1:
@@ -103,13 +118,18 @@ class Evaluator:
 
     def _vmap(self, origin: torch.Tensor, D: torch.Tensor, ab: torch.Tensor) -> dict[str, np.ndarray]:
         with math_sdpa():
-            vals = torch.func.vmap(self._at)(_weights(origin, D, ab)).cpu().numpy()
+            vals = torch.func.vmap(self._at, randomness="same" if self.train_mode else "error")(
+                _weights(origin, D, ab)).cpu().numpy()
         return {d: vals[:, i] for i, d in enumerate(self.names)}
 
     @torch.no_grad()
     def __call__(self, origin: torch.Tensor, D: torch.Tensor, ab: torch.Tensor) -> dict[str, np.ndarray]:
         """Losses at origin + a*d1 + b*d2 for the rows (a, b) of ab: vmap over chunks of points (each chunk's
         weights built at once) or one point at a time; falls back to the loop if vmap fails."""
+        with self.obj.evaluating(self.train_mode):
+            return self._call(origin, D, ab)
+
+    def _call(self, origin: torch.Tensor, D: torch.Tensor, ab: torch.Tensor) -> dict[str, np.ndarray]:
         parts, s, n = [], 0, ab.shape[0]
         while s < n and self.mode == "vmap":
             try:

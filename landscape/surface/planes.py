@@ -33,12 +33,14 @@ def flat_of(x, obj: Objective) -> torch.Tensor:
     return v.reshape(-1).to(device=obj.device, dtype=torch.float64)
 
 
-def _minima(obj: Objective, names: Sequence[str], given, steps: int, seed: int) -> dict[str, torch.Tensor]:
-    """Per-domain minima: the given ones (domain -> flat), the rest by `closeness.descend` from theta."""
+def _minima(obj: Objective, names: Sequence[str], given, steps: int, seed: int,
+            train_mode: bool = False) -> dict[str, torch.Tensor]:
+    """Per-domain minima: the given ones (domain -> flat), the rest by `closeness.descend` from theta (in
+    train mode: of the train-mode loss, masks fixed by seed)."""
     given = dict(given or {})
     todo = [d for d in names if d not in given]
     if todo and int(steps) < 1:
-        raise UserError(f"descend_steps (--steps) must be at least 1 to find the minimum of {todo} for the domains "
+        raise UserError(f"descend_steps (--descent-steps) must be at least 1 to find the minimum of {todo} for the domains "
                         f"plane, got {steps}")
     out = {}
     for d in names:
@@ -46,7 +48,7 @@ def _minima(obj: Objective, names: Sequence[str], given, steps: int, seed: int) 
             out[d] = flat_of(given[d], obj)
         else:
             from ..closeness import descend
-            out[d] = descend(obj, d, steps=steps, seed=seed).theta.to(obj.device)
+            out[d] = descend(obj, d, steps=steps, seed=seed, train_mode=train_mode).theta.to(obj.device)
     for d in given:
         if d not in out and d in obj.domains:
             out[d] = flat_of(given[d], obj)
@@ -55,7 +57,7 @@ def _minima(obj: Objective, names: Sequence[str], given, steps: int, seed: int) 
 
 def make_plane(obj: Objective, plane: str, *, seed: int = 0, norm: str = "filter", bias: str = "zero",
                others=None, minima=None, pair=None, domains: Sequence[str] = (), descend_steps: int = 300,
-               labels: Sequence[str] | None = None) -> dirs.Plane:
+               labels: Sequence[str] | None = None, train_mode: bool = False) -> dirs.Plane:
     """The plane of a surface: seeded random, through theta and two domain minima, or through checkpoints."""
     if plane not in PLANES:
         raise UserError(f"unknown plane '{plane}'; choose one of {list(PLANES)}")
@@ -77,7 +79,7 @@ def make_plane(obj: Objective, plane: str, *, seed: int = 0, norm: str = "filter
     bad = [d for d in pair if d not in obj.domains]
     if bad or len(set(pair)) != 2:
         raise UserError(f"the domains plane needs two distinct domains of {list(obj.domains)}, got {pair}")
-    mins = _minima(obj, list(dict.fromkeys(list(pair) + list(domains))), minima, descend_steps, seed)
+    mins = _minima(obj, list(dict.fromkeys(list(pair) + list(domains))), minima, descend_steps, seed, train_mode)
     ordered = {d: mins[d] for d in list(pair) + [d for d in mins if d not in pair]}
     return dirs.domain_plane(theta, ordered, pair)
 

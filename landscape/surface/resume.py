@@ -51,13 +51,17 @@ def _hash_tensors(h, x) -> None:
 
 
 def fingerprint(obj: Objective, origin: torch.Tensor, D: torch.Tensor, x: np.ndarray, y: np.ndarray,
-                names: Sequence[str]) -> str:
-    """sha256 of what determines the grid: weights, directions, coordinates, domains, batches, loss, dtype."""
+                names: Sequence[str], train_seed: int | None = None) -> str:
+    """sha256 of what determines the grid: weights, directions, coordinates, domains, batches, loss, dtype, and
+    in train mode (`train_seed` not None) the seed and batch keys that fix the dropout masks."""
     h = hashlib.sha256()
     _hash_tensors(h, [origin, D, torch.from_numpy(np.asarray(x, dtype=np.float64)),
                       torch.from_numpy(np.asarray(y, dtype=np.float64))])
     h.update(json.dumps([list(names), obj.train_domains, obj.weights, str(obj.dtype),
                          getattr(obj.loss_fn, "__qualname__", repr(obj.loss_fn))]).encode())
+    if train_seed is not None:  # eval-mode fingerprints stay as they were (files written before still reuse)
+        keys = [[k for k, _, _ in obj.keyed_terms(d)] for d in names]
+        h.update(json.dumps(["train_mode", int(train_seed), keys]).encode())
     for d in names:
         _hash_tensors(h, obj.domains[d])
     return h.hexdigest()
