@@ -171,10 +171,13 @@ def closeness(obj: Objective, *, domains=None, params: str | None = None, seed: 
 
     columns = list(obj.domains)
     rng = seed if train_mode else None  # train mode: each batch's masks from batch_seed(seed, key), as the descent
+    # train mode: losses and gradients on a float64 copy as the descent saw them (on an accelerator a dropout
+    # mask drawn from one seed may depend on the dtype); eval mode: the model as it is
+    ev = obj.to(dtype=torch.float64) if train_mode and obj.dtype != torch.float64 else obj
 
     def at(x, d):
-        return loss_at(obj, x, d, seed=rng)
-    with obj.preserved(train_mode, seed):
+        return loss_at(ev, x, d, seed=rng)
+    with ev.preserved(train_mode, seed):
         loss_start = {d: at(theta, d) for d in names}
         train_loss = at(theta, None)
         cross = [[at(ends[i], j) for j in columns] if conv[i] else None for i in names]
@@ -192,7 +195,7 @@ def closeness(obj: Objective, *, domains=None, params: str | None = None, seed: 
             else:
                 profile[d], barrier[d] = None, None
             tick(f"evaluate {d}")
-        grads = {d: domain_gradient(obj, d, seed=rng)[0].cpu() for d in names}
+        grads = {d: domain_gradient(ev, d, seed=rng)[0].cpu().to(torch.float64) for d in names}
 
     curv: dict[str, Optional[float]] = {d: None for d in names}
     if curvature:
