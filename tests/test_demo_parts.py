@@ -9,7 +9,8 @@ import re
 import pytest
 from scipy import stats
 
-from landscape.app.matching import AFTER_CROSSING, MATCH_WINDOW, MAX_CANDIDATES, choose_jointly, dense_window
+from landscape.app.matching import (AFTER_CROSSING, MATCH_TOL, MATCH_WINDOW, MAX_CANDIDATES, choose_jointly,
+                                    dense_window)
 from landscape.app.stats import paired
 from nexus_opt.checkpoint import list_checkpoints, read_checkpoint
 from nexus_opt.train import TrainConfig, train
@@ -91,3 +92,27 @@ def test_dense_window_every_step_around_the_first_crossing(tmp_path):
     mtime = (tmp_path / "run-match").stat().st_mtime_ns
     assert dense_window(tmp_path / "run", target, "cpu", logs.append) == cands and len(logs) == 1
     assert (tmp_path / "run-match").stat().st_mtime_ns == mtime
+
+
+def test_match_runs_widens_the_window_until_a_triple_agrees(monkeypatch):
+    """Losses that move by more than the tolerance per step within the first window: the window doubles until
+    some triple agrees (and stops doubling at 4x, returning the best triple, flagged by the caller)."""
+    from landscape.app import matching
+
+    def fake(run, target, device, log, window):
+        steps = {"a": [0.0, 0.008, 0.017], "b": [-0.003, 0.005, 0.0165], "c": [0.004, -0.004, 0.018]}[run]
+        return [{"path": f"{run}{i}", "step": i, "train_loss": 1.0 + v} for i, v in enumerate(steps)
+                if abs(v) <= window]
+
+    monkeypatch.setattr(matching, "dense_window", fake)
+    got = matching.match_runs({"a": "a", "b": "b", "c": "c"}, 1.0, "cpu", print)
+    # no triple within 0.002 at the 0.01 window (the 8 triples spread >= 0.004); at 0.02 the steps-2 triple
+    assert {k: v["step"] for k, v in got.items()} == {"a": 2, "b": 2, "c": 2}
+    assert {v["window"] for v in got.values()} == {2 * MATCH_WINDOW} == {0.02}
+    spread = max(v["train_loss"] for v in got.values()) - min(v["train_loss"] for v in got.values())
+    assert spread <= MATCH_TOL
+    monkeypatch.setattr(matching, "MATCH_WINDOW", 0.004)  # 0.004, 0.008, 0.016: never a triple within 0.002
+    got = matching.match_runs({"a": "a", "b": "b", "c": "c"}, 1.0, "cpu", print)
+    assert {v["window"] for v in got.values()} == {0.016}
+    spread = max(v["train_loss"] for v in got.values()) - min(v["train_loss"] for v in got.values())
+    assert MATCH_TOL < spread == pytest.approx(0.004)  # the smallest spread of the 8 triples

@@ -28,7 +28,7 @@ from ..objective import Objective
 from ..render.style import METRICS
 from ..surface import surface
 from ..tracking import GradSimTracker
-from .matching import MATCH_TOL, MATCH_WINDOW, choose_jointly, dense_window
+from .matching import MATCH_TOL, MATCH_WINDOW, match_runs
 from .runs import eval_records, gradsim_records
 from .stats import paired
 from .toys import figure2, trajectory_toy
@@ -242,8 +242,7 @@ def run_suite(cfg: DemoConfig, plan: SuitePlan, clock: _Clock, log: Callable, pr
         ref = max(finals, key=finals.get)  # the arm with the highest final training loss sets the target
         target = finals[ref]
         with clock(f"{plan.suite}: matching"):
-            cands = {arm: dense_window(runs[arm][s], target, cfg.device, log) for arm in ARMS}
-            matched = choose_jointly(cands, target, MATCH_TOL)
+            matched = match_runs({arm: runs[arm][s] for arm in ARMS}, target, cfg.device, log)
         gaps = {f"{a}-{b}": abs(matched[a]["train_loss"] - matched[b]["train_loss"]) for a, b in PAIRS}
         flagged = sorted(k for k, g in gaps.items() if g > MATCH_TOL)
         log(f"{plan.suite} seed {s}: target {target:.4f} ({ref}); matched steps "

@@ -142,7 +142,8 @@ def write_report(summary: dict, out: Path) -> Path:
     rep.section("matched", "Equal training loss",
                 "Per seed, the arm with the highest final training loss sets the target. Every arm is resumed "
                 "from its last checkpoint above the window around the target (target ± "
-                f"{summary['settings']['match_window']:g}) and checkpointed after every step "
+                f"{summary['settings']['match_window']:g}, doubled up to 4x while no triple agrees) and "
+                "checkpointed after every step "
                 "until a few steps past its first crossing; one checkpoint per arm is then chosen jointly: the "
                 "triple whose losses agree within the tolerance and lie closest to the target.")
     for suite, s in summary["suites"].items():

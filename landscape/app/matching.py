@@ -13,7 +13,8 @@ from nexus_opt.train import resume
 from .runs import eval_records
 
 MATCH_TOL = 0.002    # training losses of compared checkpoints must agree within this (else the pair is flagged)
-MATCH_WINDOW = 0.01  # candidates are the every-step checkpoints with |training loss - target| <= this
+MATCH_WINDOW = 0.01  # candidates: every-step checkpoints with |training loss - target| <= this (doubled up to 4x
+#                      while no triple agrees within MATCH_TOL)
 AFTER_CROSSING = 3   # every-step checkpoints kept past the first step at or below the target
 MAX_CANDIDATES = 12  # per run, the ones nearest the target (bounds the joint search to 12^runs tuples)
 
@@ -26,18 +27,19 @@ def _loss(ckpt: Path) -> float:
     return float(read_checkpoint(ckpt).manifest["metrics"]["train_loss"])
 
 
-def dense_window(run: Path, target: float, device: str, log: Callable) -> list[dict]:
+def dense_window(run: Path, target: float, device: str, log: Callable, window: float = MATCH_WINDOW) -> list[dict]:
     """Every-step checkpoints of `run` around its first evaluation at or below `target`, written into a copy of
-    the run (`<run>-match`) resumed from its last regular checkpoint above target + MATCH_WINDOW and stopped
-    AFTER_CROSSING steps past the crossing (or below target - MATCH_WINDOW, or at the run's end). Returns the
-    candidates (path, step, train_loss) within the window, or the two around the crossing if a step jumps it."""
+    the run (`<run>-match`) resumed from its last regular checkpoint above target + window and stopped
+    AFTER_CROSSING steps past the crossing (or below target - window, or at the run's end). Returns the
+    candidates (path, step, train_loss) within the window, or the two around the crossing if a step jumps it.
+    An earlier copy that starts at or before that checkpoint and goes as far is reused."""
     run = Path(run)
     recs = eval_records(run)
     cross = next((r["step"] for r in recs if r["train_loss"] <= target), None)
     if cross is None:  # never reaches the target: only its final checkpoint is a candidate (flagged by the gap)
         last = list_checkpoints(run)[-1]
         return [{"path": str(last), "step": _step(last), "train_loss": _loss(last)}]
-    above = {r["step"] for r in recs if r["step"] < cross and r["train_loss"] > target + MATCH_WINDOW}
+    above = {r["step"] for r in recs if r["step"] < cross and r["train_loss"] > target + window}
     ckpts = [c for c in list_checkpoints(run) if _step(c) < cross]
     start = next((c for c in reversed(ckpts) if _step(c) in above), ckpts[0] if ckpts else None)
     if start is None:  # crossed at its first checkpoint (step 0)
@@ -46,7 +48,7 @@ def dense_window(run: Path, target: float, device: str, log: Callable) -> list[d
     mdir = Path(str(run) + "-match")
     done = list_checkpoints(mdir) if mdir.exists() else []
     final = read_checkpoint(list_checkpoints(run)[-1]).step
-    if not (done and done[0].name == start.name and _complete(done, target, final)):
+    if not (done and _step(done[0]) <= _step(start) and _complete(done, target, final, window)):
         shutil.rmtree(mdir, ignore_errors=True)
         mdir.mkdir(parents=True)
         shutil.copytree(start, mdir / start.name)
@@ -56,13 +58,13 @@ def dense_window(run: Path, target: float, device: str, log: Callable) -> list[d
         def stop(rec: dict) -> bool:
             if rec["train_loss"] <= target and not crossed:
                 crossed.append(rec["step"])
-            return (rec["train_loss"] <= target - MATCH_WINDOW
+            return (rec["train_loss"] <= target - window
                     or bool(crossed) and rec["step"] >= crossed[0] + AFTER_CROSSING)
 
         resume(mdir, device=device, stop_when=stop)
         done = list_checkpoints(mdir)
     cands = [{"path": str(c), "step": _step(c), "train_loss": _loss(c)} for c in done]
-    near = [c for c in cands if abs(c["train_loss"] - target) <= MATCH_WINDOW]
+    near = [c for c in cands if abs(c["train_loss"] - target) <= window]
     if not near:  # one step jumped over the whole window: the last checkpoint above and the first at or below
         below = next(i for i, c in enumerate(cands) if c["train_loss"] <= target) if any(
             c["train_loss"] <= target for c in cands) else len(cands) - 1
@@ -70,10 +72,10 @@ def dense_window(run: Path, target: float, device: str, log: Callable) -> list[d
     return sorted(near, key=lambda c: abs(c["train_loss"] - target))[:MAX_CANDIDATES]
 
 
-def _complete(done: list[Path], target: float, final: int) -> bool:
+def _complete(done: list[Path], target: float, final: int, window: float) -> bool:
     """An earlier dense window that went as far as dense_window would go (reused, not retrained)."""
     losses = [_loss(c) for c in done]
-    if losses[-1] <= target - MATCH_WINDOW or _step(done[-1]) >= final:
+    if losses[-1] <= target - window or _step(done[-1]) >= final:
         return True
     cross = next((i for i, v in enumerate(losses) if v <= target), None)
     return cross is not None and _step(done[-1]) >= _step(done[cross]) + AFTER_CROSSING
@@ -93,3 +95,17 @@ def choose_jointly(cands: dict[str, list[dict]], target: float, tol: float = MAT
         if key_best is None or key < key_best:
             best, key_best = combo, key
     return dict(zip(names, best))
+
+
+def match_runs(runs: dict[str, Path], target: float, device: str, log: Callable,
+               tol: float = MATCH_TOL) -> dict[str, dict]:
+    """One checkpoint per run at equal training loss (path, step, train_loss, and the window used): dense windows
+    of MATCH_WINDOW around the target, doubled (up to 4x) while no choice agrees within `tol`."""
+    window = MATCH_WINDOW
+    while True:
+        cands = {k: dense_window(r, target, device, log, window) for k, r in runs.items()}
+        best = choose_jointly(cands, target, tol)
+        losses = [c["train_loss"] for c in best.values()]
+        if max(losses) - min(losses) <= tol or window >= 4 * MATCH_WINDOW:
+            return {k: {**c, "window": window} for k, c in best.items()}
+        window *= 2
