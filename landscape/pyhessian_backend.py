@@ -1,7 +1,8 @@
 """PyHessian (Yao et al. 2020) as an independent cross-check of the top eigenvalues and the trace.
 
 What is compared: PyHessian differentiates the same loss as our operator -- the objective's domain loss, the
-obj.terms() weighted sum of batch losses -- at the same parameters, in the same dtype and train/eval mode.
+obj.terms() weighted sum of batch losses -- at the same parameters, in the same dtype and train/eval mode (train mode: each batch's dropout masks
+seeded by objective.batch_seed(seed, key), as ours).
 One batch uses its single-batch path (one retained graph); several batches use its dataloader path, with
 each batch's loss scaled so that PyHessian's size-weighted mean equals the weighted sum. Its defects on
 torch 2.x are worked around: it gets a private copy (its model.eval() cannot touch the caller's model),
@@ -24,7 +25,7 @@ from nexus_opt.errors import UserError
 
 from .hvp import HessianOperator, numerics
 from .lanczos import EigenResult
-from .objective import Objective
+from .objective import Objective, reseed
 from .trace import TraceEstimate
 
 
@@ -38,12 +39,13 @@ def _import():
 class _LossModel(torch.nn.Module):
     """Presents (model, loss_fn, batches) as PyHessian's model: input = batch index, output = scaled loss."""
 
-    def __init__(self, obj: Objective, terms, scale: float, train_mode: bool):
+    def __init__(self, obj: Objective, keyed_terms, scale: float, train_mode: bool, seed: int):
         super().__init__()
         self.inner, self.loss_fn = obj.model, obj.loss_fn
-        self.batches = [b for _, b in terms]
-        self.coefs = [c * scale for c, _ in terms]
-        self.mode = train_mode
+        self.keys = [k for k, _, _ in keyed_terms]
+        self.batches = [b for _, _, b in keyed_terms]
+        self.coefs = [c * scale for _, c, _ in keyed_terms]
+        self.mode, self.seed = train_mode, int(seed)
         self.inner.train(train_mode)
 
     def train(self, mode: bool = True):  # PyHessian calls model.eval(): keep the requested mode instead
@@ -52,6 +54,8 @@ class _LossModel(torch.nn.Module):
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:
         i = int(index.reshape(-1)[0])
+        if self.mode:  # the masks of our operators (objective.batch_seed); PyHessian runs on a forked RNG
+            reseed(self.seed, self.keys[i])
         loss = self.loss_fn(self.inner, self.batches[i]) * self.coefs[i]
         keep = sum((p * p).sum() for p in self.inner.parameters() if p.requires_grad)
         return loss + 0.0 * keep  # every parameter reaches the loss; its Hessian is unchanged
@@ -60,18 +64,18 @@ class _LossModel(torch.nn.Module):
 class _Session:
     """One PyHessian `hessian` object on a private copy, counting its Hessian-vector products."""
 
-    def __init__(self, obj: Objective, domain, dtype, train_mode: bool, device=None):
+    def __init__(self, obj: Objective, domain, dtype, train_mode: bool, device=None, seed: int = 0):
         ph = _import()
         self.ph = ph
         work = obj.to(device=device, dtype=dtype)
         self.work, self.domain = work, work.resolve(domain)
         if len(self.domain) != 1:
             raise UserError("the pyhessian backend takes one domain at a time")
-        self.terms = work.terms(self.domain[0])
+        self.terms = work.keyed_terms(self.domain[0])
         self.dtype = work.dtype
         self.hvps = 0
         single = len(self.terms) == 1
-        self.model = _LossModel(work, self.terms, 1.0 if single else float(len(self.terms)), train_mode)
+        self.model = _LossModel(work, self.terms, 1.0 if single else float(len(self.terms)), train_mode, seed)
         cuda = work.device.type == "cuda"
         counter = self
 
@@ -122,7 +126,7 @@ def pyhessian_eigen(obj: Objective, k: int = 5, domain=None, *, seed: int = 0, m
     residuals ||Hv - lambda v|| of its vectors measured with our operator (not counted in hvps); `converged`
     is our test of its vectors: residual <= sqrt(tol) |lambda| (power iteration stalls at eigenvalue changes
     of tol)."""
-    s = _Session(obj, domain, dtype, train_mode, device)
+    s = _Session(obj, domain, dtype, train_mode, device, seed)
     with s.context(seed):
         vals, vecs = s.h.eigenvalues(maxIter=max_iter, tol=tol, top_n=int(k))
     order = np.argsort(-np.asarray(vals), kind="stable")
@@ -132,7 +136,7 @@ def pyhessian_eigen(obj: Objective, k: int = 5, domain=None, *, seed: int = 0, m
     del s
     res = [float("nan")] * len(vals)
     if check:
-        op = HessianOperator(obj, domain, dtype=dtype, train_mode=train_mode, device=device)
+        op = HessianOperator(obj, domain, dtype=dtype, train_mode=train_mode, device=device, seed=seed)
         V = V.to(device=op.device, dtype=op.dtype)
         V = V / V.norm(dim=0, keepdim=True)
         R = op.matmat(V) - V * torch.tensor(vals, dtype=op.dtype, device=op.device)[None, :]
@@ -150,7 +154,7 @@ def pyhessian_trace(obj: Objective, domain=None, probes: int = 100, *, seed: int
     standard error (sample std / sqrt(probes))."""
     if probes < 2:
         raise UserError(f"the trace needs at least 2 probes for an error bar, got {probes}")
-    s = _Session(obj, domain, dtype, train_mode, device)
+    s = _Session(obj, domain, dtype, train_mode, device, seed)
     with s.context(seed):
         x = np.asarray(s.h.trace(maxIter=int(probes), tol=-math.inf), dtype=float)
     return TraceEstimate(method="pyhessian-hutchinson", estimate=float(x.mean()),

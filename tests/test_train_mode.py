@@ -271,3 +271,39 @@ def test_cli_plot_surface_train_mode(bowls_run, tmp_path):
     r = invoke_cli("plot-surface", str(bowls_run), "--grid", "3", "--device", "cpu", "--out", str(tmp_path / "e"),
                    "--json", "-")
     assert r.exit_code == 0 and json.loads(r.stdout)["results"][0]["result"]["train_mode"] is False
+
+
+def test_pyhessian_cross_check_uses_the_same_train_mode_masks():
+    """PyHessian's power iteration in train mode differentiates the loss whose batch masks follow the rule: its
+    top eigenvalue matches a dense autograd Hessian built with hand seeding, on a domain whose keys are not 0, 1."""
+    pytest.importorskip("pyhessian")
+    from landscape.pyhessian_backend import pyhessian_eigen
+    from torch.func import functional_call
+
+    model, doms, seed = mlp(False), data(), 3
+    obj = Objective(model, doms, mse)
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def f(flat):
+        parts, i = {}, 0
+        for n, s in zip(names, shapes):
+            parts[n] = flat[i:i + s.numel()].reshape(s)
+            i += s.numel()
+        total = 0.0
+        for j, b in enumerate(doms["b"]):  # domain b: keys 2 and 3 (after a's two batches); equal batch sizes
+            torch.manual_seed(rule(seed, 2 + j))
+            total = total + 0.5 * mse(lambda x: functional_call(model, parts, (x,)), b)
+        return total
+
+    model.train()
+    with torch.random.fork_rng():
+        H = torch.autograd.functional.hessian(f, flat0, vectorize=False)
+    model.eval()
+    ev = np.linalg.eigvalsh(H.numpy())
+    top = ev[np.argmax(np.abs(ev))]
+    before = state(model)
+    r = pyhessian_eigen(obj, 1, "b", seed=seed, train_mode=True, tol=1e-6, max_iter=300)
+    assert abs(r.eigenvalues[0] - top) / abs(top) < 1e-3 and r.converged == [True]
+    assert_same_state(before, model)
