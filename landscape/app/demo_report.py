@@ -9,7 +9,7 @@ from ..gradsim import GradSimResult
 from ..render.demo_curves import ARM_NAMES, training_figure
 from ..render.geometry import closeness_figure, gradsim_figure
 from ..render.mechanism import mechanism_figure
-from ..render.style import METRICS
+from ..render.style import METRICS, domain_label
 from ..render.surface import compare_figure, html_figure
 from ..render.toys import figure2_plot, trajectory_plot
 from ..surface import SurfaceResult
@@ -188,7 +188,8 @@ def write_report(summary: dict, out: Path) -> Path:
         agg = s["aggregate"]
         keys = [k for k in agg["adamw"] if k.startswith("loss:")] + [k for k in METRICS]
         rep.table(["metric", *[ARM_NAMES[a] for a in ARMS]],
-                  [[_label(k) + (" (OOD)" if k[5:] in s["ood"] else ""), *[_pm(agg[a][k]) for a in ARMS]]
+                  [[f"loss on {domain_label(k[5:], s['ood'])}" if k.startswith("loss:") else _label(k),
+                    *[_pm(agg[a][k]) for a in ARMS]]
                    for k in keys], caption=suite)
         co = s["closeness_objective"]
         conv = s["closeness_converged"]

@@ -6,7 +6,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from .style import ARM_LABELS as ARM_NAMES, OPTIMIZER_COLORS as ARM_COLORS
+from .style import ARM_LABELS as ARM_NAMES, OPTIMIZER_COLORS as ARM_COLORS, domain_label
 
 
 def _band(ax, runs: list[list[dict]], key, arm: str) -> None:
@@ -43,7 +43,7 @@ def training_figure(curves: dict, cosine: dict, ood: list[str], title: str = "",
             ax.set_ylabel("mean cross-domain gradient cosine")
             ax.axhline(0, color="grey", lw=0.6)
         else:
-            ax.set_title("training loss" if p == "train" else f"{p} (OOD) loss")
+            ax.set_title("training loss" if p == "train" else f"{domain_label(p, [p])} loss")
             ax.set_ylabel("evaluation loss")
     handles, _ = axes[0].get_legend_handles_labels()
     if matched:

@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 
 from nexus_opt.errors import UserError
 
-from .style import NOT_CONVERGED, PALETTE
+from .style import NOT_CONVERGED, PALETTE, domain_label
 
 
 def _as_dict(r) -> dict:
@@ -151,7 +151,7 @@ def closeness_figure(results: Sequence, labels: Sequence[str] | None = None, pat
                 ax.text(j, i, "n/a" if np.isnan(cl[i, j]) else f"{cl[i, j]:.3g}", ha="center", va="center", fontsize=7,
                         color="white" if cl[i, j] > lo + 0.6 * (hi - lo) else "black")
         ood = set(r.get("ood", []))
-        ax.set_xticks(range(len(cols)), [cname + (" (OOD)" if cname in ood else "") for cname in cols],
+        ax.set_xticks(range(len(cols)), [domain_label(cname, ood) for cname in cols],
                       rotation=30, ha="right")
         ax.set_yticks(range(len(doms)), [f"θ*_{d}" for d in doms])
         ax.set_title("cross-loss L_j(θ_i*)", fontsize=8)

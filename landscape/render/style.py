@@ -26,6 +26,11 @@ METRICS = {
 }
 
 
+def domain_label(name: str, ood=()) -> str:
+    """A domain's name, marked '(OOD)' when held out -- unless the name already says so (a domain called 'ood')."""
+    return name + (" (OOD)" if name in ood and "ood" not in name.lower() else "")
+
+
 def color(i: int) -> str:
     """The i-th palette colour (cycling)."""
     return PALETTE[i % len(PALETTE)]

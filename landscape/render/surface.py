@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from nexus_opt.errors import UserError
 
 from ..objective import TRAIN
-from .style import TRAIN_COLOR, domain_colors
+from .style import TRAIN_COLOR, domain_colors, domain_label
 
 
 def origin_name(r) -> str:
@@ -118,15 +118,13 @@ def common_region(r, levels: Mapping[str, float]) -> float:
 def _mark_points(ax, r, colors: Mapping[str, str], legend: bool = True) -> None:
     """Theta / checkpoints as crosses and dots, minima as stars in their domain's colour; points off the plane
     (projected onto it) are drawn hollow."""
-    scale = max([abs(v) for ab in r.points.values() for v in ab] + [1.0]) * float(
-        (r.normalization or {}).get("d1_norm") or 1.0)
     pts = np.array(list(r.points.values()), dtype=float).reshape(-1, 2)
     center = pts.mean(axis=0) if len(pts) else np.zeros(2)
     extent = np.ptp(pts, axis=0) if len(pts) > 1 else np.ones(2)
     extent = np.where(extent > 0, extent, 1.0)
     placed: list[np.ndarray] = []
     for name, (a, b) in r.points.items():
-        off = float((r.offplane or {}).get(name) or 0.0) > 1e-6 * scale
+        off = _offplane(r, name)
         if name.startswith("min:"):
             d = name[4:]
             c = colors.get(d, TRAIN_COLOR)
@@ -138,6 +136,13 @@ def _mark_points(ax, r, colors: Mapping[str, str], legend: bool = True) -> None:
             ax.annotate(name, (a, b), textcoords="offset points", xytext=_label_offset((a, b), center, extent, placed),
                         fontsize=7, ha="center", va="center",
                         arrowprops=dict(arrowstyle="-", color="0.35", lw=0.5, shrinkA=0, shrinkB=3))
+
+
+def _offplane(r, name: str) -> bool:
+    """The point lies off the plane (drawn hollow, at its projection)."""
+    scale = max([abs(v) for ab in r.points.values() for v in ab] + [1.0]) * float(
+        (r.normalization or {}).get("d1_norm") or 1.0)
+    return float((r.offplane or {}).get(name) or 0.0) > 1e-6 * scale
 
 
 def _label_offset(ab, center, extent, placed: list, radius: float = 22.0) -> tuple[float, float]:
@@ -191,7 +196,7 @@ def panels_figure(r, kind: str = "filled", path: str | Path | None = None) -> Fi
     X, Y = np.meshgrid(np.asarray(r.x), np.asarray(r.y))
     for i, d in enumerate(names):
         z = np.asarray(r.losses[d], dtype=float)
-        title = ("training loss" if d == TRAIN else d + (" (OOD)" if d in r.ood else ""))
+        title = ("training loss" if d == TRAIN else domain_label(d, r.ood))
         if kind == "surface":
             ax = fig.add_subplot(rows, cols, i + 1, projection="3d")
             hi = float(np.nanpercentile(z, 95))
@@ -238,7 +243,8 @@ def overlay_axes(ax, r, level=None, label: str | None = None) -> dict:
     X, Y = np.meshgrid(np.asarray(r.x), np.asarray(r.y))
     t = np.asarray(r.losses[TRAIN], dtype=float)
     lv, ext = _clip_levels(t, 20)
-    ax.contourf(X, Y, t, levels=lv, cmap="Greys", alpha=0.35, extend=ext)
+    shade = ax.contourf(X, Y, t, levels=lv, cmap="Greys", alpha=0.35, extend=ext)
+    ax.figure.colorbar(shade, ax=ax, shrink=0.8, ticks=lv[::4], format="%.3g", label="training loss (grey shading)")
     handles = []
     from matplotlib.lines import Line2D
     for d in names:
@@ -249,8 +255,15 @@ def overlay_axes(ax, r, level=None, label: str | None = None) -> dict:
             ax.contourf(X, Y, z, levels=[np.nanmin(z) - 1, levels[d]], colors=[c], alpha=0.0 if ood else 0.18)
             ax.contour(X, Y, z, levels=[levels[d]], colors=[c], linewidths=1.8, linestyles="--" if ood else "-")
         handles.append(Line2D([], [], color=c, ls="--" if ood else "-",
-                              label=f"{d}{' (OOD)' if ood else ''} <= {levels[d]:.4g}"))
+                              label=f"{domain_label(d, [d] if ood else [])} <= {levels[d]:.4g}"))
     _mark_points(ax, r, colors, legend=False)
+    mins = [n for n in r.points if n.startswith("min:")]
+    if any(not _offplane(r, n) for n in mins):
+        handles.append(Line2D([], [], marker="*", ms=10, color="0.45", mec="k", mew=0.6, ls="none",
+                              label="domain minimum (colour)"))
+    if any(_offplane(r, n) for n in mins):
+        handles.append(Line2D([], [], marker="*", ms=10, color="0.45", mfc="none", ls="none",
+                              label="minimum off the plane (projected)"))
     frac = common_region(r, levels)
     ax.legend(handles=handles, fontsize=7, loc="best")
     _axis_labels(ax, r)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-from .style import OPTIMIZER_COLORS as OPT_COLORS
+from .style import OPTIMIZER_COLORS as OPT_COLORS, domain_label
 
 
 def curves_plot(records: dict[str, list[list[dict]]], ood: list[str], title: str = "", matched: dict | None = None):
@@ -26,7 +26,7 @@ def curves_plot(records: dict[str, list[list[dict]]], ood: list[str], title: str
         if matched and d == "train":
             for opt, (step, loss) in matched.items():
                 ax.plot([step], [loss], "o", color=OPT_COLORS.get(opt), mec="k")
-        ax.set_title(d + (" (OOD)" if d in ood else ""))
+        ax.set_title(domain_label(d, ood))
         ax.set_xlabel("step")
         ax.set_yscale("log")
     axes[0][0].set_ylabel("eval loss")
