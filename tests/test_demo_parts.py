@@ -92,6 +92,10 @@ def test_dense_window_every_step_around_the_first_crossing(tmp_path):
     mtime = (tmp_path / "run-match").stat().st_mtime_ns
     assert dense_window(tmp_path / "run", target, "cpu", logs.append) == cands and len(logs) == 1
     assert (tmp_path / "run-match").stat().st_mtime_ns == mtime
+    # a copy whose first checkpoint is not the run's own (another run's, a retrained run) is rebuilt
+    first = list_checkpoints(tmp_path / "run-match")[0] / "manifest.json"
+    first.write_text(first.read_text().replace('"seed": 0', '"seed": 1', 1))
+    assert dense_window(tmp_path / "run", target, "cpu", logs.append) == cands and len(logs) == 2
 
 
 def test_match_runs_widens_the_window_until_a_triple_agrees(monkeypatch):

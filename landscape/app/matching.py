@@ -2,6 +2,7 @@
 then one checkpoint per run chosen jointly so that every pair agrees within a tolerance."""
 from __future__ import annotations
 
+import filecmp
 import itertools
 import shutil
 from pathlib import Path
@@ -48,7 +49,8 @@ def dense_window(run: Path, target: float, device: str, log: Callable, window: f
     mdir = Path(str(run) + "-match")
     done = list_checkpoints(mdir) if mdir.exists() else []
     final = read_checkpoint(list_checkpoints(run)[-1]).step
-    if not (done and _step(done[0]) <= _step(start) and _complete(done, target, final, window)):
+    if not (done and _step(done[0]) <= _step(start) and _copied_from(done[0], run)
+            and _complete(done, target, final, window)):
         shutil.rmtree(mdir, ignore_errors=True)
         mdir.mkdir(parents=True)
         shutil.copytree(start, mdir / start.name)
@@ -70,6 +72,14 @@ def dense_window(run: Path, target: float, device: str, log: Callable, window: f
             c["train_loss"] <= target for c in cands) else len(cands) - 1
         near = cands[max(below - 1, 0):below + 1]
     return sorted(near, key=lambda c: abs(c["train_loss"] - target))[:MAX_CANDIDATES]
+
+
+def _copied_from(ckpt: Path, run: Path) -> bool:
+    """The dense copy starts from this run's own checkpoint, byte for byte (not a stale copy of another run)."""
+    orig = run / ckpt.name
+    files = sorted(p.name for p in ckpt.iterdir())
+    return orig.is_dir() and files == sorted(p.name for p in orig.iterdir()) and all(
+        filecmp.cmp(ckpt / f, orig / f, shallow=False) for f in files)
 
 
 def _complete(done: list[Path], target: float, final: int, window: float) -> bool:
