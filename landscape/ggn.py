@@ -66,7 +66,7 @@ class GGNOperator(CurvatureOperator):
     def _reseed(self, key: int) -> None:
         """Train mode: the same dropout masks for a batch in every forward (jvp and the cached vjp)."""
         if self.train_mode:
-            reseed(self.seed, key)
+            reseed(self.seed, key, self.device)
 
     def _f(self, batch):
         model, lo = self.obj.model, self.loss_obj

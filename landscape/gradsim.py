@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from nexus_opt.errors import UserError
-from nexus_opt.util import check_seed
+from nexus_opt.util import check_seed, mix_seed
 
 from .gradients import batch_gradient, domain_gradient  # noqa: F401  (re-exported)
 from .objective import Objective, batch_rng
@@ -106,8 +106,8 @@ def gradient_similarity(obj: Objective, *, domains=None, params: str | None = No
     into up to CHUNKS contiguous chunks of examples, one extra pass): a same-domain noise floor for
     half-size estimates. `cosine_stderr` is the standard deviation over `resamples` bootstrap resamplings
     (with replacement, seeded by `seed`) of each domain's batches (or chunks); null where a domain has one
-    unresamplable batch. Eval mode unless train_mode=True (then each batch, or each chunk of a single batch,
-    draws its dropout masks from objective.batch_seed(seed, its batch's key), as every analyzer); the caller's
+    unresamplable batch. Eval mode unless train_mode=True (then each batch draws its dropout masks from
+    objective.batch_seed(seed, its batch's key), as every analyzer; each chunk of a single batch draws its own); the caller's
     parameters, .grad fields, buffers and mode flags are unchanged. `domains`: see Objective.resolve_domains
     ('train' = the trained domains); `params`: a regex restricting the parameters (Objective.select).
     Under torchrun each rank differentiates its share of the batch rows and the rows are all-reduced, so
@@ -130,10 +130,10 @@ def gradient_similarity(obj: Objective, *, domains=None, params: str | None = No
 
     # Plan: rows of X are per-batch (or per-half) gradients; each domain is a weighted sum of rows.
     plan = {}  # domain -> dict(full=[(row, coef)], units=[(row, coef)], halves=([...], [...]) | None, reason)
-    jobs: list[tuple[str, int, object]] = []  # (domain, batch key, batch) to differentiate, in row order
+    jobs: list[tuple[str, int, object, int | None]] = []  # (domain, batch key, batch, chunk), in row order
 
-    def add(d, key, batch):
-        jobs.append((d, key, batch))
+    def add(d, key, batch, chunk=None):
+        jobs.append((d, key, batch, chunk))
         return len(jobs) - 1
 
     for d in names:
@@ -149,7 +149,7 @@ def gradient_similarity(obj: Objective, *, domains=None, params: str | None = No
                 entry["reason"] = chunks
             else:
                 n = sum(k for _, k in chunks)
-                units = [(add(d, terms[0][0], c), k / n) for c, k in chunks]
+                units = [(add(d, terms[0][0], c, j), k / n) for j, (c, k) in enumerate(chunks)]
                 entry["units"], entry["halves"] = units, (units[0::2], units[1::2])
                 entry["reason"] = (f"one batch of {n} examples cut into {len(units)} chunks of examples, "
                                    "split even/odd")
@@ -164,9 +164,11 @@ def gradient_similarity(obj: Objective, *, domains=None, params: str | None = No
         X.zero_()  # under torchrun each rank differentiates rows i = rank mod world; the sum is every row
     rng = seed if train_mode else None
     with obj.preserved(train_mode, seed):
-        for i, (d, key, b) in enumerate(jobs):
+        for i, (d, key, b, chunk) in enumerate(jobs):
             if i % world == rank:
-                with batch_rng(rng, key, obj.device):
+                # a chunk of a single batch draws its own masks (shared masks would inflate the split-half floor)
+                s = rng if rng is None or chunk is None else mix_seed(rng, key, chunk + 1) % 2 ** 40
+                with batch_rng(s, key, obj.device):
                     X[i], losses[i] = batch_gradient(obj, b, weights_)
             if progress:
                 progress(i + 1, len(jobs), f"gradients {d}")

@@ -199,7 +199,7 @@ class HessianOperator(CurvatureOperator):
             devices = [self.device] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 if key is not None:
-                    reseed(self.seed, key)
+                    reseed(self.seed, key, self.device)
                 yield
 
     def _flat(self, grads: Sequence[torch.Tensor | None], like: dict[str, torch.Tensor], batch_shape=()) -> torch.Tensor:
@@ -323,7 +323,7 @@ class HessianOperator(CurvatureOperator):
             total = 0
             for k, c, b in self.terms:
                 if self.train_mode:
-                    reseed(self.seed, k)  # the masks of the graph-based products (vmap: randomness="same")
+                    reseed(self.seed, k, self.device)  # the masks of the graph-based products (vmap: randomness="same")
                 total = total + self.obj.functional_loss(p, b) * c
             return total
 

@@ -21,9 +21,17 @@ def batch_seed(seed: int, key: int) -> int:
     return int(seed) * 1_000_003 + int(key)
 
 
-def reseed(seed: int, key: int) -> None:
-    """Seed the global RNG (every device) for batch `key`: torch.manual_seed(batch_seed(seed, key))."""
-    torch.manual_seed(batch_seed(seed, key))
+def reseed(seed: int, key: int, device=None) -> None:
+    """Seed the generators batch `key`'s random ops draw from with batch_seed(seed, key): the CPU one and, for an
+    accelerator `device`, that device's (other devices' generators are left alone: callers fork only these)."""
+    s = batch_seed(seed, key)
+    torch.default_generator.manual_seed(s)
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cuda":
+        with torch.cuda.device(dev):
+            torch.cuda.manual_seed(s)
+    elif dev is not None and dev.type != "cpu":  # another accelerator: its generator, through the global call
+        torch.manual_seed(s)
 
 
 @contextlib.contextmanager
@@ -35,7 +43,7 @@ def batch_rng(seed: int | None, key: int, device=None) -> Iterator[None]:
         return
     devices = [device] if device is not None and torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        reseed(seed, key)
+        reseed(seed, key, device)
         yield
 
 

@@ -25,7 +25,7 @@ from nexus_opt.errors import UserError
 
 from .hvp import HessianOperator, numerics
 from .lanczos import EigenResult
-from .objective import Objective, reseed
+from .objective import Objective, batch_rng
 from .trace import TraceEstimate
 
 
@@ -45,7 +45,7 @@ class _LossModel(torch.nn.Module):
         self.keys = [k for k, _, _ in keyed_terms]
         self.batches = [b for _, _, b in keyed_terms]
         self.coefs = [c * scale for _, c, _ in keyed_terms]
-        self.mode, self.seed = train_mode, int(seed)
+        self.mode, self.seed, self.device = train_mode, int(seed), obj.device
         self.inner.train(train_mode)
 
     def train(self, mode: bool = True):  # PyHessian calls model.eval(): keep the requested mode instead
@@ -54,9 +54,9 @@ class _LossModel(torch.nn.Module):
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:
         i = int(index.reshape(-1)[0])
-        if self.mode:  # the masks of our operators (objective.batch_seed); PyHessian runs on a forked RNG
-            reseed(self.seed, self.keys[i])
-        loss = self.loss_fn(self.inner, self.batches[i]) * self.coefs[i]
+        # train mode: the masks of our operators, on a forked RNG (PyHessian draws its probes from the global one)
+        with batch_rng(self.seed if self.mode else None, self.keys[i], self.device):
+            loss = self.loss_fn(self.inner, self.batches[i]) * self.coefs[i]
         keep = sum((p * p).sum() for p in self.inner.parameters() if p.requires_grad)
         return loss + 0.0 * keep  # every parameter reaches the loss; its Hessian is unchanged
 

@@ -307,3 +307,59 @@ def test_pyhessian_cross_check_uses_the_same_train_mode_masks():
     r = pyhessian_eigen(obj, 1, "b", seed=seed, train_mode=True, tol=1e-6, max_iter=300)
     assert abs(r.eigenvalues[0] - top) / abs(top) < 1e-3 and r.converged == [True]
     assert_same_state(before, model)
+
+
+def test_pyhessian_trace_probes_stay_random_in_train_mode():
+    """Seeding the masks must not reseed PyHessian's probe stream: in train mode, on a domain of several batches,
+    every Hutchinson sample differs (a reseeded global RNG made probes 2..n one and the same vector)."""
+    pytest.importorskip("pyhessian")
+    from landscape.pyhessian_backend import pyhessian_trace
+
+    obj = Objective(mlp(False), data(), mse)
+    before = state(obj.model)
+    tr = pyhessian_trace(obj, "b", probes=12, seed=0, train_mode=True)
+    assert len(set(round(x, 9) for x in tr.samples)) == 12
+    assert_same_state(before, obj.model)
+
+
+class Recorder(torch.nn.Module):
+    """Identity that records one uniform draw per train-mode forward: which RNG stream each forward ran on."""
+
+    def __init__(self):
+        super().__init__()
+        self.draws = []
+
+    def forward(self, x):
+        if self.training:
+            self.draws.append(float(torch.rand(())))
+        return x
+
+
+def test_gradsim_chunks_of_one_batch_draw_their_own_masks():
+    """A single batch cut into chunks for the split-half floor: the full batch runs on batch_seed(seed, key) like
+    every analyzer, and every chunk on a stream of its own (shared masks would inflate the same-domain floor)."""
+    from landscape.gradsim import CHUNKS, gradient_similarity
+    from landscape.objective import batch_rng
+
+    rec = Recorder()
+    model = torch.nn.Sequential(rec, torch.nn.Linear(3, 1)).double()
+    doms = {k: v[:1] for k, v in data(n=8).items()}  # one batch per domain: chunked
+    gradient_similarity(Objective(model, doms, mse), train_mode=True, seed=7, resamples=0)
+    with batch_rng(7, 0):
+        full_a = float(torch.rand(()))
+    with batch_rng(7, 1):
+        full_b = float(torch.rand(()))
+    jobs = rec.draws[-2 * (1 + CHUNKS):]  # per domain, in row order: the full batch, then its CHUNKS chunks
+    assert len(rec.draws) >= len(jobs) and jobs[0] == full_a and jobs[1 + CHUNKS] == full_b
+    chunks = jobs[1:1 + CHUNKS] + jobs[2 + CHUNKS:]
+    assert len(set(chunks + [full_a, full_b])) == 2 * CHUNKS + 2
+
+
+def test_cpu_dropout_masks_do_not_depend_on_the_dtype():
+    """Why train-mode analyses keep the model's dtype on the CPU: one seed gives one mask in every float dtype
+    (on accelerators the surface and closeness switch to float64, where the descents run)."""
+    masks = []
+    for dt in (torch.float64, torch.float32, torch.bfloat16):
+        torch.manual_seed(11)
+        masks.append(torch.nn.functional.dropout(torch.ones(257, 33, dtype=dt), P, training=True) != 0)
+    assert torch.equal(masks[0], masks[1]) and torch.equal(masks[0], masks[2])

@@ -2,6 +2,7 @@
 colours, and the labels of the demo's metrics (report tables and the CLI summary use the same words)."""
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 # matplotlib's tab10 as hex, so that plotly figures colour a domain exactly as the static ones do
@@ -28,7 +29,7 @@ METRICS = {
 
 def domain_label(name: str, ood=()) -> str:
     """A domain's name, marked '(OOD)' when held out -- unless the name already says so (a domain called 'ood')."""
-    return name + (" (OOD)" if name in ood and "ood" not in name.lower() else "")
+    return name + (" (OOD)" if name in ood and not re.search(r"(?<![a-z])ood(?![a-z])", name.lower()) else "")
 
 
 def color(i: int) -> str:

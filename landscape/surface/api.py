@@ -56,6 +56,15 @@ def _ticker(progress: Progress | None, total: int, what: str) -> Callable[[int],
     return lambda done: progress(done, total, what)
 
 
+def _train_mode_dtype(obj: Objective, train_mode: bool) -> Objective:
+    """Train mode on an accelerator: a float64 copy, because a dropout mask drawn from one seed there may depend on
+    the dtype, and the descents (domains plane, line to a minimum) run in float64: one loss for both. CPU masks do
+    not depend on the dtype (tested), so the CPU keeps the model's dtype."""
+    if train_mode and obj.device.type != "cpu" and obj.dtype != torch.float64:
+        return obj.to(dtype=torch.float64)
+    return obj
+
+
 def surface(obj: Objective, *, plane: str = "random", grid=51, span=None, domains=None, params: str | None = None,
             seed: int = 0, progress: Progress | None = None, others=None, minima=None, norm: str = "filter",
             bias: str = "zero", batch: str = "auto", chunk: int | None = None, out: str | Path | None = None,
@@ -79,7 +88,7 @@ def surface(obj: Objective, *, plane: str = "random", grid=51, span=None, domain
     unchanged.
     """
     seed = check_seed(seed, "seed")
-    obj = obj.select(params)
+    obj = _train_mode_dtype(obj.select(params), train_mode)
     grid_axes({}, span, grid)  # refuse a bad grid or span before any descent or evaluation
     want, names = resolve_domains(obj, domains)
     rank, world = dist_info()
@@ -185,7 +194,7 @@ def line(obj: Objective, start=None, end=None, *, points: int = 51, span=(0.0, 1
     domains, params, train_mode: as in `surface`.
     """
     seed = check_seed(seed, "seed")
-    obj = obj.select(params)
+    obj = _train_mode_dtype(obj.select(params), train_mode)
     tick = _ticker(progress, int(points), "line")
     if int(points) < 2:
         raise UserError(f"a line needs at least 2 points, got {points}")
