@@ -26,13 +26,14 @@ def domain_gradient(obj, domain: str | None, *, train_mode: bool | None = None,
     """(flat float64 gradient, loss) of a domain's full loss (None/'train': the training loss), its fixed batches
     weighted as obj.terms says. Under torch.distributed each rank takes its share of the batches and the sums
     are all-reduced (the same numbers on every rank). `train_mode`: None keeps the model's mode flags as they
-    are; True/False sets them for the call (restored after). `seed`: each batch runs on an RNG seeded for it
+    are; True/False sets them for the call (restored after, with the buffers such as BatchNorm statistics and the
+    RNG: Objective.preserved). `seed`: each batch runs on an RNG seeded for it
     (objective.batch_rng: train mode's fixed dropout masks); None leaves the RNG alone."""
     from . import distributed as dist
     from .objective import batch_rng
 
     if train_mode is not None:
-        with obj.evaluating(train_mode):
+        with obj.preserved(train_mode, seed=None):
             return domain_gradient(obj, domain, train_mode=None, seed=seed)
     params = obj.params()
     g = torch.zeros(sum(p.numel() for p in params.values()), dtype=torch.float64, device=obj.device)

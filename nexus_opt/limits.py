@@ -69,7 +69,7 @@ def human(n: float) -> str:
 
 
 def _why(why: str) -> str:
-    return f" ({why})" if why else ""
+    return f"; {why}" if why else ""
 
 
 def check_int(value, name: str, lo: int = 1, hi: int = MAX_DIM, where: str = "", why: str = "") -> int:
@@ -80,7 +80,7 @@ def check_int(value, name: str, lo: int = 1, hi: int = MAX_DIM, where: str = "",
         else:
             raise UserError(f"{where}{name} must be an integer, got {value!r}")
     if not lo <= value <= hi:
-        raise UserError(f"{where}{name} must be between {lo} and {hi}{_why(why)}, got {value}")
+        raise UserError(f"{where}{name} must be between {lo} and {hi}, got {value}{_why(why)}")
     return value
 
 
@@ -98,7 +98,7 @@ def check_float(value, name: str, lo: float = -math.inf, hi: float = math.inf, w
         raise UserError(f"{where}{name} must be a finite number, got {value!r}")
     if v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
         lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
-        raise UserError(f"{where}{name} must be in {lb}{lo:g}, {hi:g}{rb}{_why(why)}, got {value!r}")
+        raise UserError(f"{where}{name} must be in {lb}{lo:g}, {hi:g}{rb}, got {value!r}{_why(why)}")
     return v
 
 

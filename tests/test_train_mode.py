@@ -363,3 +363,15 @@ def test_cpu_dropout_masks_do_not_depend_on_the_dtype():
         torch.manual_seed(11)
         masks.append(torch.nn.functional.dropout(torch.ones(257, 33, dtype=dt), P, training=True) != 0)
     assert torch.equal(masks[0], masks[1]) and torch.equal(masks[0], masks[2])
+
+
+def test_domain_gradient_in_train_mode_leaves_batchnorm_statistics_alone():
+    from landscape.gradients import domain_gradient
+
+    model = mlp(True)
+    obj = Objective(model, data(), mse)
+    before = state(model)
+    g1, _ = domain_gradient(obj, "a", train_mode=True, seed=5)
+    g2, _ = domain_gradient(obj, "a", train_mode=True, seed=5)
+    assert_same_state(before, model)
+    assert torch.equal(g1, g2)  # the same masks, the same batch statistics: the same gradient
