@@ -28,6 +28,10 @@ def _loss(ckpt: Path) -> float:
     return float(read_checkpoint(ckpt).manifest["metrics"]["train_loss"])
 
 
+def _candidate(ckpt: Path) -> dict:
+    return {"path": str(ckpt), "step": _step(ckpt), "train_loss": _loss(ckpt)}
+
+
 def dense_window(run: Path, target: float, device: str, log: Callable, window: float = MATCH_WINDOW) -> list[dict]:
     """Every-step checkpoints of `run` around its first evaluation at or below `target`, written into a copy of
     the run (`<run>-match`) resumed from its last regular checkpoint above target + window and stopped
@@ -38,14 +42,12 @@ def dense_window(run: Path, target: float, device: str, log: Callable, window: f
     recs = eval_records(run)
     cross = next((r["step"] for r in recs if r["train_loss"] <= target), None)
     if cross is None:  # never reaches the target: only its final checkpoint is a candidate (flagged by the gap)
-        last = list_checkpoints(run)[-1]
-        return [{"path": str(last), "step": _step(last), "train_loss": _loss(last)}]
+        return [_candidate(list_checkpoints(run)[-1])]
     above = {r["step"] for r in recs if r["step"] < cross and r["train_loss"] > target + window}
     ckpts = [c for c in list_checkpoints(run) if _step(c) < cross]
     start = next((c for c in reversed(ckpts) if _step(c) in above), ckpts[0] if ckpts else None)
     if start is None:  # crossed at its first checkpoint (step 0)
-        first = list_checkpoints(run)[0]
-        return [{"path": str(first), "step": _step(first), "train_loss": _loss(first)}]
+        return [_candidate(list_checkpoints(run)[0])]
     mdir = Path(str(run) + "-match")
     done = list_checkpoints(mdir) if mdir.exists() else []
     final = read_checkpoint(list_checkpoints(run)[-1]).step
@@ -65,11 +67,10 @@ def dense_window(run: Path, target: float, device: str, log: Callable, window: f
 
         resume(mdir, device=device, stop_when=stop)
         done = list_checkpoints(mdir)
-    cands = [{"path": str(c), "step": _step(c), "train_loss": _loss(c)} for c in done]
+    cands = [_candidate(c) for c in done]
     near = [c for c in cands if abs(c["train_loss"] - target) <= window]
     if not near:  # one step jumped over the whole window: the last checkpoint above and the first at or below
-        below = next(i for i, c in enumerate(cands) if c["train_loss"] <= target) if any(
-            c["train_loss"] <= target for c in cands) else len(cands) - 1
+        below = next((i for i, c in enumerate(cands) if c["train_loss"] <= target), len(cands) - 1)
         near = cands[max(below - 1, 0):below + 1]
     return sorted(near, key=lambda c: abs(c["train_loss"] - target))[:MAX_CANDIDATES]
 
