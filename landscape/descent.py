@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import torch
 
 from nexus_opt.errors import UserError
+from nexus_opt.util import choose
 
 from .objective import Objective, batch_rng
 from .params import get_flat, set_flat, unflatten
@@ -103,10 +104,7 @@ def _loss_grad(obj: Objective, leaves: dict, terms, seed: int | None) -> float:
 
 def optimizer_name(optimizer: str) -> str:
     """The documented name of a descent optimizer ('adam' -> 'adamw'), or a UserError listing the names."""
-    name = ALIASES.get(optimizer, optimizer)
-    if name not in OPTIMIZERS:
-        raise UserError(f"unknown optimizer '{optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
-    return name
+    return choose(optimizer, OPTIMIZERS, "optimizer", ALIASES)
 
 
 def _check_settings(optimizer, steps, max_evals, lr, rtol, atol) -> None:

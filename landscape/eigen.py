@@ -10,6 +10,7 @@ import scipy.linalg
 import torch
 
 from nexus_opt.errors import UserError
+from nexus_opt.util import choose
 
 WHICH = ("top", "bottom", "both", "magnitude")
 _ALIASES = {"LA": "top", "SA": "bottom", "BE": "both", "LM": "magnitude"}
@@ -67,10 +68,7 @@ class EigenResult:
 
 
 def _which(which: str) -> str:
-    which = _ALIASES.get(which, which)
-    if which not in WHICH:
-        raise UserError(f"unknown eigenvalue selection '{which}'; choose one of {list(WHICH)}")
-    return which
+    return choose(which, WHICH, "eigenvalue selection", _ALIASES)
 
 
 def start_vector(n: int, seed: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ from .errors import TrainingDiverged, UserError
 from .evaluate import evaluate, move_batch
 from .models import REGISTRY, model_from_spec
 from .suites import make_suite
-from .util import SEED_LIMIT, check_seed, resolve_device  # noqa: F401  (re-exported: their home is util)
+from .util import SEED_LIMIT, check_seed, choose, resolve_device  # noqa: F401  (SEED_LIMIT, check_seed re-exported)
 
 OPTIMIZERS = ("adamw", "nexus", "nexus-parallel", "sgd")  # nexus-parallel: Nexus without the walk
 MAX_STEPS = 10 ** 9   # steps, eval/checkpoint intervals, warmup
@@ -56,8 +56,7 @@ class TrainConfig:
     out: str = "runs/default"
 
     def validate(self) -> "TrainConfig":
-        if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"unknown optimizer '{self.optimizer}'; choose one of {list(OPTIMIZERS)}")
+        choose(self.optimizer, OPTIMIZERS, "optimizer")
         I, F = limits.check_int, limits.check_float
         for name, hi in (("steps", MAX_STEPS), ("batch_size", 1 << 20), ("accum", 1 << 16),
                          ("eval_every", MAX_STEPS), ("ckpt_every", MAX_STEPS)):

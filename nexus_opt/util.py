@@ -26,6 +26,14 @@ def check_seed(seed, what: str = "--seed") -> int:
     return seed
 
 
+def choose(value, choices, what: str, aliases: Mapping | None = None):
+    """`value` (or the name an alias stands for) when it is one of `choices`, else a UserError listing them."""
+    name = (aliases or {}).get(value, value)
+    if name not in choices:
+        raise UserError(f"unknown {what} '{value}'; choose one of {', '.join(map(str, choices))}")
+    return name
+
+
 def mix_seed(*parts: int) -> int:
     """A deterministic 63-bit seed from integers (splitmix64 over the parts)."""
     z = 0x9E3779B97F4A7C15
