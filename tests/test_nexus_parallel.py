@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from nexus_opt import Nexus
-from test_nexus import (ACCELERATOR_PATHS, GAMMA, K, T, MultiHead, _save_load, adamw, groups_of, loss_fn,
-                        make_batches, max_diff, nexus_run, reference_run, simulate_accelerator_path, warmup_cosine)
+from test_nexus import (ACCELERATOR_PATHS, GAMMA, K, T, MultiHead, _fresh, adamw, check_resume_bit_exact, groups_of,
+                        loss_fn, make_batches, max_diff, nexus_run, reference_run, simulate_accelerator_path,
+                        warmup_cosine)
 
 
 @pytest.fixture
@@ -112,36 +113,19 @@ def test_parallel_anchor_weights_is_a_no_op_and_memory_is_one_copy(batches):
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------------
-def _fresh(mode="parallel"):
-    model = MultiHead(seed=123)
-    opt = Nexus(adamw(groups_of(model, [1e-2, 3e-3])), inner_lr=GAMMA, inner_steps=K, mode=mode)
-    return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(T))
-
-
 @pytest.mark.parametrize("cut", [2 * K, 3 * K + 2])
 def test_parallel_resume_is_bit_exact(batches, tmp_path, cut):
-    full, opt, sched = _fresh()
-    full.load_state_dict(MultiHead().state_dict())
-    nexus_run(full, opt, batches, sched=sched)
-    run, opt, sched = _fresh()
-    run.load_state_dict(MultiHead().state_dict())
-    nexus_run(run, opt, batches[:cut], sched=sched)
-    sd = opt.state_dict()
-    assert sd["mode"] == "parallel" and "displacement" in sd and "anchor" not in sd
-    saved = _save_load({"model": run.state_dict(), "opt": sd, "sched": sched.state_dict()}, tmp_path, "p")
-    model, opt, sched = _fresh()
-    model.load_state_dict(saved["model"])
-    opt.load_state_dict(saved["opt"])
-    sched.load_state_dict(saved["sched"])
-    nexus_run(model, opt, batches[cut:], sched=sched)
-    assert all(torch.equal(p, q) for p, q in zip(full.parameters(), model.parameters()))
+    def saved(sd):
+        assert sd["mode"] == "parallel" and "displacement" in sd and "anchor" not in sd
+
+    check_resume_bit_exact(batches, tmp_path, cut, mode="parallel", saved_check=saved)
 
 
 def test_mode_mismatch_on_load_is_refused(batches):
-    model, opt, _ = _fresh("parallel")
+    model, opt, _ = _fresh(mode="parallel")
     nexus_run(model, opt, batches[:K])
     with pytest.raises(ValueError, match="mode='parallel'"):
-        _fresh("sequential")[1].load_state_dict(opt.state_dict())
+        _fresh(mode="sequential")[1].load_state_dict(opt.state_dict())
 
 
 def test_trainer_nexus_parallel_run_resumes_bit_for_bit(tmp_path):
