@@ -128,14 +128,9 @@ def figure_formats(html: bool = False) -> list[str]:
 
 def write_json(data: dict, path: str | Path) -> None:
     """Write JSON to `path`; a failure (disk full, a device like /dev/full, permissions) names the path."""
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as f:
-            f.write(json.dumps(data, indent=2) + "\n")
-    except OSError as e:
-        if e.filename is None:
-            e.filename = str(path)
-        raise
+    from nexus_opt.files import write_atomic
+
+    write_atomic(path, json.dumps(data, indent=2) + "\n")  # the output rule, atomically
     console.print(f"wrote {path}")
 
 

@@ -140,14 +140,9 @@ def _write(text: str, path: str, log) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
         return
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="") as f:
-            f.write(text)
-    except OSError as e:
-        if e.filename is None:
-            e.filename = str(path)
-        raise
+    from nexus_opt.files import write_atomic
+
+    write_atomic(path, text)  # the output rule (never over an input or a run's file), atomically
     log(f"wrote {path}")
 
 

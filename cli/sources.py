@@ -36,7 +36,7 @@ _PARAMS = [
     ("data_seed", int, typer.Option(0, "--data-seed", help="Seed of the held-out windows/examples of --data domains.")),
     ("loss", str, typer.Option("auto", "--loss", help="Loss of a factory model: auto, lm, mse or ce.")),
 ]
-_OUTPUTS = ("json_out", "csv_out", "plot")
+_OUTPUTS = {"json_out": "--json", "csv_out": "--csv", "plot": "--plot"}
 
 
 def source_options(fn):
@@ -48,17 +48,32 @@ def source_options(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from nexus_opt.files import check_outputs, reading
+
         opts = {n: kwargs.pop(n) for n, _, d in _PARAMS if n in kwargs}
         _check_sizes(opts)
         _distributed_outputs(kwargs)
         token = _OPTIONS.set(opts)
         try:
-            return fn(*args, **kwargs)
+            with reading(command_reads(kwargs, opts)):  # every write of the command is checked against these
+                check_outputs({o: kwargs.get(k) for k, o in _OUTPUTS.items()})
+                return fn(*args, **kwargs)
         finally:
             _OPTIONS.reset(token)
 
     wrapper.__signature__ = sig.replace(parameters=params + extra)
     return wrapper
+
+
+def command_reads(kwargs: dict, opts: dict) -> list[str]:
+    """Every path a command reads: its checkpoints (run directories, models), --from files, --data/--ood files."""
+    paths = [str(p) for k in ("checkpoints", "from_") for p in (kwargs.get(k) or [])]
+    for opt in ("data", "ood"):
+        for part in (opts.get(opt) or "").split(","):
+            name, eq, path = part.partition("=")
+            if eq and path.strip():
+                paths.append(path.strip())
+    return paths
 
 
 def _check_sizes(o: dict) -> None:

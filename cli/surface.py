@@ -144,6 +144,9 @@ def plot_surface_cmd(
     check_output_dir(out_dir, "--out")
     check_output_file(json_out, "--json")
     check_output_file(csv_out, "--csv")
+    from nexus_opt.files import check_outputs
+
+    check_outputs({"--plot": plot, "--json": json_out, "--csv": csv_out}, dirs={"--out": out_dir})
     outd = Path(out_dir)
     base = Path(plot).stem if plot else "surface"
     formats = ([Path(plot).suffix.lower().lstrip(".")] if plot else ["png", "svg"])

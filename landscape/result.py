@@ -45,7 +45,9 @@ class Result:
     def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
         text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
         if path is not None:
-            Path(path).write_text(text + "\n")
+            from nexus_opt.files import write_atomic
+
+            write_atomic(path, text + "\n")
         return text
 
     @classmethod

@@ -332,9 +332,58 @@ def valid_checkpoint_name(name) -> bool:
     return isinstance(name, str) and bool(_NAME.match(name))
 
 
+def _leads_out(entry: Path, root: Path) -> bool:
+    """True when `entry` (a path directly inside `root`) resolves, symlinks followed, anywhere but root/<name>."""
+    return os.path.realpath(entry) != os.path.join(os.path.realpath(root), entry.name)
+
+
+def check_closed(run_dir: str | Path) -> None:
+    """A run directory is closed under symlinks: latest.json, metrics.jsonl, .lock and every ckpt-* entry (and
+    the files of each checkpoint) resolve inside the run, else a UserError naming the entry and where it leads."""
+    run = Path(os.path.abspath(run_dir))
+    if not run.is_dir():
+        return
+    entries = [run / n for n in ("latest.json", "metrics.jsonl", LOCK_NAME)]
+    entries += sorted(c for c in run.glob("ckpt-*") if valid_checkpoint_name(c.name))
+    for e in entries:
+        if (e.exists() or e.is_symlink()) and _leads_out(e, run):
+            raise UserError(f"run directory {run_dir}: '{e.name}' is a symlink leading out of the run (to "
+                            f"{os.path.realpath(e)}); a run must hold its own files: put the file itself there instead of the link")
+        if e.is_dir():
+            _check_files_inside(e)
+
+
+def _check_files_inside(d: Path) -> None:
+    for n in ("manifest.json", "model.safetensors", "state.safetensors"):
+        f = d / n
+        if (f.exists() or f.is_symlink()) and _leads_out(f, d):
+            raise UserError(f"checkpoint {d}: '{n}' is a symlink leading out of the checkpoint (to "
+                            f"{os.path.realpath(f)}); a checkpoint must hold its own files")
+
+
+def _run_of(d: Path):
+    """The run directory holding checkpoint directory `d` (by its path, not its target), else None."""
+    parent = Path(os.path.abspath(d)).parent
+    if valid_checkpoint_name(Path(os.path.abspath(d)).name) and (
+            (parent / "latest.json").exists() or (parent / "metrics.jsonl").exists()):
+        return parent
+    return None
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory from a checkpoint path or a run directory (its latest, else the newest)."""
+    """A checkpoint directory from a checkpoint path or a run directory (its latest, else the newest); every
+    path the run leads to must resolve inside it (`check_closed`)."""
     p = Path(path)
+    if p.is_dir():
+        run = _run_of(p) if _is_checkpoint_dir(p) else p
+        if run is not None:
+            check_closed(run)
+        else:
+            _check_files_inside(p)
+    return _resolve_checkpoint(p, path)
+
+
+def _resolve_checkpoint(p: Path, path) -> Path:
     if not p.exists():
         raise UserError(f"no checkpoint at '{path}': the path does not exist; pass a run directory or a ckpt-* directory")
     if p.is_file():

@@ -288,6 +288,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None, trus
                             extra_data=type(suite).data_elems(suite.options)).to(device)
     eval_sets = {d: [move_batch(b, device) for b in suite.eval_batches(d)] for d in suite.domains}
     _probe(model, suite, eval_sets)  # everything above is refused before the run directory is touched
+    ck.check_closed(out)  # no symlink of the run (its lock, metrics, checkpoints) may lead out of it
     with ck.RunLock(out):
         if _resume is None and ck.list_checkpoints(out):
             raise UserError(f"run directory '{out}' already has checkpoints; pass --resume to continue it or "

@@ -326,7 +326,9 @@ def run_demo(cfg: DemoConfig, log: Callable = print, progress: Callable[[str], C
     summary["seconds"] = time.time() - t0
     summary["cpu_seconds"] = _cpu() - c0
     summary["timings"] = clock.stages
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    from nexus_opt.files import write_atomic
+
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n", "--out")
     return summary
 
 

@@ -77,7 +77,10 @@ def write_report(summary: dict, out: Path) -> Path:
     rep = Report("AdamW, the first-order control and Nexus at equal training loss")
 
     def fig(f, name: str, caption: str) -> None:
-        f.savefig(figdir / f"{name}.png", dpi=110, bbox_inches="tight")
+        from nexus_opt.files import atomic_path
+
+        with atomic_path(figdir / f"{name}.png", "--out") as tmp:
+            f.savefig(tmp, dpi=110, bbox_inches="tight")
         rep.figure(f, caption)
 
     rep.section("reading", "Reading", "What the paired 95% intervals over seeds support, and nothing else.")

@@ -81,9 +81,6 @@ class Report:
                 + "\n".join(self.parts) + _TAIL)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.html(), encoding="utf-8")
-        tmp.replace(path)
-        return path
+        from nexus_opt.files import write_atomic
+
+        return write_atomic(path, self.html(), "--out")

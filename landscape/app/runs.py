@@ -9,6 +9,9 @@ from nexus_opt.errors import UserError
 
 def eval_records(run_dir: str | Path) -> list[dict]:
     """The run's evaluation records (step, per-domain losses, weighted training loss), by step."""
+    from nexus_opt.checkpoint import check_closed
+
+    check_closed(run_dir)  # metrics.jsonl and the checkpoints must be the run's own, not links out of it
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"no metrics.jsonl in '{run_dir}'; pass a run directory written by `landscape train`")
@@ -25,6 +28,9 @@ def eval_records(run_dir: str | Path) -> list[dict]:
 
 def gradsim_records(run_dir: str | Path) -> list[dict]:
     """The run's gradient-similarity tracker rows (step, mean cross-domain cosine, its stderr), by step."""
+    from nexus_opt.checkpoint import check_closed
+
+    check_closed(run_dir)  # metrics.jsonl and the checkpoints must be the run's own, not links out of it
     path = Path(run_dir) / "metrics.jsonl"
     recs = {}
     for line in path.read_text().splitlines() if path.is_file() else []:

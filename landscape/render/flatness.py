@@ -78,8 +78,10 @@ def flatness_figure(result, path: str | Path | None = None, title: str | None = 
         if str(path).lower().endswith(".html"):
             flatness_html(result, path, title)
         else:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(path, dpi=130, bbox_inches="tight")
+            from nexus_opt.files import atomic_path
+
+            with atomic_path(path, "--plot") as tmp:
+                fig.savefig(tmp, dpi=130, bbox_inches="tight")
     return fig
 
 
@@ -115,7 +117,9 @@ def flatness_html_figure(result, title: str | None = None):
 
 def flatness_html(result, path: str | Path, title: str | None = None) -> Path:
     """Write the interactive figure as a self-contained HTML file."""
+    from nexus_opt.files import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    flatness_html_figure(result, title).write_html(str(path), include_plotlyjs=True, full_html=True)
+    with atomic_path(path, "--plot") as tmp:
+        flatness_html_figure(result, title).write_html(str(tmp), include_plotlyjs=True, full_html=True)
     return path

@@ -34,8 +34,10 @@ def _labels(results: Sequence, labels: Sequence[str] | None) -> list[str]:
 
 def _save(fig, path):
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=130, bbox_inches="tight")
+        from nexus_opt.files import atomic_path
+
+        with atomic_path(path, "--plot") as tmp:
+            fig.savefig(tmp, dpi=130, bbox_inches="tight")
     return fig
 
 

@@ -131,6 +131,9 @@ def mechanism_figure(r: MechanismResult) -> Figure:
 
 def write_mechanism_figure(r: MechanismResult, path: str | Path, dpi: int = 130) -> Path:
     """Render and save the figure (format from the file extension)."""
+    from nexus_opt.files import atomic_path
+
     path = Path(path)
-    mechanism_figure(r).savefig(path, dpi=dpi)
+    with atomic_path(path, "--out") as tmp:
+        mechanism_figure(r).savefig(tmp, dpi=dpi)
     return path

@@ -300,8 +300,10 @@ def compare_figure(results: Sequence, labels: Sequence[str] | None = None, level
 
 def _save(fig: Figure, path) -> Figure:
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=130, bbox_inches="tight")
+        from nexus_opt.files import atomic_path
+
+        with atomic_path(path, "--plot") as tmp:
+            fig.savefig(tmp, dpi=130, bbox_inches="tight")
     return fig
 
 
@@ -388,7 +390,9 @@ def html_figure(r, level=None, label: str | None = None):
 
 def html(r, path: str | Path, level=None, label: str | None = None) -> Path:
     """Write the interactive figure as one self-contained HTML file (plotly.js inline: works offline)."""
+    from nexus_opt.files import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    html_figure(r, level, label).write_html(str(path), include_plotlyjs=True, full_html=True, include_mathjax=False)
+    with atomic_path(path, "--plot") as tmp:
+        html_figure(r, level, label).write_html(str(tmp), include_plotlyjs=True, full_html=True, include_mathjax=False)
     return path

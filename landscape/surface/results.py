@@ -103,10 +103,10 @@ def _save_npz(r: Result, path: str | Path, kind: str) -> Path:
     meta = {f.name: getattr(r, f.name) for f in dataclasses.fields(r) if f.name not in _ARRAYS[kind] + ("losses",)}
     meta.update({"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "loss_names": names})
     arrays["meta"] = np.array(json.dumps(jsonable(meta), allow_nan=False))
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    from nexus_opt.files import atomic_path
+
+    with atomic_path(path, "--out") as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
-    os.replace(tmp, path)
     return path
 
 

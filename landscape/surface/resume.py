@@ -97,7 +97,10 @@ class Sidecar:
     """Append-only JSON-lines log of finished row blocks, flushed and fsynced per block."""
 
     def __init__(self, out: Path, rank: int, fp: str):
+        from nexus_opt.files import check_output
+
         self.path = out.with_name(f"{out.name}.part{rank}.jsonl")
+        check_output(self.path, "--out")  # never appended to an input, a FIFO or a device
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new = not self.path.exists() or self.path.stat().st_size == 0
         self.f = open(self.path, "a")
