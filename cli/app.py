@@ -26,8 +26,15 @@ from nexus_opt.limits import is_allocation_failure
 _STATE = {"debug": False}
 
 
+MAX_LINE = 1000  # characters of an error line: echoed input (a 100 KB option, a million names) is cut
+
+
 def _one_line(message) -> str:
-    return " ".join(str(message).split())
+    """One line, at most MAX_LINE characters (with the full length when cut), printable whatever it echoes
+    (lone surrogates and undecodable bytes escaped)."""
+    s = " ".join(str(message).split())
+    s = s.encode("utf-8", "backslashreplace").decode("utf-8")
+    return s if len(s) <= MAX_LINE else f"{s[:MAX_LINE - 60]}... (cut; {len(s)} characters in all)"
 
 
 def error_message(e: BaseException) -> Optional[str]:
@@ -43,6 +50,9 @@ def error_message(e: BaseException) -> Optional[str]:
         first = (str(e).splitlines() or [""])[0][:160]
         return (f"out of memory ({type(e).__name__}{': ' + first if first else ''}); the model, batch, grid or "
                 "iteration count is too large for this machine: choose smaller settings")
+    if isinstance(e, UnicodeError):  # text that is not valid UTF-8 (or a lone surrogate) in an input file
+        return _one_line(f"an input holds text that is not valid UTF-8 ({type(e).__name__}: {str(e)[:160]}); "
+                         "fix or re-save the file")
     if isinstance(e, RecursionError):
         return "input nested too deeply (RecursionError); a manifest or option must be a flat, small structure"
     if isinstance(e, OSError):

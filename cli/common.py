@@ -62,7 +62,9 @@ def parse_kv(text: str | None, what: str) -> dict:
     res = {}
     for part in text.split(","):
         if "=" not in part:
-            raise UserError(f"{what} must look like key=value[,key=value...], got '{text}'")
+            from nexus_opt.files import short
+
+            raise UserError(f"{what} must look like key=value[,key=value...], got '{short(text)}'")
         k, v = part.split("=", 1)
         try:
             res[k.strip()] = json.loads(v)
@@ -175,7 +177,7 @@ def parse_names(text: Optional[str], option: str) -> Optional[list[str]]:
         return None
     names = [d.strip() for d in text.split(",") if d.strip()]
     if not names:
-        raise UserError(f"{option} '{text}' names no domain; give comma-separated domain names or leave it out")
+        raise UserError(f"{option} '{text[:200]}' names no domain; give comma-separated domain names or leave it out")
     return names
 
 

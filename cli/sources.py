@@ -35,6 +35,10 @@ _PARAMS = [
     ("text_field", str, typer.Option("text", "--text-field", help="The text field of .jsonl domains.")),
     ("data_seed", int, typer.Option(0, "--data-seed", help="Seed of the held-out windows/examples of --data domains.")),
     ("loss", str, typer.Option("auto", "--loss", help="Loss of a factory model: auto, lm, mse or ce.")),
+    ("allow_large", bool, typer.Option(False, "--allow-large", help="Build a model trained elsewhere beyond this "
+                                       "machine's estimated memory (also LANDSCAPE_ALLOW_LARGE=1).")),
+    ("allow_missing", bool, typer.Option(False, "--allow-missing", help="Analyse a model trained elsewhere even "
+                                         "when its weights leave tensors missing (randomly initialised).")),
 ]
 _OUTPUTS = {"json_out": "--json", "csv_out": "--csv", "plot": "--plot"}
 
@@ -132,8 +136,10 @@ def load_target(path: str, device: str = "auto", trust_remote_code: bool = False
                                trust_remote_code=trust_remote_code, batch_size=o.get("batch_size", 8),
                                seq_len=o.get("seq_len"), num_batches=o.get("num_batches", 4),
                                seed=o.get("data_seed", 0), text_field=o.get("text_field", "text"),
-                               loss=o.get("loss", "auto"), params=o.get("params"), device=device)
+                               loss=o.get("loss", "auto"), params=o.get("params"), device=device,
+                               allow_large=o.get("allow_large") or None, allow_missing=bool(o.get("allow_missing")))
     if data or ood:
         raise UserError(f"--data/--ood are for a model trained elsewhere (an HF directory, .safetensors or .pt); "
                         f"{path} is read as a run directory with its own domains")
-    return load(path, device=device, trust_remote_code=trust_remote_code).select(o.get("params"))
+    return load(path, device=device, trust_remote_code=trust_remote_code,
+                allow_large=o.get("allow_large") or None).select(o.get("params"))

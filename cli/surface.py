@@ -58,7 +58,7 @@ def parse_span(text: Optional[str]):
     if len(vals) == 4 and vals[0] < vals[1] and vals[2] < vals[3]:
         return tuple(vals)
     raise UserError(f"--span must be 'auto', a positive number or 'xmin,xmax,ymin,ymax' with min < max "
-                    f"(finite numbers), got '{text}'")
+                    f"(finite numbers), got '{text[:200]}'")
 
 
 def _slug(text: str) -> str:

@@ -33,9 +33,11 @@ def parse_specs(text: str | None, option: str) -> dict[str, str]:
         name, eq, path = part.partition("=")
         name, path = name.strip(), path.strip()
         if not eq or not name or not path:
-            raise UserError(f"{option} must look like name=path[,name=path...], got '{text}'")
+            from nexus_opt.files import short
+
+            raise UserError(f"{option} must look like name=path[,name=path...], got '{short(text)}'")
         if name in out:
-            raise UserError(f"{option} names domain '{name}' twice")
+            raise UserError(f"{option} names domain '{name[:200]}' twice")
         out[name] = path
     return out
 
@@ -58,7 +60,10 @@ def _is_text(raw: bytes) -> bool:
 def read_documents(path: str | Path, name: str, text_field: str = "text") -> list[str]:
     """The documents of a text source: a text file (one document), a `.jsonl` file (one per line, field
     `text_field`), or a directory (every text file under it, recursively, sorted; binary files skipped)."""
+    from nexus_opt.files import max_input_bytes, read_bounded
+
     p = Path(path)
+    cap = max_input_bytes()
     if not p.exists():
         raise UserError(f"domain '{name}': {path} does not exist; give a text file, a .jsonl file or a directory")
     if p.is_dir():
@@ -66,9 +71,10 @@ def read_documents(path: str | Path, name: str, text_field: str = "text") -> lis
                                                                           f.relative_to(p).parts))
         if len(files) > MAX_DIR_FILES:
             raise UserError(f"domain '{name}': {path} holds over {MAX_DIR_FILES} files; point at a smaller directory")
-        docs = []
-        for f in files:
-            raw = f.read_bytes()
+        docs, total = [], 0
+        for f in files:  # regular files only (is_file): FIFOs and devices in the tree are skipped
+            raw = read_bounded(f, f"domain '{name}':", max(cap - total, 0))
+            total += len(raw)
             if f.suffix == ".jsonl" and _is_text(raw):
                 docs += _jsonl(raw.decode("utf-8"), f, name, text_field)
             elif _is_text(raw) and raw.strip():
@@ -76,7 +82,7 @@ def read_documents(path: str | Path, name: str, text_field: str = "text") -> lis
         if not docs:
             raise UserError(f"domain '{name}': {path} holds no non-empty text files")
         return docs
-    raw = p.read_bytes()
+    raw = read_bounded(p, f"domain '{name}':", cap)  # a regular file within the cap: /dev/zero, FIFOs refused
     if not _is_text(raw):
         raise UserError(f"domain '{name}': {path} is not UTF-8 text (binary data?); give a text or .jsonl file, "
                         f"or a {'/'.join(TENSOR_SUFFIXES)} tensor file")
@@ -101,6 +107,11 @@ def _jsonl(text: str, path: Path, name: str, field: str) -> list[str]:
         if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
             raise UserError(f"domain '{name}': {path} line {i} has no string field '{field}'; "
                             "pick the field with --text-field")
+        try:
+            rec[field].encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate escape (\\ud800) decodes but is no text
+            raise UserError(f"domain '{name}': {path} line {i} field '{field}' holds an unpaired surrogate "
+                            "(\\ud800-\\udfff escape); it is not valid text") from None
         if rec[field]:
             docs.append(rec[field])
     return docs
@@ -137,9 +148,12 @@ def text_batches(stream: torch.Tensor, name: str, *, batch_size: int, seq_len: i
 
 def tensor_batches(path: str | Path, name: str, *, batch_size: int, num_batches: int, seed: int) -> list[dict]:
     """Batches of examples from a `.safetensors` / `.npz` file with keys x/y or inputs/targets."""
+    from nexus_opt.files import check_regular_input, max_input_bytes
+
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise UserError(f"domain '{name}': {path} is not a file")
+    check_regular_input(p, f"domain '{name}':", max_input_bytes())
     try:
         if p.suffix == ".npz":
             import numpy as np
@@ -158,7 +172,10 @@ def tensor_batches(path: str | Path, name: str, *, batch_size: int, num_batches:
     if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
         raise UserError(f"domain '{name}': {path} '{pair[0]}' and '{pair[1]}' must share a leading (examples) "
                         f"dimension, got {tuple(x.shape)} and {tuple(y.shape)}")
+    from nexus_opt.checkpoint import check_dtype
+
     for k, t in ((pair[0], x), (pair[1], y)):
+        check_dtype(t, k, f"domain '{name}': {path}")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise UserError(f"domain '{name}': {path} tensor '{k}' has non-finite values")
     need = batch_size * num_batches

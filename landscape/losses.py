@@ -114,7 +114,13 @@ class ClassCrossEntropy(OutputLoss):
         return batch["y"] if "y" in batch else batch["targets"]
 
     def from_outputs(self, out, batch):
-        return F.cross_entropy(out.reshape(-1, out.shape[-1]), self._y(batch).reshape(-1).long(), ignore_index=-100)
+        y = self._y(batch)
+        if y.is_floating_point() and not bool((y == y.round()).all()):
+            from nexus_opt.errors import UserError
+
+            raise UserError("cross-entropy targets must be integer class labels, got non-integer floats; use "
+                            "--loss mse for regression targets")
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1).long(), ignore_index=-100)
 
     def hessian_vp(self, out, u, batch):
         return _ce_hvp(out, u, self._y(batch).reshape(out.shape[:-1]) != -100)

@@ -69,6 +69,17 @@ def _restoring(buffers):
                 b.copy_(v)
 
 
+def _check_leading(batch, where: str) -> None:
+    """The tensors of a dict/list batch are examples along their leading dimension: they must agree on it."""
+    leaves = list(batch.items()) if isinstance(batch, Mapping) else list(enumerate(batch)) \
+        if isinstance(batch, (list, tuple)) else []
+    dims = {str(k): int(v.shape[0]) for k, v in leaves if isinstance(v, torch.Tensor) and v.dim() > 0}
+    if len(set(dims.values())) > 1:
+        shown = ", ".join(f"{k}: {n}" for k, n in list(dims.items())[:6])
+        raise UserError(f"{where}: its tensors disagree on the number of examples (leading dimension: {shown}); "
+                        "every tensor of a batch holds the same examples")
+
+
 class Objective:
     """`Objective(model, domains, loss_fn)`: `domains` maps a name to a fixed sequence of batches and
     `loss_fn(model, batch)` returns the batch's mean loss. A domain's loss is the size-weighted mean
@@ -87,6 +98,8 @@ class Objective:
         for d, b in self.domains.items():
             if not b:
                 raise UserError(f"domain '{d}' has no batches")
+            for i, batch in enumerate(b):
+                _check_leading(batch, f"domain '{d}', batch {i}")
         unknown = sorted(set(ood) - set(self.domains))
         if unknown:
             raise UserError(f"ood names unknown domain(s) {unknown}; domains are {list(self.domains)}")
@@ -253,6 +266,9 @@ class Objective:
                     if not isinstance(loss, torch.Tensor):
                         raise UserError(f"the loss on {where} is a {type(loss).__name__}, not a tensor; loss_fn "
                                         "must return a scalar tensor built from the model's output")
+                    if loss.is_complex() or not (loss.is_floating_point()):
+                        raise UserError(f"the loss on {where} has dtype {str(loss.dtype).replace('torch.', '')}; "
+                                        "a loss must be a real floating-point scalar")
                     if loss.numel() != 1:
                         raise UserError(f"the loss on {where} has shape {tuple(loss.shape)}, not a scalar; reduce "
                                         "it in loss_fn (e.g. reduction='mean')")
@@ -271,6 +287,13 @@ class Objective:
                     if bad:
                         raise UserError(f"the loss gradient on {where} is not finite; fix the model, data or "
                                         "loss_fn before analysing it")
+                    if i == 0 and not train_mode:  # eval mode promises one function of the weights: check it
+                        with torch.no_grad():
+                            again = float(self.loss_fn(self.model, batch).detach().reshape(()))
+                        if abs(again - value) > 1e-5 * max(1.0, abs(value)):
+                            raise UserError(f"two evaluations of the same batch disagree on {where} ({value:.6g} vs "
+                                            f"{again:.6g}): the model's eval forward is not deterministic (dropout or "
+                                            "random ops left on?); make it deterministic, or use train mode with a seed")
 
     # -- copies --------------------------------------------------------------------------------
     def to(self, device=None, dtype: torch.dtype | None = None) -> "Objective":

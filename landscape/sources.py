@@ -35,26 +35,81 @@ def _require_transformers():
     return transformers
 
 
-def load_hf(path: str | Path, trust_remote_code: bool = False):
+# Size fields of a Hugging Face config (the first present of each group is used): width, depth, heads,
+# vocabulary, context, feed-forward width. Each must be a positive integer where given.
+_HF_FIELDS = {"width": ("n_embd", "hidden_size", "d_model"), "layers": ("n_layer", "num_hidden_layers", "num_layers"),
+              "heads": ("n_head", "num_attention_heads"), "vocab": ("vocab_size",),
+              "context": ("n_positions", "max_position_embeddings"), "ffn": ("n_inner", "intermediate_size")}
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def check_hf_config(path: str | Path, allow_large: bool | None = None) -> dict:
+    """The config.json of an HF directory, validated (positive integers where sizes belong) and sized with
+    nexus_opt.limits' estimate before anything is built; `allow_large` lifts the size limit."""
+    import json
+
+    from nexus_opt.files import read_bounded
+    from nexus_opt.limits import MAX_DIM, check_int, check_work
+
+    f = Path(path) / "config.json"
+    try:
+        cfg = json.loads(read_bounded(f, "config", MAX_CONFIG_BYTES).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise UserError(f"{f} is not a JSON config ({type(e).__name__}); re-save the model with save_pretrained") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{f} is not a JSON object; re-save the model with save_pretrained")
+    sizes = {}
+    for what, keys in _HF_FIELDS.items():
+        for k in keys:
+            if cfg.get(k) is not None:
+                sizes[what] = check_int(cfg[k], k, 1, MAX_DIM, where=f"{f}: ")
+                break
+    d, L = sizes.get("width", 0), sizes.get("layers", 0)
+    if "heads" in sizes and d and d % sizes["heads"]:
+        raise UserError(f"{f}: the width ({d}) is not a multiple of the number of heads ({sizes['heads']})")
+    ffn = sizes.get("ffn", 4 * d)
+    n = sizes.get("vocab", 0) * d + sizes.get("context", 0) * d + L * (4 * d * d + 2 * d * ffn + 8 * d)
+    check_work(f"the model in {path}", n, act_elems=L * sizes.get("context", 0) * (d + ffn), allow_large=allow_large,
+               layers=L)
+    return cfg
+
+
+def load_hf(path: str | Path, trust_remote_code: bool = False, allow_large: bool | None = None,
+            allow_missing: bool = False):
     """(model, tokenizer or None) from a save_pretrained causal-LM directory: safetensors weights only, local
-    files only, eager attention (double backward), float32."""
+    files only, eager attention (double backward), float32. The config is sized first; weights that leave a
+    parameter missing or unexpected are refused, naming the tensors, unless `allow_missing` (random values)."""
     tf = _require_transformers()
     tf.utils.logging.disable_progress_bar()  # no loading bars on stderr: the CLI's own output stays clean
     p = Path(path)
     if not any(p.glob("*.safetensors")):
         raise UserError(f"{path} has no .safetensors weights (a pickle such as pytorch_model.bin is never loaded); "
                         "re-save the model with save_pretrained(..., safe_serialization=True)")
+    check_hf_config(p, allow_large)
+    level = tf.utils.logging.get_verbosity()
+    tf.utils.logging.set_verbosity_error()  # the load report is ours to give, in one line
     try:
-        model = tf.AutoModelForCausalLM.from_pretrained(str(p), use_safetensors=True, local_files_only=True,
-                                                        trust_remote_code=trust_remote_code,
-                                                        attn_implementation="eager", dtype=torch.float32)
+        model, info = tf.AutoModelForCausalLM.from_pretrained(
+            str(p), use_safetensors=True, local_files_only=True, trust_remote_code=trust_remote_code,
+            attn_implementation="eager", dtype=torch.float32, output_loading_info=True)
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise UserError(f"{path} needs its own model code; pass --trust-remote-code (trust_remote_code=True) "
                             "if you trust it") from None
         raise UserError(f"cannot load a causal LM from {path}: {_one_line(e)}") from None
-    except (OSError, KeyError, TypeError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 -- safetensors' own errors (garbage, truncated), torch's, transformers'
+        from nexus_opt.limits import is_allocation_failure
+
+        if is_allocation_failure(e) or isinstance(e, UserError):
+            raise
         raise UserError(f"cannot load a causal LM from {path}: {_one_line(e)}") from None
+    finally:
+        tf.utils.logging.set_verbosity(level)
+    bad = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(bad.values()) and not allow_missing:
+        parts = [f"{k.split('_')[0]} {_few([str(x) for x in v])}" for k, v in bad.items() if v]
+        raise UserError(f"the weights in {path} do not fit its config ({'; '.join(parts)}); a model with randomly "
+                        "initialised tensors would be analysed: fix the files, or pass --allow-missing if you mean it")
     _check_finite(model.state_dict(), path)
     tok = None
     if any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
@@ -89,14 +144,21 @@ def read_state(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
+def _few(ks: list[str], n: int = 5) -> str:
+    return ", ".join(k[:80] for k in ks[:n]) + (f" (+{len(ks) - n} more)" if len(ks) > n else "")
+
+
 def _check_finite(state: Mapping[str, torch.Tensor], path) -> None:
+    from nexus_opt.checkpoint import check_dtype
+
     for k, v in state.items():
+        check_dtype(v, k, path)
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise UserError(f"{path}: tensor '{k}' has non-finite values (NaN or inf); use a healthy checkpoint")
 
 
 def load_factory_model(path: str | Path, factory: str | None, config: dict | None = None,
-                       trust_remote_code: bool = False) -> torch.nn.Module:
+                       trust_remote_code: bool = False, allow_missing: bool = False) -> torch.nn.Module:
     """A model built by `factory` ('module:function', imported only with trust_remote_code) holding the
     weights of `path`; missing or unexpected keys are named."""
     from nexus_opt.models import model_from_spec
@@ -112,11 +174,13 @@ def load_factory_model(path: str | Path, factory: str | None, config: dict | Non
     tied = {k: ks for ks in by_storage.values() if len(ks) > 1 for k in ks}
     missing = [k for k in own if k not in state and not any(t in state for t in tied.get(k, ()))]
     unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
+    if (missing or unexpected) and not allow_missing:
         def few(ks):
             return ", ".join(ks[:5]) + (f" (+{len(ks) - 5} more)" if len(ks) > 5 else "")
         parts = ([f"missing {few(missing)}"] if missing else []) + ([f"unexpected {few(unexpected)}"] if unexpected else [])
-        raise UserError(f"{path} does not fit the model of '{factory}': {'; '.join(parts)}")
+        raise UserError(f"{path} does not fit the model of '{factory}': {'; '.join(parts)} (--allow-missing "
+                        "keeps the model's own values for missing tensors)")
+    state = {k: v for k, v in state.items() if k in own}
     for k, v in state.items():
         if tuple(v.shape) != tuple(own[k].shape):
             raise UserError(f"{path}: tensor '{k}' has shape {tuple(v.shape)} but the model expects {tuple(own[k].shape)}")
@@ -151,7 +215,7 @@ def from_pretrained(path: str | Path, *, data: Mapping[str, str], ood: Mapping[s
                     factory: str | None = None, factory_config: dict | None = None, trust_remote_code: bool = False,
                     batch_size: int = 8, seq_len: int | None = None, num_batches: int = 4, seed: int = 0,
                     text_field: str = "text", loss: str = "auto", params: str | None = None,
-                    device=None) -> Objective:
+                    device=None, allow_large: bool | None = None, allow_missing: bool = False) -> Objective:
     """The Objective of a model trained elsewhere on named file domains (see landscape.data).
 
     `path`: a Hugging Face causal-LM directory (loss: next-token cross-entropy with the model's own label
@@ -159,7 +223,8 @@ def from_pretrained(path: str | Path, *, data: Mapping[str, str], ood: Mapping[s
     `loss`: 'lm' (model(tokens) -> logits over the next token), 'mse' or 'ce' on tensor data; 'auto' picks
     'lm' for text data and, for tensor data, 'ce' when the targets are integers, else 'mse'. `params` keeps
     only parameters matching a regex (Objective.select); `seq_len` None = min(64, the model's context).
-    Nothing is unpickled.
+    Nothing is unpickled. An HF config is sized before building (`allow_large` lifts the limit); weights
+    that leave tensors missing or unexpected are refused unless `allow_missing`.
     """
     from . import losses
     from .data import TENSOR_SUFFIXES, load_domains
@@ -170,10 +235,10 @@ def from_pretrained(path: str | Path, *, data: Mapping[str, str], ood: Mapping[s
         if not (p / "config.json").is_file():
             raise UserError(f"{path} is a directory without config.json: not a Hugging Face model directory "
                             "(nor a run directory); save the model with save_pretrained")
-        model, tokenizer = load_hf(p, trust_remote_code)
+        model, tokenizer = load_hf(p, trust_remote_code, allow_large=allow_large, allow_missing=allow_missing)
         kind, key = "hf", "input_ids"
     else:
-        model = load_factory_model(p, factory, factory_config, trust_remote_code)
+        model = load_factory_model(p, factory, factory_config, trust_remote_code, allow_missing=allow_missing)
         kind, key = "factory", "tokens"
     paths = list((data or {}).values()) + list((ood or {}).values())
     tensors = [Path(x).suffix in TENSOR_SUFFIXES for x in paths]

@@ -309,9 +309,21 @@ class Checkpoint:
         return unpack(self.manifest["state"], t)
 
 
+_UNCHECKED = re.compile(r"^(float8|float4|complex|qint|quint|bits|u?int[1-7]$)")
+
+
+def check_dtype(t: torch.Tensor, name: str, where) -> None:
+    """Refuse, by name, a dtype whose values cannot be checked or analysed (float8, complex, quantised, bits)."""
+    dt = str(t.dtype).replace("torch.", "")
+    if _UNCHECKED.match(dt):
+        raise UserError(f"tensor '{str(name)[:120]}' in {where} has dtype {dt}, which is not supported (float8, "
+                        "complex and quantised tensors cannot be checked or analysed); save it as float32/bfloat16")
+
+
 def _check_finite(tensors: dict[str, torch.Tensor], where: Path) -> None:
     """Refuse non-finite floating values: they would give numbers (eigenvalues of NaN) instead of an error."""
     for k, v in tensors.items():
+        check_dtype(v, k, where)
         if v.is_floating_point() or v.is_complex():
             if not bool(torch.isfinite(v).all()):
                 n = int((~torch.isfinite(v)).sum())

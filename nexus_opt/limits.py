@@ -68,6 +68,12 @@ def human(n: float) -> str:
     return f"{n:.1f} PB"
 
 
+def _shown(value) -> str:
+    """repr(value), cut to 200 characters with its length (an error line echoes input, never all of it)."""
+    s = repr(value)
+    return s if len(s) <= 200 else f"{s[:200]}... ({len(s)} characters)"
+
+
 def _why(why: str) -> str:
     return f"; {why}" if why else ""
 
@@ -78,7 +84,7 @@ def check_int(value, name: str, lo: int = 1, hi: int = MAX_DIM, where: str = "",
         if isinstance(value, float) and value.is_integer() and math.isfinite(value):
             value = int(value)
         else:
-            raise UserError(f"{where}{name} must be an integer, got {value!r}")
+            raise UserError(f"{where}{name} must be an integer, got {_shown(value)}")
     if not lo <= value <= hi:
         raise UserError(f"{where}{name} must be between {lo} and {hi}, got {value}{_why(why)}")
     return value
@@ -89,16 +95,16 @@ def check_float(value, name: str, lo: float = -math.inf, hi: float = math.inf, w
     """A finite number in the given range (not a bool, not a string), or a UserError naming the field (and
     `why` the limits)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"{where}{name} must be a number, got {value!r}")
+        raise UserError(f"{where}{name} must be a number, got {_shown(value)}")
     try:
         v = float(value)
     except OverflowError:
         raise UserError(f"{where}{name} is too large ({value})") from None
     if not math.isfinite(v):
-        raise UserError(f"{where}{name} must be a finite number, got {value!r}")
+        raise UserError(f"{where}{name} must be a finite number, got {_shown(value)}")
     if v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
         lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
-        raise UserError(f"{where}{name} must be in {lb}{lo:g}, {hi:g}{rb}, got {value!r}{_why(why)}")
+        raise UserError(f"{where}{name} must be in {lb}{lo:g}, {hi:g}{rb}, got {_shown(value)}{_why(why)}")
     return v
 
 

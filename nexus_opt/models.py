@@ -221,7 +221,18 @@ def _call_factory(factory: str, config: dict) -> nn.Module:
         f = getattr(importlib.import_module(mod), fn)
     except (ImportError, AttributeError) as e:
         raise UserError(f"cannot import model factory '{factory}': {e}") from None
-    model = f(**config)
+    try:
+        model = f(**config)
+    except (TypeError, ValueError, RuntimeError, OverflowError, AssertionError) as e:  # a bad keyword or value
+        from .limits import is_allocation_failure
+
+        if is_allocation_failure(e):
+            raise
+        from .files import short
+
+        raise UserError(f"model factory '{factory}' refused its config {short(config, 120)} "
+                        f"({type(e).__name__}: {short(str(e).splitlines()[0] if str(e) else '', 160)}); "
+                        "fix --factory-config / the model config") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"model factory '{factory}' returned {type(model).__name__}, not a torch.nn.Module")
     return model

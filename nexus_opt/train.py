@@ -314,6 +314,42 @@ def _probe(model, suite, eval_sets) -> None:
         model.train(training)
 
 
+def check_optimizer_state(sd, opt, where) -> None:
+    """The saved optimizer state against the optimizer it will load into: per-parameter tensors of the parameter's
+    shape and a real floating dtype, steps finite integers >= 0 (Nexus: each outer optimizer's state)."""
+    if hasattr(opt, "_outers") and isinstance(sd, dict) and isinstance(sd.get("outer"), (list, tuple)):
+        for o, osd in zip(opt._outers, sd["outer"]):
+            check_optimizer_state(osd, o, where)
+        return
+    if not isinstance(sd, dict) or not isinstance(sd.get("state"), dict) or \
+            not isinstance(sd.get("param_groups"), (list, tuple)) or len(sd["param_groups"]) != len(opt.param_groups):
+        raise UserError(f"cannot resume from {where}: the optimizer state does not match the optimizer's groups")
+    params = {}
+    for sg, mg in zip(sd["param_groups"], opt.param_groups):
+        ids = sg.get("params") if isinstance(sg, dict) else None
+        if not isinstance(ids, (list, tuple)) or len(ids) != len(mg["params"]):
+            raise UserError(f"cannot resume from {where}: a parameter group of the optimizer state has the wrong size")
+        params.update(zip(ids, mg["params"]))
+    for pid, st in sd["state"].items():
+        if pid not in params or not isinstance(st, dict):
+            raise UserError(f"cannot resume from {where}: optimizer state for unknown parameter {str(pid)[:40]!r}")
+        p = params[pid]
+        for name, t in st.items():
+            what = f"cannot resume from {where}: optimizer state '{str(name)[:40]}' of parameter {pid}"
+            if name == "step":
+                v = t.item() if isinstance(t, torch.Tensor) and t.numel() == 1 else t
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 \
+                        or float(v) != int(v):
+                    raise UserError(f"{what} is {str(v)[:40]}; a step count is an integer >= 0")
+                continue
+            if isinstance(t, torch.Tensor):
+                if not t.is_floating_point():
+                    raise UserError(f"{what} has dtype {str(t.dtype).replace('torch.', '')}; a real floating dtype "
+                                    "is expected")
+                if t.dim() > 0 and tuple(t.shape) != tuple(p.shape):
+                    raise UserError(f"{what} has shape {tuple(t.shape)}, the parameter has {tuple(p.shape)}")
+
+
 def _train_locked(cfg, out, device, model, eval_sets, suite, spec, progress, on_step, resume_ckpt,
                   on_step_record=None, stop_when=None) -> dict:
     opt = build_optimizer(model, cfg)
@@ -321,11 +357,13 @@ def _train_locked(cfg, out, device, model, eval_sets, suite, spec, progress, on_
     start = 0
     if resume_ckpt is not None:
         try:
-            model.load_state_dict(resume_ckpt.model_state())
+            weights = resume_ckpt.model_state()
             state = resume_ckpt.state()
             if not isinstance(state, dict) or not {"optimizer", "rng", "base_lrs"} <= set(state):
                 raise UserError(f"cannot resume from {resume_ckpt.path}: its trainer state is incomplete")
+            check_optimizer_state(state["optimizer"], opt, resume_ckpt.path)  # before the model is touched
             base_lrs = _check_base_lrs(state["base_lrs"], len(opt.param_groups))
+            model.load_state_dict(weights)
             opt.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
             if limits.is_allocation_failure(e):

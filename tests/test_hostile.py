@@ -6,6 +6,11 @@
   (exit 2) or a documented success, within seconds, leaving the run's earlier checkpoint untouched.
 * Every numeric option of every command (demo has none) is given 0, -1, nan, inf, 1e308 and a string.
 * Two concurrent writers on one run directory (in test_hostile_regressions.py).
+* Every output option of every command that reads a checkpoint (--json/--csv/--plot) is pointed at every file of the
+  run directory it reads, directly and through a symlink, and at every input file of a model trained elsewhere (its
+  weights, --data, --ood): each must be refused in one line with nothing touched (the output rule, issue 18).
+* Every entry of a run (checkpoint directories, their files, latest.json, metrics.jsonl, the lock) is replaced by
+  a symlink leading out of the run: every reader and `train --resume` must refuse it, never writing the outside copy.
 
 CI runs a deterministic sample (one mutation per field, one value per option); the full cross product
 runs under `-m hostile_full`. `hostile_case_counts()` (and `python tests/test_hostile.py`) gives the counts.
@@ -265,7 +270,10 @@ def hostile_case_counts() -> dict:
     return {"manifest_fields": len(_PATHS), "manifest_mutations": len(MUTATIONS),
             "manifest_cases_full": len(MANIFEST_CASES), "manifest_cases_sample": len(MANIFEST_SAMPLE),
             "numeric_options": len(OPTIONS), "option_values": len(VALUES),
-            "option_cases_full": len(OPTION_CASES), "option_cases_sample": len(OPTION_SAMPLE)}
+            "option_cases_full": len(OPTION_CASES), "option_cases_sample": len(OPTION_SAMPLE),
+            "output_cases_full": len(OUTPUT_CASES) + len(INPUT_CASES),
+            "output_cases_sample": len(OUTPUT_SAMPLE) + len(INPUT_SAMPLE),
+            "symlink_cases_full": len(LINK_CASES), "symlink_cases_sample": len(LINK_SAMPLE)}
 
 
 def test_the_suite_counts_its_cases():
@@ -275,7 +283,147 @@ def test_the_suite_counts_its_cases():
     assert c["manifest_cases_full"] == c["manifest_fields"] * len(MUTATIONS)
     assert 20 <= c["manifest_cases_sample"] <= c["manifest_fields"]
     assert {o for _, o, _ in OPTION_SAMPLE} == {o for _, o in OPTIONS}
+    assert {c for c, _ in WRITERS} == {"closeness", "flatness", "gradsim", "plot-surface"}
+    assert c["output_cases_full"] >= 100 and {(c, o) for c, o, _, _ in OUTPUT_SAMPLE} == set(WRITERS)
+    assert {e for _, e in LINK_SAMPLE} == set(LINK_ENTRIES) | {".lock"}
 
 
 if __name__ == "__main__":
     print(json.dumps(hostile_case_counts(), indent=2))
+
+
+# -- output paths (issue 18): every writing command x every file of a run directory and every input file ---------
+RUN_FILES = ["latest.json", "metrics.jsonl", ".lock", "ckpt-000002/manifest.json", "ckpt-000002/model.safetensors",
+             "ckpt-000002/state.safetensors", "ckpt-000000/model.safetensors", "ckpt-000002/new-file.json"]
+OUTPUT_OPTIONS = ("--json", "--csv", "--plot")
+_FORMATS = {"--json": ".json", "--csv": ".csv", "--plot": ".png"}
+
+
+def _writers() -> list[tuple[str, str]]:
+    """(command, output option) for every command that reads a checkpoint and writes a file, read from the CLI."""
+    import typer.main
+
+    from cli.main import app
+
+    group = typer.main.get_command(app)
+    res = []
+    for name, cmd in sorted(group.commands.items()):
+        opts = {o for p in cmd.params for o in getattr(p, "opts", [])}
+        if name in ("train", "demo", "mechanism"):
+            continue  # they read no user file (train's --out is its own run: see the symlink cases)
+        res += [(name, o) for o in OUTPUT_OPTIONS if o in opts]
+    return res
+
+
+WRITERS = _writers()
+OUTPUT_CASES = [(c, o, f, link) for c, o in WRITERS for f in RUN_FILES for link in (False, True)]
+OUTPUT_SAMPLE = _sample(OUTPUT_CASES, key=lambda c: (c[0], c[1]))
+
+
+def _all_files(d: Path) -> dict:
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _output_check(bowls_run: Path, tmp_path: Path, command: str, option: str, target: str, link: bool) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(bowls_run, run)
+    (run / ".lock").touch()
+    before = _all_files(run)
+    path = run / target
+    if link:  # a symlink named like a proper output, pointing at the run's file
+        path = tmp_path / f"out{_FORMATS[option]}"
+        path.symlink_to(run / target)
+    t0 = time.time()
+    r = invoke_cli(command, *_base_args(command, run, tmp_path), option, path)
+    assert_one_line_error(r.exit_code, r.stderr, contains="this command reads")
+    assert time.time() - t0 < SECONDS
+    assert _all_files(run) == before  # nothing of the run was touched, nothing added to it
+    assert not (run / "ckpt-000002" / "new-file.json").exists()
+
+
+def _oid(c) -> str:
+    return f"{c[0]}{c[1]}={c[2]}" + (":link" if c[3] else "")
+
+
+@pytest.mark.parametrize("command,option,target,link", OUTPUT_SAMPLE, ids=[_oid(c) for c in OUTPUT_SAMPLE])
+def test_output_over_run_file_sample(bowls_run, tmp_path, command, option, target, link):
+    _output_check(bowls_run, tmp_path, command, option, target, link)
+
+
+@pytest.mark.hostile_full
+@pytest.mark.parametrize("command,option,target,link", OUTPUT_CASES, ids=[_oid(c) for c in OUTPUT_CASES])
+def test_output_over_run_file_full(full_set, bowls_run, tmp_path, command, option, target, link):
+    _output_check(bowls_run, tmp_path, command, option, target, link)
+
+
+# every input file of a model trained elsewhere: the weights and each --data / --ood file
+INPUT_FILES = ("model", "data", "ood")
+INPUT_CASES = [(c, o, f) for c, o in WRITERS for f in INPUT_FILES]
+INPUT_SAMPLE = _sample(INPUT_CASES, key=lambda c: c[0])
+
+
+def _input_check(tmp_path: Path, command: str, option: str, which: str) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    files = {"model": tmp_path / "m.safetensors", "data": tmp_path / "d.safetensors", "ood": tmp_path / "o.safetensors"}
+    save_file(dict(torch.nn.Linear(3, 1).state_dict()), str(files["model"]))
+    for k in ("data", "ood"):
+        save_file({"x": torch.randn(8, 3), "y": torch.randn(8, 1)}, str(files[k]))
+    before = {k: p.read_bytes() for k, p in files.items()}
+    r = invoke_cli(command, files["model"], "--factory", "torch.nn:Linear", "--trust-remote-code", "--factory-config",
+                   '{"in_features": 3, "out_features": 1}', "--data", f"a={files['data']}", "--ood",
+                   f"b={files['ood']}", "--device", "cpu", "--out" if command == "plot-surface" else "--seed",
+                   str(tmp_path / "s") if command == "plot-surface" else "0", option, files[which])
+    assert_one_line_error(r.exit_code, r.stderr, contains="would overwrite")
+    assert {k: p.read_bytes() for k, p in files.items()} == before
+
+
+@pytest.mark.parametrize("command,option,which", INPUT_SAMPLE, ids=[f"{c}{o}={w}" for c, o, w in INPUT_SAMPLE])
+def test_output_over_input_file_sample(tmp_path, command, option, which):
+    _input_check(tmp_path, command, option, which)
+
+
+@pytest.mark.hostile_full
+@pytest.mark.parametrize("command,option,which", INPUT_CASES, ids=[f"{c}{o}={w}" for c, o, w in INPUT_CASES])
+def test_output_over_input_file_full(full_set, tmp_path, command, option, which):
+    _input_check(tmp_path, command, option, which)
+
+
+# -- runs closed under symlinks: every entry of a run replaced by a link out of it, for every reader and --resume --
+LINK_ENTRIES = ["ckpt-000002", "ckpt-000000", "latest.json", "metrics.jsonl", "ckpt-000002/manifest.json",
+                "ckpt-000002/model.safetensors", "ckpt-000002/state.safetensors"]
+READERS = sorted({c for c, _ in WRITERS}) + ["train"]
+LINK_CASES = [(c, e) for c in READERS for e in LINK_ENTRIES
+              if not (c != "train" and e in ("metrics.jsonl", "ckpt-000000"))] + [("train", ".lock")]
+LINK_SAMPLE = _sample(LINK_CASES, key=lambda c: c[1])
+
+
+def _link_check(bowls_run: Path, tmp_path: Path, command: str, entry: str) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(bowls_run, run)
+    outside = tmp_path / "outside" / Path(entry).name
+    outside.parent.mkdir()
+    if (run / entry).exists():
+        shutil.move(str(run / entry), str(outside))
+    else:
+        outside.write_text("the user's own file\n")
+    (run / entry).symlink_to(outside)
+    snap = {p: p.read_bytes() for p in outside.parent.rglob("*") if p.is_file()}
+    args = (["--resume", "--out", str(run), "--device", "cpu", "--steps", "4"] if command == "train"
+            else _base_args(command, run, tmp_path))
+    r = invoke_cli(command, *args)
+    assert_one_line_error(r.exit_code, r.stderr, contains="symlink leading out of the")
+    assert {p: p.read_bytes() for p in snap} == snap  # the outside copy is never written
+
+
+@pytest.mark.parametrize("command,entry", LINK_SAMPLE, ids=[f"{c}:{e}" for c, e in LINK_SAMPLE])
+def test_run_symlink_out_sample(bowls_run, tmp_path, command, entry):
+    _link_check(bowls_run, tmp_path, command, entry)
+
+
+@pytest.mark.hostile_full
+@pytest.mark.parametrize("command,entry", LINK_CASES, ids=[f"{c}:{e}" for c, e in LINK_CASES])
+def test_run_symlink_out_full(full_set, bowls_run, tmp_path, command, entry):
+    _link_check(bowls_run, tmp_path, command, entry)

@@ -119,7 +119,7 @@ def surface(obj: Objective, *, plane: str = "random", grid=51, span=None, domain
     rows_per_block = 1 if mode == "loop" else max(1, ev.chunk // nx)
     Z = {d: np.full((ny, nx), np.nan) for d in names}
     t0 = time.perf_counter()
-    done = read_sidecars(out, fp) if out is not None and rank == 0 else {}
+    done = read_sidecars(out, fp, ny=ny, nx=nx, names=names) if out is not None and rank == 0 else {}
     if world > 1:
         done = broadcast([done], "cpu")[0]
     resumed = len(done)

@@ -84,12 +84,19 @@ def make_plane(obj: Objective, plane: str, *, seed: int = 0, norm: str = "filter
     return dirs.domain_plane(theta, ordered, pair)
 
 
+MAX_GRID = 1001  # points per side: a million loss evaluations (the CLI's --grid cap too)
+
+
 def grid_axes(points: Mapping[str, Sequence[float]], span, grid) -> tuple[np.ndarray, np.ndarray, list[float]]:
     """x, y coordinates and the box: span None -> +-1 if the origin is the only point, else a square around the
     points' bounding box, padded by a quarter of its larger side; a number s -> +-s; or (xmin, xmax, ymin, ymax)."""
-    nx, ny = (int(grid), int(grid)) if np.isscalar(grid) else (int(grid[0]), int(grid[1]))
-    if nx < 2 or ny < 2:
-        raise UserError(f"grid must be at least 2 points per side, got {grid}")
+    from nexus_opt.limits import check_int
+
+    sides = [grid, grid] if np.isscalar(grid) else list(grid) if isinstance(grid, (list, tuple)) else None
+    if sides is None or len(sides) != 2:
+        raise UserError(f"grid must be points per side or (nx, ny), got {str(grid)[:100]}")
+    nx, ny = (check_int(int(g) if isinstance(g, np.integer) else g, "grid", 2, MAX_GRID,
+                        why="points per side (the surface costs nx * ny loss evaluations)") for g in sides)
     if span is None:
         P = np.array([[0.0, 0.0]] + [list(v) for v in points.values()], dtype=float)
         lo, hi = P.min(0), P.max(0)

@@ -132,19 +132,98 @@ def _load_npz(cls, path: str | Path, kind: str):
     if not isinstance(meta, dict):
         raise UserError(f"{path} is not a landscape result file (its metadata is not a JSON object)")
     if meta.get("format") != FORMAT or meta.get("kind") != kind:
-        raise UserError(f"{path} is not a {kind} result (format {meta.get('format')!r}, kind {meta.get('kind')!r})")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise UserError(f"{path} was written by a newer version (format {meta['format_version']}); upgrade nexus-landscape")
+        raise UserError(f"{path} is not a {kind} result (format {_short(meta.get('format'))}, kind "
+                        f"{_short(meta.get('kind'))})")
+    fv = meta.get("format_version")
+    if isinstance(fv, bool) or not isinstance(fv, int) or fv < 1:
+        raise UserError(f"{path} has an invalid format_version {_short(fv)}; recompute it with `landscape plot-surface`")
+    if fv > FORMAT_VERSION:
+        raise UserError(f"{path} was written by a newer version (format {fv}); upgrade nexus-landscape")
     names = meta.get("loss_names")
-    need = list(_ARRAYS[kind]) + [f"loss_{i}" for i in range(len(names))] if isinstance(names, list) else None
-    missing = ["loss_names"] if need is None else [k for k in need if k not in arrays]
+    if not isinstance(names, list) or not 1 <= len(names) <= MAX_NAMES or \
+            not all(isinstance(n, str) and 0 < len(n) <= 200 for n in names) or len(set(names)) != len(names):
+        raise UserError(f"{path}: 'loss_names' must be 1 to {MAX_NAMES} distinct non-empty names (got "
+                        f"{_short(names)}); recompute it")
+    need = list(_ARRAYS[kind]) + [f"loss_{i}" for i in range(len(names))]
+    missing = [k for k in need if k not in arrays]
     if missing:
-        raise UserError(f"{path} is an incomplete {kind} result (missing {missing}); recompute it")
+        raise UserError(f"{path} is an incomplete {kind} result (missing {_short(missing)}); recompute it")
+    _check_schema(path, kind, meta, arrays, len(names))
     fields = {f.name for f in dataclasses.fields(cls)}
     kw = {k: v for k, v in meta.items() if k in fields}
     kw.update({k: arrays[k] for k in _ARRAYS[kind]})
     kw["losses"] = {d: arrays[f"loss_{i}"] for i, d in enumerate(meta["loss_names"])}
     return cls(**kw)
+
+
+MAX_NAMES = 1000       # domains of one result file
+MAX_AXIS = 100_001     # points along one axis
+
+
+def _short(v) -> str:
+    from nexus_opt.files import short
+
+    return short(repr(v), 120)
+
+
+def _bad(path, what: str):
+    raise UserError(f"{path} is not a valid result file: {what}; recompute it with `landscape plot-surface`")
+
+
+def _real_array(path, name: str, a, ndim: int, finite: bool = True) -> np.ndarray:
+    if not isinstance(a, np.ndarray) or a.dtype.kind not in "fiu" or a.ndim != ndim:
+        _bad(path, f"'{name}' must be a {ndim}-D array of real numbers, got "
+                   f"{getattr(a, 'dtype', type(a).__name__)} of shape {getattr(a, 'shape', '?')}")
+    if finite and a.size and not np.isfinite(a).all():
+        _bad(path, f"'{name}' has non-finite values")
+    return a
+
+
+_META_TYPES = {"plane": str, "points": dict, "offplane": dict, "point_losses": dict, "domains": list,
+               "train_domains": list, "ood": list, "weights": dict, "seed": int, "normalization": dict,
+               "settings": dict, "versions": dict, "timing": dict, "meta": dict, "fingerprint": str,
+               "seconds": (int, float), "distance": (int, float)}
+
+
+def _check_schema(path, kind: str, meta: dict, arrays: dict, n_names: int) -> None:
+    """Types, shapes, finiteness and lengths of a result file's fields, before any is used."""
+    for k, t in _META_TYPES.items():
+        if k in meta and (not isinstance(meta[k], t) or isinstance(meta[k], bool)):
+            _bad(path, f"'{k}' must be {getattr(t, '__name__', 'a number')}, got {_short(meta[k])}")
+    for k in ("domains", "train_domains", "ood"):
+        v = meta.get(k, [])
+        if len(v) > MAX_NAMES or not all(isinstance(d, str) for d in v):
+            _bad(path, f"'{k}' must be a list of at most {MAX_NAMES} names")
+    for name, ab in meta.get("points", {}).items():
+        want = 2 if kind == "surface" else None
+        ok = (isinstance(ab, list) and len(ab) == want and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                              and np.isfinite(v) for v in ab)) if want else \
+            (isinstance(ab, (int, float)) and not isinstance(ab, bool) and np.isfinite(ab))
+        if not ok:
+            _bad(path, f"point {_short(name)} has coordinates {_short(ab)}")
+    if kind == "surface":
+        x = _real_array(path, "x", arrays["x"], 1)
+        y = _real_array(path, "y", arrays["y"], 1)
+        if not (2 <= len(x) <= MAX_AXIS and 2 <= len(y) <= MAX_AXIS):
+            _bad(path, f"the grid must have 2 to {MAX_AXIS} points a side, got {len(x)} x {len(y)}")
+        shape = (len(y), len(x))
+        origin = _real_array(path, "origin", arrays["origin"], 1)
+        d = _real_array(path, "directions", arrays["directions"], 2)
+        if d.shape != (2, len(origin)):
+            _bad(path, f"'directions' has shape {d.shape}, expected (2, {len(origin)})")
+    else:
+        t = _real_array(path, "t", arrays["t"], 1)
+        if not 2 <= len(t) <= MAX_AXIS:
+            _bad(path, f"'t' must have 2 to {MAX_AXIS} points, got {len(t)}")
+        shape = (len(t),)
+        origin = _real_array(path, "origin", arrays["origin"], 1)
+        d = _real_array(path, "direction", arrays["direction"], 1)
+        if d.shape != origin.shape:
+            _bad(path, f"'direction' has shape {d.shape}, expected {origin.shape}")
+    for i in range(n_names):
+        z = _real_array(path, f"loss_{i}", arrays[f"loss_{i}"], len(shape), finite=False)  # NaN cells: diverged
+        if z.shape != shape:
+            _bad(path, f"'loss_{i}' has shape {z.shape}, expected {shape}")
 
 
 def jsonable(x):

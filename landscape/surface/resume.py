@@ -71,23 +71,53 @@ def sidecars(out: Path) -> list[Path]:
     return sorted(out.parent.glob(out.name + ".part*.jsonl"))
 
 
-def read_sidecars(out: Path, fp: str) -> dict[int, dict[str, list[float]]]:
-    """Rows finished by earlier (interrupted) runs; a torn last line is ignored."""
+def _check_record(rec, p: Path, line: int, ny, nx, names) -> None:
+    """A sidecar row block: {'rows': [row indices], 'names': [domains], 'losses': {domain: [[nx numbers]...]}}."""
+    def bad(what):
+        raise UserError(f"{p} line {line} is not a valid partial-grid record ({what}); delete the .part*.jsonl "
+                        "files to recompute the grid")
+
+    if not isinstance(rec, dict) or not isinstance(rec.get("rows"), list) or not isinstance(rec.get("names"), list) \
+            or not isinstance(rec.get("losses"), dict):
+        bad("it must hold 'rows', 'names' and 'losses'")
+    rows, rnames, losses = rec["rows"], rec["names"], rec["losses"]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and (ny is None or 0 <= i < ny) for i in rows):
+        bad(f"row indices must be integers in [0, {ny})")
+    if names is not None and rnames != list(names):
+        bad("its domains are not the grid's")
+    for d in rnames:
+        v = losses.get(d) if isinstance(d, str) else None
+        if not isinstance(v, list) or len(v) != len(rows) or not all(
+                isinstance(r, list) and (nx is None or len(r) == nx) and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) for x in r) for r in v):
+            bad(f"the losses of '{str(d)[:60]}' must be {len(rows)} rows of {nx} numbers")
+
+
+def read_sidecars(out: Path, fp: str, ny: int | None = None, nx: int | None = None,
+                  names=None) -> dict[int, dict[str, list[float]]]:
+    """Rows finished by earlier (interrupted) runs, each record checked against the grid (shape, domains, row
+    indices, numbers); a torn last line is ignored."""
+    from nexus_opt.files import max_input_bytes, read_bounded
+
     done: dict[int, dict[str, list[float]]] = {}
     for p in sidecars(out):
-        lines = p.read_text().splitlines()
+        try:
+            lines = read_bounded(p, "partial grid", max_input_bytes()).decode("utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise UserError(f"{p} is not UTF-8 text; delete the .part*.jsonl files to recompute the grid") from None
         try:
             head = json.loads(lines[0]) if lines else {}
         except ValueError:
             head = {}
-        if head.get("fingerprint") != fp:
+        if not isinstance(head, dict) or head.get("fingerprint") != fp:
             raise UserError(f"{p} holds a partial grid for other settings or weights; delete it (and its "
                             f"siblings) or choose another output path")
-        for line in lines[1:]:
+        for n, line in enumerate(lines[1:], 2):
             try:
                 rec = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
+            _check_record(rec, p, n, ny, nx, names)
             for i, row in zip(rec["rows"], zip(*[rec["losses"][d] for d in rec["names"]])):
                 done[int(i)] = dict(zip(rec["names"], row))
     return done
