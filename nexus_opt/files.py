@@ -167,9 +167,9 @@ def check_output(path, option: str = "output", reads: Iterable = ()) -> str:
     for pr in (prot, extra):
         owner = pr.owner(r) if pr is not None else None
         if owner is not None:
-            where = "" if real(owner) == r else f" (part of {short(owner, 120)}, which this command reads)"
-            raise UserError(f"{option} {shown} would overwrite a file this command reads{where}; "
-                            "write the output somewhere else")
+            what = "a file this command reads" if real(owner) == r else \
+                f"a file of {short(owner, 120)}, which this command reads"
+            raise UserError(f"{option} {shown} would overwrite {what}; write the output somewhere else")
     return r
 
 

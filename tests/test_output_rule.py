@@ -206,3 +206,15 @@ def test_links_that_stay_inside_are_fine(run, tmp_path):
     assert landscape.load(tmp_path / "alias", device="cpu").meta["step"] == 2
     (tmp_path / "runlink").symlink_to(run)
     assert landscape.load(tmp_path / "runlink", device="cpu").meta["step"] == 2
+
+
+def test_check_outputs_is_one_call_for_new_commands(run, tmp_path):
+    """The function a new writing command calls up front (reads given explicitly, no @source_options)."""
+    with pytest.raises(UserError, match="would overwrite a file of"):
+        files.check_outputs({"--json": run / "latest.json"}, reads=[run])
+    with pytest.raises(UserError, match="name the same file"):
+        files.check_outputs({"--json": tmp_path / "a", "--plot": tmp_path / "." / "a"})
+    with pytest.raises(UserError, match="which this command reads"):
+        files.check_outputs({}, reads=[run], dirs={"--out": run / "ckpt-000002" / "figs"})
+    files.check_outputs({"--json": tmp_path / "a.json", "--csv": "-", "--plot": None}, reads=[run],
+                        dirs={"--out": run / "figs"})  # beside the run's files is fine
