@@ -79,3 +79,24 @@ def test_bad_input_is_one_line(args, contains, bowls_run):
     args = [a.format(run=bowls_run, ckpt0=bowls_run / "ckpt-000000") for a in args]
     r = invoke_cli(*args, "--device", "cpu")
     assert_one_line_error(r.exit_code, r.stderr, contains=contains)
+
+
+def test_plot_surface_trajectory_and_eigen_planes(tiny_mix_run, tmp_path):
+    run = tiny_mix_run.path
+    r = invoke_cli("plot-surface", str(run), "--plane", "trajectory", "--grid", "3", "--device", "cpu",
+                   "--out", tmp_path / "t", "--json", "-")
+    assert r.exit_code == 0, r.stderr
+    res = json.loads(r.stdout)["results"][0]["result"]
+    assert res["plane"] == "trajectory" and len(res["points"]) == 4  # checkpoints at steps 0, 2, 4, 6
+    assert res["points"][next(k for k in res["points"] if k.endswith("@6"))] == [0.0, 0.0]  # origin: final weights
+    assert (tmp_path / "t" / "surface_overlay.png").stat().st_size > 0
+    r = invoke_cli("plot-surface", str(run), "--plane", "eigen", "--grid", "3", "--span", "0.2", "--device", "cpu",
+                   "--eigen-domain", "a", "--out", tmp_path / "e", "--csv", "-")
+    assert r.exit_code == 0, r.stderr
+    assert "grid_minimum" in r.stdout
+
+
+def test_trajectory_plane_refuses_too_few_checkpoints(bowls_run, tmp_path):
+    r = invoke_cli("plot-surface", str(bowls_run), "--plane", "trajectory", "--grid", "3", "--device", "cpu",
+                   "--out", tmp_path / "t")
+    assert_one_line_error(r.exit_code, r.stderr, contains="at least 3 checkpoints")

@@ -123,7 +123,19 @@ def _mark_points(ax, r, colors: Mapping[str, str], legend: bool = True) -> None:
     extent = np.ptp(pts, axis=0) if len(pts) > 1 else np.ones(2)
     extent = np.where(extent > 0, extent, 1.0)
     placed: list[np.ndarray] = []
+    paths = (r.normalization or {}).get("paths") or {}
+    quiet = set()  # trajectory checkpoints between a path's ends: drawn on the path, not labelled
+    for k, (run, names) in enumerate(paths.items()):
+        P = np.array([r.points[n] for n in names if n in r.points], dtype=float).reshape(-1, 2)
+        c = PATH_COLORS[k % len(PATH_COLORS)]
+        ax.plot(P[:, 0], P[:, 1], "-", color=c, lw=1.5, marker="o", ms=3.5, mec="w", mew=0.4,
+                label=f"path {run}" if legend else None, zorder=4)
+        if len(P) > 1:
+            ax.plot(P[0, 0], P[0, 1], marker="s", ms=6, color=c, mec="w", ls="none", zorder=5)
+        quiet.update(names[1:-1])
     for name, (a, b) in r.points.items():
+        if name in quiet:
+            continue
         off = _offplane(r, name)
         if name.startswith("min:"):
             d = name[4:]
@@ -169,8 +181,15 @@ def _clip_levels(z: np.ndarray, n: int = 30) -> tuple[np.ndarray, str]:
     return np.linspace(lo, hi, n), "max"
 
 
+PATH_COLORS = ("k", "#e31a1c", "#ff7f00", "#6a3d9a", "#b15928")  # trajectory paths (domain colours stay distinct)
+
+
 def _axis_labels(ax, r) -> None:
-    if r.plane == "random":
+    named = (r.normalization or {}).get("axis_labels")
+    if named and len(named) == 2:  # trajectory (PCA, explained variance) and eigen (eigenvalues) planes
+        ax.set_xlabel(named[0], fontsize=8)
+        ax.set_ylabel(named[1], fontsize=8)
+    elif r.plane == "random":
         ax.set_xlabel("d1")
         ax.set_ylabel("d2")
     else:
@@ -232,6 +251,8 @@ def _title(r, label: str | None = None) -> str:
         n = r.normalization
         return (f"{head}random plane (seeds {n.get('seeds')}, {n.get('norm')}-normalised, bias {n.get('bias_used')}, "
                 f"cos {n.get('cos', float('nan')):.1e})")
+    if r.normalization.get("title"):
+        return f"{head}{r.normalization['title']}"
     return f"{head}{r.plane} plane through {', '.join(r.normalization.get('spanned_by', []))}"
 
 

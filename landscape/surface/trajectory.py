@@ -50,10 +50,11 @@ def trajectory_plane(runs: Mapping[str, Mapping[str, torch.Tensor]], basis: str 
     origin_name = list(runs[first])[-1]
     o = runs[first][origin_name].detach().double()
     pca_runs = runs if basis == "all" else {first: runs[first]}
-    M = torch.stack([p.detach().double().to(o.device) - o for v in pca_runs.values() for p in v.values()])
-    if M.shape[0] < 2:
+    rows = [p.detach().double().to(o.device) - o for v in pca_runs.values() for n, p in v.items() if n != origin_name]
+    if len(rows) < 2:
         raise UserError("a trajectory plane needs at least 3 checkpoints (2 besides the final one); save "
                         "checkpoints more often (--ckpt-every) or add runs")
+    M = torch.stack(rows)
     _, S, Vh = torch.linalg.svd(M, full_matrices=False)
     if S.numel() < 2 or float(S[1]) <= 1e-12 * max(float(S[0]), 1e-300):
         raise UserError("the checkpoints lie on a line through the final weights: their PCA has one direction, "
@@ -114,3 +115,28 @@ def eigen_plane(obj: Objective, *, domain: str | None = None, curvature: str = "
                                                                   " (Lanczos NOT converged)"),
             **dirs.basis_stats(d1, d2)}
     return dirs.Plane("eigen", theta, d1, d2, {"theta": [0.0, 0.0]}, {"theta": 0.0}, info)
+
+
+def run_checkpoints(obj: Objective, run_dir, label: str | None = None) -> dict[str, torch.Tensor]:
+    """Every checkpoint of a training run as flat weights in obj.params() order, by step: {'<label>@<step>': w}.
+    Only the weights are read (validated, never unpickled); they must fit obj's parameters."""
+    from pathlib import Path
+
+    from nexus_opt import checkpoint as ck
+
+    paths = ck.list_checkpoints(run_dir)
+    if not paths:
+        raise UserError(f"'{run_dir}' has no checkpoints (ckpt-* directories): the trajectory plane needs a run "
+                        "directory written by `landscape train`")
+    label = label or Path(run_dir).name
+    mine = obj.params()
+    out = {}
+    for p in paths:
+        c = ck.read_checkpoint(p)
+        state = c.model_state()
+        bad = [n for n, v in mine.items() if n not in state or tuple(state[n].shape) != tuple(v.shape)]
+        if bad:
+            raise UserError(f"checkpoint {p} does not fit the model of the first run (parameters {bad[:3]}); the "
+                            "runs of one trajectory plane need one architecture")
+        out[f"{label}@{c.step}"] = torch.cat([state[n].detach().reshape(-1).double() for n in mine])
+    return out
