@@ -181,7 +181,7 @@ def _clip_levels(z: np.ndarray, n: int = 30) -> tuple[np.ndarray, str]:
     return np.linspace(lo, hi, n), "max"
 
 
-PATH_COLORS = ("k", "#e31a1c", "#ff7f00", "#6a3d9a", "#b15928")  # trajectory paths (domain colours stay distinct)
+PATH_COLORS = ("k", "#e7298a", "#17becf", "#7f7f7f", "#bcbd22")  # trajectory paths (apart from the domain colours)
 
 
 def _axis_labels(ax, r) -> None:
@@ -285,6 +285,9 @@ def overlay_axes(ax, r, level=None, label: str | None = None) -> dict:
     if any(_offplane(r, n) for n in mins):
         handles.append(Line2D([], [], marker="*", ms=10, color="0.45", mfc="none", ls="none",
                               label="minimum off the plane (projected)"))
+    for k, run in enumerate((r.normalization or {}).get("paths") or {}):  # trajectory plane: one path per run
+        handles.append(Line2D([], [], color=PATH_COLORS[k % len(PATH_COLORS)], marker="o", ms=3,
+                              label=f"path {run} (square: start)"))
     frac = common_region(r, levels)
     ax.legend(handles=handles, fontsize=7, loc="best")
     _axis_labels(ax, r)
