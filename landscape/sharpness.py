@@ -10,8 +10,9 @@ that leave the network's function unchanged (e.g. a ReLU layer scaled by a and t
 Worst case: max_{||u|| <= rho} L(theta + T u) - L(theta), by projected gradient ascent on u (`steps` steps of
 `step * rho` along the normalised gradient, each followed by projection onto the ball), started from the
 gradient's direction (a seeded random direction where the gradient vanishes). Every iterate is feasible, so
-the best value found is a lower bound of the maximum; `worst_converged` says whether the last step still
-improved it by more than `tol` (relative): a result that stopped on its step budget says so.
+the best value found is a lower bound of the maximum; `worst_converged` is false when the last step still
+improved it by more than `tol` (relative) or the last iterate fell below it (still oscillating): a result that
+stopped on its step budget says so.
 Average case: E_z[L(theta + T z)] - L(theta) with z ~ N(0, rho^2 I / n) (n = number of parameters, so
 E||z||^2 = rho^2), estimated from `samples` antithetic pairs (z, -z) (the gradient term cancels exactly in each
 pair), with the standard error over pairs; evaluated through the surface engine (vmap over chunks where faster).
@@ -151,7 +152,11 @@ def _ascent(work: Objective, name: str, theta: torch.Tensor, T: torch.Tensor, rh
         if not math.isfinite(gn) or gn == 0:
             break
         u = _project(u + g * (step * rho / gn), rho)
-    converged = math.isfinite(best) and improved <= tol * max(abs(best), 1e-300)
+    # converged: the last step improved the best by at most tol (relative) and the last iterate sits at the best
+    # (an ascent still oscillating between sides of the maximum has not settled)
+    last = history[-1] if history else float("nan")
+    scale = max(abs(best), 1e-300) if math.isfinite(best) else 1.0
+    converged = math.isfinite(best) and improved <= tol * scale and math.isfinite(last) and best - last <= tol * scale
     return {"loss": base, "worst": best if math.isfinite(best) else None,
             "worst_loss": base + best if math.isfinite(best) else None,
             "radius": float(best_u.norm()), "steps": len(history), "converged": bool(converged),

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from nexus_opt.errors import UserError
 
 from ..objective import TRAIN
+from .paths import draw_paths, path_handles
 from .style import TRAIN_COLOR, domain_colors, domain_label
 
 
@@ -123,19 +124,8 @@ def _mark_points(ax, r, colors: Mapping[str, str], legend: bool = True) -> None:
     extent = np.ptp(pts, axis=0) if len(pts) > 1 else np.ones(2)
     extent = np.where(extent > 0, extent, 1.0)
     placed: list[np.ndarray] = []
-    paths = (r.normalization or {}).get("paths") or {}
-    quiet = set()  # trajectory checkpoints between a path's ends: drawn on the path, not labelled
-    for k, (run, names) in enumerate(paths.items()):
-        P = np.array([r.points[n] for n in names if n in r.points], dtype=float).reshape(-1, 2)
-        c = PATH_COLORS[k % len(PATH_COLORS)]
-        ax.plot(P[:, 0], P[:, 1], "-", color=c, lw=1.5, marker="o", ms=3.5, mec="w", mew=0.4,
-                label=f"path {run}" if legend else None, zorder=4)
-        if len(P) > 1:
-            ax.plot(P[0, 0], P[0, 1], marker="s", ms=6, color=c, mec="w", ls="none", zorder=5)
-        quiet.update(names[1:-1])
-    for name, (a, b) in r.points.items():
-        if name in quiet:
-            continue
+    quiet = draw_paths(ax, r, legend)  # trajectory plane: checkpoints between a path's ends are not labelled
+    for name, (a, b) in ((n, ab) for n, ab in r.points.items() if n not in quiet):
         off = _offplane(r, name)
         if name.startswith("min:"):
             d = name[4:]
@@ -181,14 +171,9 @@ def _clip_levels(z: np.ndarray, n: int = 30) -> tuple[np.ndarray, str]:
     return np.linspace(lo, hi, n), "max"
 
 
-PATH_COLORS = ("k", "#e7298a", "#17becf", "#7f7f7f", "#bcbd22")  # trajectory paths (apart from the domain colours)
-
-
 def _axis_labels(ax, r) -> None:
-    named = (r.normalization or {}).get("axis_labels")
-    if named and len(named) == 2:  # trajectory (PCA, explained variance) and eigen (eigenvalues) planes
-        ax.set_xlabel(named[0], fontsize=8)
-        ax.set_ylabel(named[1], fontsize=8)
+    if named := (r.normalization or {}).get("axis_labels"):  # trajectory (explained variance), eigen planes
+        [f(t, fontsize=8) for f, t in zip((ax.set_xlabel, ax.set_ylabel), named)]
     elif r.plane == "random":
         ax.set_xlabel("d1")
         ax.set_ylabel("d2")
@@ -251,9 +236,7 @@ def _title(r, label: str | None = None) -> str:
         n = r.normalization
         return (f"{head}random plane (seeds {n.get('seeds')}, {n.get('norm')}-normalised, bias {n.get('bias_used')}, "
                 f"cos {n.get('cos', float('nan')):.1e})")
-    if r.normalization.get("title"):
-        return f"{head}{r.normalization['title']}"
-    return f"{head}{r.plane} plane through {', '.join(r.normalization.get('spanned_by', []))}"
+    return head + (r.normalization.get("title") or f"{r.plane} plane through {', '.join(r.normalization.get('spanned_by', []))}")
 
 
 def overlay_axes(ax, r, level=None, label: str | None = None) -> dict:
@@ -285,9 +268,7 @@ def overlay_axes(ax, r, level=None, label: str | None = None) -> dict:
     if any(_offplane(r, n) for n in mins):
         handles.append(Line2D([], [], marker="*", ms=10, color="0.45", mfc="none", ls="none",
                               label="minimum off the plane (projected)"))
-    for k, run in enumerate((r.normalization or {}).get("paths") or {}):  # trajectory plane: one path per run
-        handles.append(Line2D([], [], color=PATH_COLORS[k % len(PATH_COLORS)], marker="o", ms=3,
-                              label=f"path {run} (square: start)"))
+    handles += path_handles(r)
     frac = common_region(r, levels)
     ax.legend(handles=handles, fontsize=7, loc="best")
     _axis_labels(ax, r)
