@@ -33,9 +33,9 @@ def summary_table(r, title: str):
 @command("connect")
 @source_options  # [ownmodel]
 def connect_cmd(
-    a: str = typer.Argument(..., help="Start: a checkpoint or run directory, or min:DOMAIN (that domain's nearest "
+    a: str = typer.Argument(..., metavar="A", help="Start: a checkpoint or run directory, or min:DOMAIN (that domain's nearest "
                                       "minimum from --at)."),
-    b: str = typer.Argument(..., help="End: a checkpoint or run directory, or min:DOMAIN."),
+    b: str = typer.Argument(..., metavar="B", help="End: a checkpoint or run directory, or min:DOMAIN."),
     at: Optional[str] = typer.Option(None, help="Checkpoint the min:DOMAIN ends descend from (default: the "
                                                 "checkpoint among A and B)."),
     points: int = typer.Option(21, help="Points along each path (endpoints included)."),

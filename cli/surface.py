@@ -133,6 +133,9 @@ def plot_surface_cmd(
         raise UserError(f"unknown plane '{plane}'; choose one of {list(PLANES)}")
     if batch not in BATCH_MODES:
         raise UserError(f"unknown batch mode '{batch}'; choose one of {list(BATCH_MODES)}")
+    if trajectory_basis not in ("all", "first") or curvature not in ("hessian", "ggn"):
+        raise UserError(f"--trajectory-basis must be all or first and --curvature hessian or ggn, got "
+                        f"{trajectory_basis!r} and {curvature!r}")
     if kind not in ("filled", "contour", "surface"):
         raise UserError(f"unknown --kind '{kind}'; choose filled, contour or surface")
     steps = merge_alias(steps, old_steps, "steps", "--descent-steps", "--steps")
