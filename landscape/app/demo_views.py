@@ -44,8 +44,8 @@ def researcher_views(cfg, plan, runs: dict, per_seed: list, log: Callable, task:
     for r in per_seed:
         objs = {a: _subset(load(r["matched"][a]["path"], device=cfg.device), plan.analysis_batches) for a in ARMS}
         for a in ARMS:
-            res = sharpness(objs[a], domains=["each", "train"], rho=0.05, steps=10 if quick else 20,
-                            samples=16 if quick else 50, seed=r["seed"],
+            res = sharpness(objs[a], domains=["each", "train"], rho=0.05, steps=8 if quick else 20,
+                            samples=8 if quick else 50, seed=r["seed"],
                             progress=task(f"sharpness {plan.suite} {a} s{r['seed']}") if task else None)
             sharp[a].append(res.to_dict())
         c = connect(objs["adamw"], objs["nexus"], points=11 if quick else 21, seed=r["seed"],
