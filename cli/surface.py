@@ -88,7 +88,11 @@ def summary_table(results: list, labels: list[str], level) -> Table:
 @source_options  # [ownmodel]
 def plot_surface_cmd(
     checkpoints: Optional[List[str]] = typer.Argument(None, help="Checkpoint directories (or run directories: latest checkpoint)."),
-    plane: str = typer.Option("random", help="random (filter-normalised), domains (theta + two domain minima) or checkpoints (through 2-3 CKPTs)."),
+    plane: str = typer.Option("random", help="random (filter-normalised), domains (theta + two domain minima), checkpoints (through 2-3 CKPTs), "
+                                             "trajectory (PCA plane of RUN directories' checkpoints, paths drawn) or eigen (top two Hessian/GGN eigenvectors)."),
+    trajectory_basis: str = typer.Option("all", help="trajectory plane: all (PCA of every run's checkpoints: one common plane) or first (the first run's plane)."),
+    curvature: str = typer.Option("hessian", help="eigen plane: hessian or ggn."),
+    eigen_domain: Optional[str] = typer.Option(None, help="eigen plane: the domain whose curvature gives the axes (default: the training loss)."),
     grid: int = typer.Option(51, help="Grid points per side."),
     span: Optional[str] = typer.Option(None, help="'auto' (default: +-1 for random, the points' box otherwise), a number s (+-s) or 'xmin,xmax,ymin,ymax'."),
     seed: int = typer.Option(0, help="Seed of the random directions (seed and seed+1) and, in train mode, of each "
@@ -129,6 +133,9 @@ def plot_surface_cmd(
         raise UserError(f"unknown plane '{plane}'; choose one of {list(PLANES)}")
     if batch not in BATCH_MODES:
         raise UserError(f"unknown batch mode '{batch}'; choose one of {list(BATCH_MODES)}")
+    if trajectory_basis not in ("all", "first") or curvature not in ("hessian", "ggn"):
+        raise UserError(f"--trajectory-basis must be all or first and --curvature hessian or ggn, got "
+                        f"{trajectory_basis!r} and {curvature!r}")
     if kind not in ("filled", "contour", "surface"):
         raise UserError(f"unknown --kind '{kind}'; choose filled, contour or surface")
     steps = merge_alias(steps, old_steps, "steps", "--descent-steps", "--steps")
@@ -171,7 +178,24 @@ def plot_surface_cmd(
 
         common = dict(grid=grid, span=box, seed=seed, domains=parse_names(domains, "--domains"), norm=norm, bias=bias,
                       batch=batch, pair=parse_names(pair, "--pair"), descend_steps=steps, train_mode=train_mode)
-        if plane == "checkpoints":
+        if plane == "eigen":
+            common.update(curvature=curvature, eigen_domain=eigen_domain)
+        if plane == "trajectory":
+            from landscape.surface.trajectory import run_checkpoints
+
+            from .common import unique_labels
+            obj = load(checkpoints[0], device=device, trust_remote_code=trust_remote_code)
+            runs = {lab: run_checkpoints(obj, p, lab) for p, lab in zip(checkpoints, unique_labels(checkpoints))}
+            npz = outd / f"{base}.npz"
+            with progress_bar() as bar:
+                results.append(surface(obj, plane="trajectory", trajectories=runs, trajectory_basis=trajectory_basis,
+                                       out=npz, progress=bar, **common))
+            labels.append(" + ".join(runs))
+            stems.append(outd / base)
+            sources.append(" ".join(str(p) for p in checkpoints))
+            steps_at.append(checkpoint_step(obj))
+            written.append(npz)
+        elif plane == "checkpoints":
             if len(checkpoints) not in (2, 3):
                 raise UserError(f"--plane checkpoints needs 2 or 3 checkpoints, got {len(checkpoints)}")
             objs = [load(p, device=device, trust_remote_code=trust_remote_code) for p in checkpoints]

@@ -15,10 +15,13 @@ from .hvp import CurvatureOperator, HessianOperator, curvature_along
 from .ggn import GGNOperator
 from .tracking import GradSimTracker
 from .sources import from_pretrained  # models trained elsewhere (HF directories, safetensors, state dicts)
+from .sharpness import DomainSharpness, SharpnessResult, sharpness  # issue 21: researcher views
+from .connect import ConnectResult, connect
 
 __all__ = ["Objective", "TRAIN", "Result", "UserError", "load", "suite_of",
            "gradient_similarity", "GradSimResult", "closeness", "descend", "ClosenessResult", "DescentResult",
            "surface", "line", "SurfaceResult", "LineResult",
            "flatness", "FlatnessResult", "DomainCurvature", "SpectralDensity", "EigenResult", "RitzPairs",
            "domain_gradient", "CurvatureOperator", "HessianOperator", "GGNOperator", "curvature_along",
-           "GradSimTracker", "from_pretrained"]
+           "GradSimTracker", "from_pretrained", "sharpness", "SharpnessResult", "DomainSharpness",
+           "connect", "ConnectResult"]

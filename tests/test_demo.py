@@ -124,6 +124,29 @@ def test_demo_resumes_without_retraining(demo_dir):
     assert ck.stat().st_mtime_ns == before
 
 
+def test_researcher_views(summary, demo_dir):
+    """Issue 21: the three arms' paths on one trajectory plane from one initialisation, sharpness paired over
+    seeds, the AdamW-Nexus barrier; their figures in the report."""
+    from landscape.surface import SurfaceResult
+
+    for suite, s in summary["suites"].items():
+        v = s["views"]
+        tr = SurfaceResult.load(v["trajectory"])
+        paths = tr.normalization["paths"]
+        assert list(paths) == list(ARMS)
+        starts = [tr.points[paths[a][0]] for a in ARMS]  # one initialisation: the three paths start together
+        assert all(abs(p[0] - starts[0][0]) < 1e-9 and abs(p[1] - starts[0][1]) < 1e-9 for p in starts)
+        assert tr.points[paths["adamw"][-1]] == [0.0, 0.0]
+        assert len(v["sharpness_paired"]) == 2 * len(PAIRS)
+        assert all(p["n"] == len(summary["settings"]["seeds"]) for p in v["sharpness_paired"])
+        for a in ARMS:
+            assert all(x is not None and x >= 0 for x in v["sharpness_values"][a]["sharpness_worst"])
+        assert [c["endpoints"] for c in v["connect"]] == [["adamw", "nexus"]] * len(summary["settings"]["seeds"])
+        assert all(c["barrier"]["train"] is not None and c["barrier"]["train"] >= 0 for c in v["connect"])
+        for fig in ("trajectory", "sharpness", "connect"):
+            assert (demo_dir / "figures" / f"{fig}-{suite}.png").stat().st_size > 10_000
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 

@@ -283,8 +283,13 @@ def run_suite(cfg: DemoConfig, plan: SuitePlan, clock: _Clock, log: Callable, pr
             spath = out / f"surface-{plan.suite}-{a}.npz"
             sres.save(spath)
             surf[a] = str(spath)
+    from .demo_views import researcher_views  # issue 21: trajectories, sharpness, connectivity
+
+    with clock(f"{plan.suite}: trajectories, sharpness, connectivity"):
+        views = researcher_views(cfg, plan, runs, per_seed, log, task)
     return {"per_seed": per_seed, "aggregate": agg, "paired": pairs, "speed": {"steps": speed, "paired": speed_pairs},
             "curves": curves, "cosine_curves": cos_curves, "closeness_converged": converged, "surfaces": surf,
+            "views": views,
             "ood": p0["matched"]["adamw"]["analysis"]["ood"], "match_tol": MATCH_TOL, "match_window": MATCH_WINDOW,
             "closeness_objective": {"params": plan.closeness_params, "prox_mu": plan.closeness_prox,
                                     **plan.closeness}}

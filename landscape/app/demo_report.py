@@ -18,7 +18,7 @@ from .report import Report
 from .toys import Figure2Result, TrajectoryToyResult
 
 SECTIONS = ["reading", "settings", "mechanism", "figure2", "toy2d", "training", "matched", "speed", "paired",
-            "geometry", "surfaces", "data"]
+            "geometry", "surfaces", "views", "data"]
 ARMS = ("adamw", "control", "nexus")
 
 
@@ -219,6 +219,9 @@ def write_report(summary: dict, out: Path) -> Path:
         for a, r in zip(ARMS, res):
             rep.plotly(html_figure(r, label=f"{suite} {ARM_NAMES[a]}"),
                        f"{suite} {ARM_NAMES[a]}: interactive surface (buttons per domain)")
+
+    from .demo_views import report_views  # issue 21: trajectories, sharpness, connectivity
+    report_views(rep, fig, summary)
 
     rep.section("data", "Data", "Everything above is in summary.json beside this report; the paired statistics and "
                 "the matched checkpoints are repeated here.")

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from nexus_opt.errors import UserError
 
 from ..objective import TRAIN
+from .paths import draw_paths, path_handles
 from .style import TRAIN_COLOR, domain_colors, domain_label
 
 
@@ -123,7 +124,8 @@ def _mark_points(ax, r, colors: Mapping[str, str], legend: bool = True) -> None:
     extent = np.ptp(pts, axis=0) if len(pts) > 1 else np.ones(2)
     extent = np.where(extent > 0, extent, 1.0)
     placed: list[np.ndarray] = []
-    for name, (a, b) in r.points.items():
+    quiet = draw_paths(ax, r, legend)  # trajectory plane: checkpoints between a path's ends are not labelled
+    for name, (a, b) in ((n, ab) for n, ab in r.points.items() if n not in quiet):
         off = _offplane(r, name)
         if name.startswith("min:"):
             d = name[4:]
@@ -170,7 +172,9 @@ def _clip_levels(z: np.ndarray, n: int = 30) -> tuple[np.ndarray, str]:
 
 
 def _axis_labels(ax, r) -> None:
-    if r.plane == "random":
+    if named := (r.normalization or {}).get("axis_labels"):  # trajectory (explained variance), eigen planes
+        [f(t, fontsize=8) for f, t in zip((ax.set_xlabel, ax.set_ylabel), named)]
+    elif r.plane == "random":
         ax.set_xlabel("d1")
         ax.set_ylabel("d2")
     else:
@@ -232,7 +236,7 @@ def _title(r, label: str | None = None) -> str:
         n = r.normalization
         return (f"{head}random plane (seeds {n.get('seeds')}, {n.get('norm')}-normalised, bias {n.get('bias_used')}, "
                 f"cos {n.get('cos', float('nan')):.1e})")
-    return f"{head}{r.plane} plane through {', '.join(r.normalization.get('spanned_by', []))}"
+    return head + (r.normalization.get("title") or f"{r.plane} plane through {', '.join(r.normalization.get('spanned_by', []))}")
 
 
 def overlay_axes(ax, r, level=None, label: str | None = None) -> dict:
@@ -264,6 +268,7 @@ def overlay_axes(ax, r, level=None, label: str | None = None) -> dict:
     if any(_offplane(r, n) for n in mins):
         handles.append(Line2D([], [], marker="*", ms=10, color="0.45", mfc="none", ls="none",
                               label="minimum off the plane (projected)"))
+    handles += path_handles(r)
     frac = common_region(r, levels)
     ax.legend(handles=handles, fontsize=7, loc="best")
     _axis_labels(ax, r)

@@ -69,14 +69,19 @@ def surface(obj: Objective, *, plane: str = "random", grid=51, span=None, domain
             seed: int = 0, progress: Progress | None = None, others=None, minima=None, norm: str = "filter",
             bias: str = "zero", batch: str = "auto", chunk: int | None = None, out: str | Path | None = None,
             pair: Sequence[str] | None = None, descend_steps: int = 300,
-            labels: Sequence[str] | None = None, train_mode: bool = False) -> SurfaceResult:
+            labels: Sequence[str] | None = None, train_mode: bool = False, trajectories=None,
+            trajectory_basis: str = "all", curvature: str = "hessian", eigen_domain: str | None = None) -> SurfaceResult:
     """Every domain's loss and the training loss on a grid of a plane around the objective's weights.
 
     plane: 'random' (seeded filter-normalised orthogonal directions, seeds seed and seed+1), 'domains'
     (through theta and the minima of two trained domains, `pair`, default the first two; `minima` maps
     domain -> flat weights, missing ones are found by `closeness.descend`), 'checkpoints' (through the
     objective's weights and 1 or 2 `others`: Objectives or flat vectors; with 1 the second direction is
-    random). grid: points per side or (nx, ny). span: None (auto: +-1 for random, else the points' padded
+    random), 'trajectory' (the PCA plane of training checkpoints, Li et al.: `trajectories` maps a run label to
+    {checkpoint name: Objective or flat vector} in training order, origin the first run's last checkpoint;
+    `trajectory_basis` 'all' (PCA of every run's checkpoints: one common plane) or 'first'), 'eigen' (the top two
+    eigenvectors of the Hessian, or `curvature='ggn'`, of `eigen_domain`, default the training loss; unit
+    vectors). See landscape.surface.trajectory. grid: points per side or (nx, ny). span: None (auto: +-1 for random, else the points' padded
     bounding box), a number s (+-s) or (xmin, xmax, ymin, ymax). domains: names or 'a,b' (default all, OOD
     included; training domains are always evaluated for 'train'). batch: 'auto' | 'vmap' | 'loop'. out:
     an .npz path written at the end; finished rows go to a sidecar so an interrupted grid resumes.
@@ -96,7 +101,9 @@ def surface(obj: Objective, *, plane: str = "random", grid=51, span=None, domain
     device, dtype = obj.device, obj.dtype
     train_mode = bool(train_mode)
     pl = make_plane(obj, plane, seed=seed, norm=norm, bias=bias, others=others, minima=minima, pair=pair,
-                    domains=want, descend_steps=descend_steps, labels=labels, train_mode=train_mode)
+                    domains=want, descend_steps=descend_steps, labels=labels, train_mode=train_mode,
+                    trajectories=trajectories, trajectory_basis=trajectory_basis, curvature=curvature,
+                    eigen_domain=eigen_domain)
     origin = pl.origin.to(device=device, dtype=dtype)
     D = torch.stack([pl.d1, pl.d2]).to(device=device, dtype=dtype)
     if world > 1:  # one plane for all ranks (descent on GPUs need not be bit-identical)
@@ -167,6 +174,8 @@ def surface(obj: Objective, *, plane: str = "random", grid=51, span=None, domain
                   "batch_probe": probed, "chunk": ev.chunk if ev.mode == "vmap" else None, "device": str(device), "dtype": str(dtype),
                   "pair": pl.info.get("pair"), "descend_steps": descend_steps if plane == "domains" else None,
                   "labels": list(labels) if labels else None, "world_size": world, "params": params,
+                  **({"trajectory_basis": trajectory_basis} if plane == "trajectory" else {}),
+                  **({"curvature": curvature, "eigen_domain": pl.info.get("domain")} if plane == "eigen" else {}),
                   "train_mode": train_mode},
         versions=versions(),
         seconds=elapsed, timing={"points": len(computed) * nx, "resumed_rows": resumed,

@@ -113,7 +113,8 @@ class Evaluator:
         return torch.func.functional_call(self.module, p, (), tie_weights=True, strict=False)
 
     def _loop(self, origin: torch.Tensor, D: torch.Tensor, ab: torch.Tensor) -> dict[str, np.ndarray]:
-        vals = torch.stack([self._at(_weights(origin, D, ab[k:k + 1])[0]) for k in range(ab.shape[0])]).cpu().numpy()
+        row = (lambda k: origin[k:k + 1]) if origin.dim() == 2 else (lambda k: origin)
+        vals = torch.stack([self._at(_weights(row(k), D, ab[k:k + 1])[0]) for k in range(ab.shape[0])]).cpu().numpy()
         return {d: vals[:, i] for i, d in enumerate(self.names)}
 
     def _vmap(self, origin: torch.Tensor, D: torch.Tensor, ab: torch.Tensor) -> dict[str, np.ndarray]:
@@ -129,11 +130,28 @@ class Evaluator:
         with self.obj.evaluating(self.train_mode):
             return self._call(origin, D, ab)
 
-    def _call(self, origin: torch.Tensor, D: torch.Tensor, ab: torch.Tensor) -> dict[str, np.ndarray]:
-        parts, s, n = [], 0, ab.shape[0]
+    @torch.no_grad()
+    def at(self, W: torch.Tensor) -> dict[str, np.ndarray]:
+        """Losses at the rows of W (points x params, flat weights in obj.params() order): the same chunking,
+        vmap-or-loop choice and fallbacks as a plane's points (used for points not on one plane: random
+        perturbations, curves)."""
+        zero = torch.zeros(2, W.shape[1], dtype=W.dtype, device=W.device)
+        with self.obj.evaluating(self.train_mode):
+            return self._call(W, zero, None)
+
+    def _call(self, origin: torch.Tensor, D: torch.Tensor, ab: torch.Tensor | None) -> dict[str, np.ndarray]:
+        if ab is None:  # `at`: origin holds the points' weights themselves, one row each
+            W, n = origin, origin.shape[0]
+            ab = torch.zeros(n, 2, dtype=W.dtype, device=W.device)
+            pick = lambda s, e: (W[s:e], ab[s:e])  # noqa: E731
+        else:
+            n = ab.shape[0]
+            pick = lambda s, e: (origin, ab[s:e])  # noqa: E731
+        parts, s = [], 0
         while s < n and self.mode == "vmap":
             try:
-                parts.append(self._vmap(origin, D, ab[s:s + self.chunk]))
+                o, a = pick(s, s + self.chunk)
+                parts.append(self._vmap(o, D, a))
                 s += self.chunk
             except _OOM:
                 if self.chunk == 1:
@@ -146,13 +164,16 @@ class Evaluator:
                 self.mode = "loop"
                 self.note = f"vmap failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); used the loop"
         if s < n:
-            parts.append(self._loop(origin, D, ab[s:]))
+            o, a = pick(s, n)
+            parts.append(self._loop(o, D, a))
         return {d: np.concatenate([p[d] for p in parts]) for d in self.names}
 
 
 def _weights(origin: torch.Tensor, D: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
-    """Points x params weights origin + a*d1 + b*d2 (one formula for every mode)."""
-    return origin[None] + ab[:, :1] * D[0][None] + ab[:, 1:2] * D[1][None]
+    """Points x params weights origin + a*d1 + b*d2 (one formula for every mode); a 2-D `origin` holds one
+    origin per point (Evaluator.at)."""
+    o = origin if origin.dim() == 2 else origin[None]
+    return o + ab[:, :1] * D[0][None] + ab[:, 1:2] * D[1][None]
 
 
 def train_loss(losses: Mapping[str, np.ndarray], obj: Objective) -> np.ndarray:

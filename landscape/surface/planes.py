@@ -13,7 +13,7 @@ from .. import directions as dirs
 from ..objective import Objective
 from ..params import get_flat
 
-PLANES = ("random", "domains", "checkpoints")
+PLANES = ("random", "domains", "checkpoints", "trajectory", "eigen")
 
 
 def flat_of(x, obj: Objective) -> torch.Tensor:
@@ -57,12 +57,24 @@ def _minima(obj: Objective, names: Sequence[str], given, steps: int, seed: int,
 
 def make_plane(obj: Objective, plane: str, *, seed: int = 0, norm: str = "filter", bias: str = "zero",
                others=None, minima=None, pair=None, domains: Sequence[str] = (), descend_steps: int = 300,
-               labels: Sequence[str] | None = None, train_mode: bool = False) -> dirs.Plane:
-    """The plane of a surface: seeded random, through theta and two domain minima, or through checkpoints."""
+               labels: Sequence[str] | None = None, train_mode: bool = False, trajectories=None,
+               trajectory_basis: str = "all", curvature: str = "hessian", eigen_domain: str | None = None) -> dirs.Plane:
+    """The plane of a surface: seeded random, through theta and two domain minima, through checkpoints, a
+    training trajectory's PCA plane (`trajectories`: run -> {name: checkpoint}) or the top two curvature
+    eigenvectors of `eigen_domain` (landscape.surface.trajectory)."""
     if plane not in PLANES:
         raise UserError(f"unknown plane '{plane}'; choose one of {list(PLANES)}")
     if plane == "random":
         return dirs.random_plane(obj, seed, norm, bias)
+    if plane == "trajectory":
+        from .trajectory import trajectory_plane
+        if not trajectories:
+            raise UserError("the trajectory plane needs the runs' checkpoints (trajectories={run: {name: point}})")
+        runs = {r: {n: flat_of(p, obj) for n, p in pts.items()} for r, pts in dict(trajectories).items()}
+        return trajectory_plane(runs, trajectory_basis)
+    if plane == "eigen":
+        from .trajectory import eigen_plane
+        return eigen_plane(obj, domain=eigen_domain, curvature=curvature, seed=seed, train_mode=train_mode)
     theta = get_flat(obj.params(), torch.float64)
     if plane == "checkpoints":
         others = list(others or [])
