@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import sys
 import warnings
 from collections import ChainMap, OrderedDict
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -43,6 +44,60 @@ def _by_device(tensors: Sequence[torch.Tensor], *more: Sequence[torch.Tensor]) -
         for k, m in enumerate(more):
             lists[k + 1].append(m[i])
     return out
+
+
+def _is_dtensor(t: Any) -> bool:
+    """t is a torch.distributed.tensor.DTensor (FSDP2 parameters and gradients); no import unless one exists."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    cls = getattr(mod, "DTensor", None) if mod is not None else None
+    return cls is not None and isinstance(t, cls)
+
+
+def _same_spec(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Two DTensors laid out alike (mesh, placements, global shape): their local shards pair element by element."""
+    return (_is_dtensor(a) and _is_dtensor(b) and a.device_mesh == b.device_mesh and a.placements == b.placements
+            and a.shape == b.shape)
+
+
+def _local(*lists: Sequence[torch.Tensor]) -> Optional[tuple]:
+    """The local shards of parallel lists of tensors, for elementwise kernels: plain tensors pass through; DTensors
+    become their local shards when every partner has the same layout (exact, since an elementwise op on a DTensor is
+    the op on its shards). None when some DTensor has no same-layout partner (then DTensor dispatch decides)."""
+    first = lists[0]
+    if not any(_is_dtensor(t) for lst in lists for t in lst):
+        return lists
+    out = [[] for _ in lists]
+    for i, t0 in enumerate(first):
+        row = [lst[i] for lst in lists]
+        if _is_dtensor(t0):
+            if not all(_same_spec(t0, t) for t in row[1:]):
+                return None
+            for k, t in enumerate(row):
+                out[k].append(t.to_local())
+        elif any(_is_dtensor(t) for t in row[1:]):
+            return None
+        else:
+            for k, t in enumerate(row):
+                out[k].append(t)
+    return tuple(out)
+
+
+def _needs_closure(o: Optimizer) -> bool:
+    """o.step() cannot run without a closure (torch.optim.LBFGS): its `closure` argument has no default."""
+    import inspect
+
+    try:
+        param = inspect.signature(o.step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.default is inspect.Parameter.empty
+
+
+def _world_size(group: Any = None) -> int:
+    """Processes in `group` (the default group when None), 1 without an initialized process group."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return 1
+    return torch.distributed.get_world_size(group)
 
 
 def _is_real(v: Any) -> bool:
@@ -77,16 +132,25 @@ class Nexus(Optimizer):
             norm on the host, a device sync on accelerators).
         offload_anchor: keep the anchor (parallel: the displacement) on the CPU (pinned for CUDA parameters).
         foreach: use torch._foreach_* kernels (None: when available).
+        shard_group: the process group over which FSDP1 (FullyShardedDataParallel) shards the parameters: the
+            squared gradient norm is all-reduced over it, so every rank normalises by the full-gradient norm.
+            Required (and refused otherwise) for FSDP1 parameters on more than one rank; not needed for FSDP2.
     """
 
     def __init__(self, outer: Union[Optimizer, Sequence[Optimizer]], *, inner_lr: float = 0.01, inner_steps: int = 4,
                  mode: str = "sequential", pseudo_grad_scale: str = "raw", inner_lr_follows_schedule: bool = False,
-                 nonfinite: str = "skip", offload_anchor: bool = False, foreach: Optional[bool] = None):
+                 nonfinite: str = "skip", offload_anchor: bool = False, foreach: Optional[bool] = None,
+                 shard_group: Any = None):
         outers = list(outer) if isinstance(outer, (list, tuple)) else [outer]
         if not outers or not all(isinstance(o, Optimizer) for o in outers):
             raise TypeError("Nexus wraps a torch.optim.Optimizer or a non-empty list of them")
         if any(isinstance(o, Nexus) for o in outers):
             raise TypeError("Nexus cannot wrap another Nexus")
+        for o in outers:
+            if _needs_closure(o):
+                raise TypeError(f"Nexus cannot wrap {type(o).__name__}: its step() needs a closure that re-evaluates "
+                                "the loss, and the outer step only has the pseudo-gradient; use a first-order outer "
+                                "optimizer (AdamW, SGD, ...)")
         if not _is_int(inner_steps) or inner_steps < 1:
             raise ValueError(f"inner_steps must be an integer >= 1, got {inner_steps!r}")
         _check_inner_lr(inner_lr, "")
@@ -133,6 +197,8 @@ class Nexus(Optimizer):
         self._micro_step = 0  # inner steps taken in total
         self._phase = 0  # inner steps taken since the last outer step (0 = just after an outer step)
         self._swapped = False
+        self._shard_group = shard_group
+        self._collectives = 0  # collectives Nexus itself issued (norm all-reduces, displacement averages)
         self._sync_groups()
         self._warn_eps()
 
@@ -288,7 +354,7 @@ class Nexus(Optimizer):
                 self._mul(gl, inv)
                 if not known_ok:  # 0 * inf = nan: clear those (no host sync; the step is skipped either way)
                     for g in gl:
-                        g.nan_to_num_(0.0, 0.0, 0.0)
+                        (g.to_local() if _is_dtensor(g) else g).nan_to_num_(0.0, 0.0, 0.0)
                 if bufs is None:
                     self._add(pl, gl, -lr)
                 else:
@@ -305,18 +371,43 @@ class Nexus(Optimizer):
         return any(a.device != p.device for a, p in zip(anchors, ps))
 
     def _global_norm(self, grads: list) -> torch.Tensor:
-        """L2 norm of all gradients as one vector (float64 if any is float64, else float32)."""
-        buckets = _by_device(grads)
-        acc = torch.float64 if any(dt == torch.float64 for _, dt in buckets) else torch.float32
+        """L2 norm of all gradients as one vector (float64 if any is float64, else float32), a plain tensor.
+        DTensor gradients (FSDP2) are reduced by DTensor itself (one scalar all-reduce); plain gradients that are
+        shards of a parameter (FSDP1: shard_group set) have their squared norm all-reduced over shard_group."""
+        acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+        dts = [g for g in grads if _is_dtensor(g)]
+        plain = [g for g in grads if not _is_dtensor(g)] if dts else grads
         dev = grads[0].device
-        norms = []
-        for (d, dt), (gl,) in buckets.items():
-            ns = torch._foreach_norm(gl) if self.foreach else [torch.linalg.vector_norm(g) for g in gl]
-            norms += ns if (d, dt) == (dev, acc) else [n.to(device=dev, dtype=acc) for n in ns]
-        return torch.linalg.vector_norm(torch.stack(norms))
+        parts = []
+        if plain:
+            norms = []
+            for (d, dt), (gl,) in _by_device(plain).items():
+                ns = torch._foreach_norm(gl) if self.foreach else [torch.linalg.vector_norm(g) for g in gl]
+                norms += ns if (d, dt) == (dev, acc) else [n.to(device=dev, dtype=acc) for n in ns]
+            total = torch.linalg.vector_norm(torch.stack(norms))
+            if self._shard_group is not None:
+                import torch.distributed as dist
 
-    # -- small in-place kernels (foreach when available) ----------------------------------------------------
+                sq = total.square()
+                dist.all_reduce(sq, group=self._shard_group)
+                self._collectives += 1
+                total = sq.sqrt()
+            parts.append(total)
+        if dts:
+            ns = torch._foreach_norm(dts) if self.foreach else [torch.linalg.vector_norm(g) for g in dts]
+            t = torch.linalg.vector_norm(torch.stack([n.to(dtype=acc) for n in ns]))
+            parts.append(t.full_tensor() if _is_dtensor(t) else t)
+            self._collectives += 1
+        return parts[0] if len(parts) == 1 else torch.linalg.vector_norm(torch.stack([x.to(dev) for x in parts]))
+
+    # -- small in-place kernels (foreach when available; DTensors through their local shards) --------------
     def _mul(self, ts: list, s) -> None:
+        loc = _local(ts)
+        if loc is None:
+            for t in ts:
+                t.mul_(s)
+            return
+        (ts,) = loc
         if self.foreach:
             torch._foreach_mul_(ts, s)
         else:
@@ -324,12 +415,15 @@ class Nexus(Optimizer):
                 t.mul_(s)
 
     def _add(self, dst: list, src: list, alpha: float = 1.0) -> None:
-        """dst[i] += alpha * src[i] (same device and dtype)."""
-        if self.foreach:
-            torch._foreach_add_(dst, src, alpha=alpha)
-        else:
+        """dst[i] += alpha * src[i] (same device)."""
+        loc = _local(dst, src)
+        if loc is None or not self.foreach:
             for d, s in zip(dst, src):
                 d.add_(s, alpha=alpha)
+            return
+        dst, src = loc
+        for (dl, sl) in _by_device(dst, src).values():
+            torch._foreach_add_(dl, sl, alpha=alpha)
 
     def _accumulate(self, bufs: list, gl: list, lr: float) -> None:
         """bufs += lr * gl, also when the displacement is offloaded (then a blocking device-to-host copy)."""
@@ -342,8 +436,9 @@ class Nexus(Optimizer):
     def _copy(self, dst: list, src: list, non_blocking: bool = True) -> None:
         """dst[i] <- src[i] (non-blocking across devices: the anchor may sit in pinned CPU memory)."""
         same = all(d.device == s.device for d, s in zip(dst, src))
-        if self.foreach and same and dst:
-            for _, (dl, sl) in _by_device(dst, src).items():
+        loc = _local(dst, src) if dst else None
+        if self.foreach and same and loc is not None:
+            for _, (dl, sl) in _by_device(*loc).items():
                 torch._foreach_copy_(dl, sl)
         else:
             for d, s in zip(dst, src):
@@ -353,12 +448,29 @@ class Nexus(Optimizer):
         """dst[i] -= src[i]."""
         if not dst:
             return
-        for (dl, sl) in _by_device(dst, src).values():
+        loc = _local(dst, src)
+        if loc is None:
+            for d, s in zip(dst, src):
+                d.sub_(s)
+            return
+        for (dl, sl) in _by_device(*loc).values():
             if self.foreach:
                 torch._foreach_sub_(dl, sl)
             else:
                 for d, s in zip(dl, sl):
                     d.sub_(s)
+
+    def _zero(self, ts: list) -> None:
+        if not ts:
+            return
+        loc = _local(ts)
+        ts = ts if loc is None else loc[0]
+        for (tl,) in _by_device(ts).values():
+            if self.foreach and loc is not None:
+                torch._foreach_zero_(tl)
+            else:
+                for t in tl:
+                    t.zero_()
 
     def _scale(self, grads: list, scales: list) -> None:
         """grads[i] /= scales[i] (per group gamma), or negate where scales are -1."""
@@ -366,8 +478,9 @@ class Nexus(Optimizer):
         for g, s in zip(grads, scales):
             by_scale.setdefault(s, []).append(g)
         for s, gl in by_scale.items():
-            for (tl,) in _by_device(gl).values():
-                if self.foreach:
+            loc = _local(gl)
+            for (tl,) in _by_device(gl if loc is None else loc[0]).values():
+                if self.foreach and loc is not None:
                     torch._foreach_div_(tl, s)
                 else:
                     for t in tl:
@@ -418,12 +531,7 @@ class Nexus(Optimizer):
         for o in self._outers:
             o.step()
         if self.mode == "parallel":
-            for (bl,) in _by_device(tb).values() if tb else ():
-                if self.foreach:
-                    torch._foreach_zero_(bl)
-                else:
-                    for b in bl:
-                        b.zero_()
+            self._zero(tb)
         else:
             self._copy(bufs, ps)  # anchor <- new outer weights
         for gt in self._touched:
@@ -466,6 +574,15 @@ class Nexus(Optimizer):
     def _check_group(self, gi: int, group: dict) -> None:
         """One-line ValueErrors for settings that cannot work."""
         _check_inner_lr(group["inner_lr"], f"param group {gi}: ")
+        params = group["params"]
+        if self._shard_group is None and any(getattr(p, "_fsdp_flattened", False) and not _is_dtensor(p)
+                                             for p in params) and _world_size() > 1:
+            raise ValueError("Nexus over FSDP1 (FullyShardedDataParallel) parameters: each rank holds a shard, so "
+                             "its gradient norm is not the full one; pass shard_group=fsdp_model.process_group, "
+                             "or use FSDP2 (torch.distributed.fsdp.fully_shard)")
+        if self.offload_anchor and any(_is_dtensor(p) for p in params):
+            raise ValueError("offload_anchor is not supported for DTensor (FSDP2) parameters: the anchor is "
+                             "sharded like them already; drop offload_anchor")
         if self.inner_lr_follows_schedule and not (_is_real(group["base_lr"]) and group["base_lr"] > 0):
             raise ValueError(f"param group {gi}: inner_lr_follows_schedule needs a base lr > 0, "
                              f"got {group['base_lr']!r}")
