@@ -25,6 +25,8 @@ __all__ = ["Nexus"]
 _HAS_FOREACH = all(hasattr(torch, f"_foreach_{n}")
                    for n in ("norm", "mul_", "add_", "copy_", "sub_", "neg_", "div_", "zero_"))
 MODES = ("sequential", "parallel")
+SYNCS = ("global", "outer", "none")
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 NONFINITE = ("skip", "raise")
 # Per-parameter outer states that always have the parameter's shape (Adam(W), NAdam, RAdam, Adamax, SGD, Muon,
 # RMSprop, Adadelta): checked before a load changes anything. Other states (Adafactor's factors) are left to torch.
@@ -132,6 +134,14 @@ class Nexus(Optimizer):
             norm on the host, a device sync on accelerators).
         offload_anchor: keep the anchor (parallel: the displacement) on the CPU (pinned for CUDA parameters).
         foreach: use torch._foreach_* kernels (None: when available).
+        sync: "global" (every rank sees the same gradients: DDP without no_sync, FSDP, one process; on several
+            ranks one 2-number all-reduce per outer step checks it), "outer" (the local walk: each rank walks its
+            own micro-batches under no_sync and the pseudo-gradient is averaged in one all-reduce per outer step)
+            or "none" (no collectives from Nexus: independent processes).
+        sync_group: the process group of sync (None: the default group).
+        master_weights: walk bf16/fp16 weights in a float32 copy (None or True; the anchor keeps the weights'
+            dtype, which holds the outer weights exactly; parallel mode: a float32 displacement). False walks in the
+            weights' dtype and warns once with the fraction of elements an inner step left unmoved.
         shard_group: the process group over which FSDP1 (FullyShardedDataParallel) shards the parameters: the
             squared gradient norm is all-reduced over it, so every rank normalises by the full-gradient norm.
             Required (and refused otherwise) for FSDP1 parameters on more than one rank; not needed for FSDP2.
@@ -140,7 +150,8 @@ class Nexus(Optimizer):
     def __init__(self, outer: Union[Optimizer, Sequence[Optimizer]], *, inner_lr: float = 0.01, inner_steps: int = 4,
                  mode: str = "sequential", pseudo_grad_scale: str = "raw", inner_lr_follows_schedule: bool = False,
                  nonfinite: str = "skip", offload_anchor: bool = False, foreach: Optional[bool] = None,
-                 shard_group: Any = None):
+                 shard_group: Any = None, sync: str = "global", sync_group: Any = None,
+                 master_weights: Optional[bool] = None):
         outers = list(outer) if isinstance(outer, (list, tuple)) else [outer]
         if not outers or not all(isinstance(o, Optimizer) for o in outers):
             raise TypeError("Nexus wraps a torch.optim.Optimizer or a non-empty list of them")
@@ -160,6 +171,13 @@ class Nexus(Optimizer):
             raise ValueError(f"pseudo_grad_scale must be 'raw' or 'inner_lr', got {pseudo_grad_scale!r}")
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {list(NONFINITE)}, got {nonfinite!r}")
+        if sync not in SYNCS:
+            raise ValueError(f"sync must be one of {list(SYNCS)}, got {sync!r}")
+        if master_weights not in (None, True, False):
+            raise ValueError(f"master_weights must be None, True or False, got {master_weights!r}")
+        if sync == "outer" and shard_group is not None:
+            raise ValueError("sync='outer' walks each rank's own full copy of the weights; it does not combine with "
+                             "shard_group (FSDP1): use DDP with sync='outer', or sync='global'")
         seen: set = set()
         for o in outers:
             for g in o.param_groups:
@@ -198,6 +216,11 @@ class Nexus(Optimizer):
         self._phase = 0  # inner steps taken since the last outer step (0 = just after an outer step)
         self._swapped = False
         self._shard_group = shard_group
+        self.sync = sync
+        self.sync_group = sync_group
+        self.master_weights = master_weights is not False
+        self._master: list[list[Optional[torch.Tensor]]] = []  # float32 walks of low-precision weights (sequential)
+        self._warned_low_precision = False
         self._collectives = 0  # collectives Nexus itself issued (norm all-reduces, displacement averages)
         self._sync_groups()
         self._warn_eps()
@@ -347,7 +370,8 @@ class Nexus(Optimizer):
         for gi, idx, ps, gs in work:
             lr = lrs[gi]
             bufs = [self._buf[gi][i] for i in idx] if self.mode == "parallel" else None
-            for (dev, _), lists in _by_device(gs, ps, *([bufs] if bufs is not None else [])).items():
+            extra = bufs if bufs is not None else [self._master[gi][i] for i in idx]
+            for (dev, dt), lists in _by_device(gs, ps, extra).items():
                 gl, pl = lists[0], lists[1]
                 if isinstance(inv, torch.Tensor) and inv.device != dev:
                     inv = inv.to(dev, non_blocking=True)
@@ -355,10 +379,29 @@ class Nexus(Optimizer):
                 if not known_ok:  # 0 * inf = nan: clear those (no host sync; the step is skipped either way)
                     for g in gl:
                         (g.to_local() if _is_dtensor(g) else g).nan_to_num_(0.0, 0.0, 0.0)
-                if bufs is None:
-                    self._add(pl, gl, -lr)
+                if bufs is None and lists[2][0] is not None:  # the float32 walk, then rounded into the weights
+                    self._add(lists[2], gl, -lr)
+                    self._copy(pl, lists[2])
+                elif bufs is None:
+                    if dt in LOW_PRECISION and not self._warned_low_precision:
+                        self._warn_unmoved(pl, gl, lr)
+                    else:
+                        self._add(pl, gl, -lr)
                 else:
                     self._accumulate(lists[2], gl, lr)
+
+    def _warn_unmoved(self, pl: list, gl: list, lr: float) -> None:
+        """The inner step in bf16/fp16 weights (master_weights=False), measuring once how many of the elements it
+        should move it leaves unchanged (steps below half the dtype's spacing round away); warns once."""
+        before = [p.detach().clone() for p in pl]
+        self._add(pl, gl, -lr)
+        moving = sum(int((g != 0).sum()) for g in gl)
+        stuck = sum(int(((p == b) & (g != 0)).sum()) for p, b, g in zip(pl, before, gl))
+        self._warned_low_precision = True
+        if moving:
+            warnings.warn(f"Nexus(master_weights=False): the inner walk runs in {pl[0].dtype} weights and one inner "
+                          f"step left {stuck / moving:.1%} of the elements it should move unchanged (below half the "
+                          "dtype's spacing); use master_weights=True for a float32 walk", stacklevel=4)
 
     @staticmethod
     def _host_read_is_free(t: torch.Tensor) -> bool:
@@ -501,8 +544,14 @@ class Nexus(Optimizer):
 
     def _outer_step(self) -> None:
         """Pseudo-gradient into .grad (in place) of the parameters that had a gradient in this walk (the others
-        keep .grad = None, as the outer optimizer alone would see them), outer step, buffers refreshed."""
+        keep .grad = None, as the outer optimizer alone would see them), outer step, buffers refreshed.
+        sync="outer": every rank's pseudo-gradient (and which parameters it touched) is averaged in one all-reduce;
+        sync="global" on several ranks: one 2-number all-reduce checks that the ranks walked the same walk."""
         ps, bufs, gis, touched = self._walk()
+        local = self.sync == "outer" and _world_size(self.sync_group) > 1
+        mine = touched
+        if local:  # a parameter touched on any rank is touched: decided after the average
+            touched = [True] * len(ps)
         tp = [p for p, t in zip(ps, touched) if t]
         tb = [b for b, t in zip(bufs, touched) if t]
         tg = [gi for gi, t in zip(gis, touched) if t]
@@ -516,14 +565,36 @@ class Nexus(Optimizer):
         if self.mode == "parallel":  # .grad <- gamma * sum_k g_k/||g_k||; the weights never left the anchor
             self._copy(grads, tb, non_blocking=not self._offloaded(tp, tb))
         elif not self._offloaded(ps, bufs):
-            self._copy(grads, tb)  # grad <- anchor
-            self._sub(grads, tp)  # grad <- anchor - inner
+            walks = self._walk_masters(touched)
+            mg = [g for g, w in zip(grads, walks) if w is not None]
+            if mg:  # float32 master walk: w <- anchor - w, then .grad <- w (one rounding to the weights' dtype)
+                mw = [w for w in walks if w is not None]
+                mb = [b for b, w in zip(tb, walks) if w is not None]
+                self._mul(mw, -1.0)
+                self._add(mw, mb)
+                self._copy(mg, mw)
+            pg = [g for g, w in zip(grads, walks) if w is None]
+            if pg:
+                pb = [b for b, w in zip(tb, walks) if w is None]
+                pp = [p for p, w in zip(tp, walks) if w is None]
+                self._copy(pg, pb)  # grad <- anchor
+                self._sub(pg, pp)  # grad <- anchor - inner
             self._copy(ps, bufs)  # weights <- anchor
         else:  # offloaded anchor: a single host-to-device transfer
             self._copy(grads, tp)  # grad <- inner
             self._copy(ps, bufs)  # weights <- anchor
             self._sub(grads, tp)  # grad <- inner - anchor
             sign = -1.0
+        if local:
+            flags = self._average(grads, mine)
+            keep = [f for f in flags]
+            for p, f in zip(tp, flags):
+                if not f:
+                    p.grad = None
+            grads = [g for g, f in zip(grads, keep) if f]
+            tg = [gi for gi, f in zip(tg, keep) if f]
+        elif self.sync == "global":
+            self._check_same_walk(grads)
         if self.pseudo_grad_scale == "inner_lr":  # divided by the gamma actually used (its mean over the walk)
             self._scale(grads, [sign * self._gamma_mean[gi] for gi in tg])
         elif sign < 0:
@@ -534,12 +605,80 @@ class Nexus(Optimizer):
             self._zero(tb)
         else:
             self._copy(bufs, ps)  # anchor <- new outer weights
+            walks = self._walk_masters([True] * len(ps))
+            if any(w is not None for w in walks):
+                self._copy([w for w in walks if w is not None], [p for p, w in zip(ps, walks) if w is not None])
         for gt in self._touched:
             gt[:] = [False] * len(gt)
 
+    # -- collectives of the outer step ----------------------------------------------------------------------
+    def _average(self, grads: list, touched: list) -> list:
+        """Average the pseudo-gradients over sync_group in one all-reduce per dtype (the touched flags ride along
+        in the first); returns, per gradient, whether any rank touched that parameter."""
+        import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        world = _world_size(self.sync_group)
+        flags_out = list(touched)
+        first = True
+        for (_, dt), (gl,) in _by_device(grads).items():
+            flat = _flatten_dense_tensors(gl)
+            if first:
+                f = torch.tensor([1.0 if t else 0.0 for t in touched], dtype=flat.dtype, device=flat.device)
+                flat = torch.cat([flat, f])
+            dist.all_reduce(flat, group=self.sync_group)
+            self._collectives += 1
+            if first:
+                flags_out = [bool(x > 0) for x in flat[-len(touched):].tolist()] if touched else []
+                flat = flat[:-len(touched)] if touched else flat
+                first = False
+            flat.div_(world)
+            torch._foreach_copy_(gl, list(_unflatten_dense_tensors(flat, gl)))
+        return flags_out
+
+    def _check_same_walk(self, grads: list) -> None:
+        """With sync="global" every rank must have walked the same walk (the gradients all-reduced at every
+        micro-batch): compare the squared pseudo-gradient norm across ranks (one all-reduce of 2 numbers; parameters
+        that are shards, DTensor or FSDP1, are left out). Drift (DDP's no_sync) raises instead of going on."""
+        if self._shard_group is not None or _world_size(self.sync_group) < 2:
+            return
+        plain = [g for g in grads if not _is_dtensor(g)]
+        if not plain:
+            return
+        import torch.distributed as dist
+
+        sq = self._global_norm(plain).square()
+        t = torch.stack([sq, -sq]).to(torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.sync_group)
+        self._collectives += 1
+        hi, lo = float(t[0]), -float(t[1])
+        if not hi - lo <= 1e-6 * max(abs(hi), 1e-30):
+            raise RuntimeError(f"Nexus(sync='global'): the ranks walked different inner walks (squared displacement "
+                               f"{lo:.6g} to {hi:.6g} across ranks), so their gradients were not all-reduced at every "
+                               "micro-batch (DDP no_sync?); drop no_sync, or use Nexus(..., sync='outer') for one "
+                               "all-reduce per outer step")
+
     # -- anchor bookkeeping ---------------------------------------------------------------------------------
+    def _uses_master(self, p: torch.Tensor) -> bool:
+        """p is bf16/fp16 and master_weights is on: its walk (sequential) or displacement (parallel) is float32."""
+        return self.master_weights and p.dtype in LOW_PRECISION
+
+    def _new_master(self, p: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.mode != "sequential" or not self._uses_master(p):
+            return None
+        return p.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+
+    def _walk_masters(self, flags: list) -> list:
+        """The float32 walks (or None) aligned with _walk()'s parameters, kept where flags is True."""
+        out = []
+        for group, gm in zip(self.param_groups, self._master):
+            out += [w for p, w in zip(group["params"], gm) if p.requires_grad]
+        return [w for w, f in zip(out, flags) if f]
+
     def _new_buffer(self, p: torch.Tensor) -> torch.Tensor:
         """The anchor (a copy of p) or the zero displacement, on p's device or in (pinned) CPU memory."""
+        if self.mode == "parallel" and self._uses_master(p):
+            return torch.zeros_like(p.detach(), dtype=torch.float32, memory_format=torch.contiguous_format)
         if self.offload_anchor and p.device.type != "cpu":
             a = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=p.device.type == "cuda")
         else:
@@ -563,11 +702,14 @@ class Nexus(Optimizer):
                                        "add groups at an outer boundary (opt.at_outer_boundary)")
                 with torch.no_grad():
                     bufs = [self._new_buffer(p) for p in group["params"]]
+                    masters = [self._new_master(p) for p in group["params"]]
                 if gi < len(self._buf):
                     self._buf[gi] = bufs
+                    self._master[gi] = masters
                     self._touched[gi] = [False] * len(bufs)
                 else:
                     self._buf.append(bufs)
+                    self._master.append(masters)
                     self._touched.append([False] * len(bufs))
                     self._gamma_mean.append(float(group["inner_lr"]))
 
@@ -580,6 +722,12 @@ class Nexus(Optimizer):
             raise ValueError("Nexus over FSDP1 (FullyShardedDataParallel) parameters: each rank holds a shard, so "
                              "its gradient norm is not the full one; pass shard_group=fsdp_model.process_group, "
                              "or use FSDP2 (torch.distributed.fsdp.fully_shard)")
+        if self.sync == "outer" and any(_is_dtensor(p) for p in params):
+            raise ValueError("sync='outer' needs every rank to hold the full weights; DTensor (FSDP2) parameters "
+                             "are shards: use sync='global' with FSDP2, or DDP with sync='outer'")
+        if self.offload_anchor and self.master_weights and any(p.dtype in LOW_PRECISION for p in params):
+            raise ValueError("offload_anchor with bf16/fp16 weights needs master_weights=False (the float32 walk "
+                             "stays on the device); or keep the anchor on the device")
         if self.offload_anchor and any(_is_dtensor(p) for p in params):
             raise ValueError("offload_anchor is not supported for DTensor (FSDP2) parameters: the anchor is "
                              "sharded like them already; drop offload_anchor")
@@ -622,6 +770,9 @@ class Nexus(Optimizer):
             torch.cuda.synchronize()
 
     # -- checkpoints: tensors, scalars, strings, lists and dicts only -----------------------------------------
+    def _has_master(self) -> bool:
+        return any(w is not None for g in self._master for w in g)
+
     @property
     def _buf_key(self) -> str:
         return "anchor" if self.mode == "sequential" else "displacement"
@@ -637,6 +788,8 @@ class Nexus(Optimizer):
               self._buf_key: [list(g) for g in self._buf], "micro_step": self._micro_step, "phase": self._phase,
               "inner_steps": self.inner_steps, "touched": [list(t) for t in self._touched],
               "gamma_mean": list(self._gamma_mean), "nonfinite_skips": self.nonfinite_skips}
+        if self._has_master():
+            sd["walk"] = [list(g) for g in self._master]  # float32 walks of bf16/fp16 weights (None elsewhere)
         for hook in self._optimizer_state_dict_post_hooks.values():
             out = hook(self, sd)
             sd = sd if out is None else out
@@ -666,6 +819,10 @@ class Nexus(Optimizer):
             for saved, mine in zip(v["buf"], self._buf):
                 for s, m in zip(saved, mine):
                     m.copy_(s)
+            for saved, mine, group in zip(v["walk"], self._master, self.param_groups):
+                for s, m, p in zip(saved, mine, group["params"]):
+                    if m is not None:
+                        m.copy_(p.detach() if s is None else s)
         self._micro_step, self._phase = v["micro_step"], v["phase"]
         self._touched = v["touched"]
         self._gamma_mean = v["gamma_mean"]
@@ -738,7 +895,27 @@ class Nexus(Optimizer):
         skips = sd.get("nonfinite_skips", 0)
         if not _is_int(skips) or skips < 0:
             raise ValueError(f"state_dict nonfinite_skips must be an integer >= 0, got {skips!r}")
-        return {"outer": list(outer_sds), "buf": buf, "micro_step": int(micro), "phase": int(phase),
+        walk = sd.get("walk")
+        if self._has_master():
+            if walk is None:
+                if phase != 0:
+                    raise ValueError("state_dict was saved mid-walk without the float32 walk of the bf16/fp16 "
+                                     "weights; resume from an outer boundary")
+                walk = [[None] * len(g) for g in self._buf]  # at a boundary the walk starts at the weights
+            elif not isinstance(walk, (list, tuple)) or len(walk) != len(self._master) or any(
+                    not isinstance(w, (list, tuple)) or len(w) != len(m) for w, m in zip(walk, self._master)):
+                raise ValueError("state_dict walk must be one list per param group, one entry per parameter")
+            for gi, (saved, mine) in enumerate(zip(walk, self._master)):
+                for pi, (w, m) in enumerate(zip(saved, mine)):
+                    if m is None or w is None:
+                        continue
+                    if not isinstance(w, torch.Tensor) or tuple(w.shape) != tuple(m.shape) or w.dtype != m.dtype \
+                            or not bool(torch.isfinite(w).all()):
+                        raise ValueError(f"walk of param group {gi} parameter {pi} must be a finite {m.dtype} "
+                                         f"tensor of shape {tuple(m.shape)}")
+        else:
+            walk = [[None] * len(g) for g in self._buf]
+        return {"outer": list(outer_sds), "buf": buf, "walk": walk, "micro_step": int(micro), "phase": int(phase),
                 "touched": [list(t) for t in touched], "gamma_mean": [float(x) for x in gm],
                 "nonfinite_skips": int(skips)}
 

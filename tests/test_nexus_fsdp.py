@@ -3,6 +3,7 @@ for an MLP and a tiny GPT, both modes, with a sharded mid-walk resume through to
 FSDP1 made correct by shard_group or refused; the local walk (sync="outer") against its R-rank reference."""
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
 
@@ -115,6 +116,59 @@ def run(kind, mode, wrap=lambda m: m, rank=0, world=1, ckpt=None, flatten=flat, 
     return flatten(model)
 
 
+def run_local(kind, mode, rank=0, world=1, sync="outer", no_sync=True):
+    """DDP with every micro-batch under no_sync (forward included): rank r walks its share of each global
+    micro-batch; returns the final weights and the collectives Nexus issued. Raises what Nexus raises."""
+    model = ddp(build(kind)) if world > 1 else build(kind)
+    opt = make_opt(model, mode, sync=sync)
+    share = GLOBAL_BS // world
+    for x, y in batches(kind):
+        sl = slice(rank * share, (rank + 1) * share)
+        with (model.no_sync() if no_sync and world > 1 else contextlib.nullcontext()):
+            loss_of(kind, model, x[sl], None if y is None else y[sl]).backward()
+        opt.step()
+        opt.zero_grad()
+    return flat(model), opt._collectives
+
+
+def local_reference(kind, mode, world):
+    """A plain loop simulating `world` ranks of the local walk in one process: every rank walks K normalised steps
+    from the anchor on its shares (parallel: sums gamma * g/||g|| at the anchor), the outer AdamW steps on the
+    mean over ranks of anchor - theta_r (parallel: of the sums)."""
+    model = build(kind)
+    params = list(model.parameters())
+    outer = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.1)
+    gamma, share, data = 0.05, GLOBAL_BS // world, batches(kind)
+    for t in range(OUTER_STEPS):
+        anchor = [p.detach().clone() for p in params]
+        disp = [torch.zeros_like(p) for p in params]
+        for r in range(world):
+            with torch.no_grad():
+                for p, a in zip(params, anchor):
+                    p.copy_(a)
+            acc = [torch.zeros_like(p) for p in params]
+            for k in range(K):
+                x, y = data[t * K + k]
+                sl = slice(r * share, (r + 1) * share)
+                gs = torch.autograd.grad(loss_of(kind, model, x[sl], None if y is None else y[sl]), params)
+                inv = 1.0 / float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gs])))
+                with torch.no_grad():
+                    for p, a, g in zip(params, acc, gs):
+                        a.add_(g * inv, alpha=gamma)
+                        if mode == "sequential":
+                            p.sub_(g * inv, alpha=gamma)
+            with torch.no_grad():  # sequential: the displacement anchor - theta_r, as the walk leaves it
+                for d, a, p, a0 in zip(disp, acc, params, anchor):
+                    d.add_((a0 - p if mode == "sequential" else a) / world)
+        with torch.no_grad():
+            for p, a, d in zip(params, anchor, disp):
+                p.copy_(a)
+                p.grad = d.clone()
+        outer.step()
+        outer.zero_grad()
+    return flat(model)
+
+
 def _init(rank, world, port):
     torch.set_num_threads(1)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -143,6 +197,17 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
                 model = fsdp1(orig)(build("mlp"))
                 res[f"fsdp1-{name}-{mode}"] = run("mlp", mode, fsdp1(orig), rank, world, flatten=fsdp1_flat,
                                                   shard_group=model.process_group)
+        for kind in KINDS:
+            for mode in MODES:
+                res[f"local-{kind}-{mode}"], res[f"local-collectives-{kind}-{mode}"] = run_local(kind, mode, rank,
+                                                                                                  world)
+        try:  # the AdamW way of using no_sync with the global walk: refused at the first outer step
+            run_local("mlp", "sequential", rank, world, sync="global")
+            res["misuse"] = ""
+        except RuntimeError as e:
+            res["misuse"] = str(e)
+        res["global-ok"], res["global-collectives"] = run_local("mlp", "sequential", rank, world, sync="global",
+                                                                no_sync=False)
         torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -180,3 +245,30 @@ def test_fsdp1_refused_without_shard_group_and_exact_with_it(spawned, layout):
         for r in range(WORLD):
             d = (spawned[r][f"fsdp1-{layout}-{mode}"] - single).abs().max().item()
             assert d < 1e-10, (layout, mode, r, d)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_local_walk_equals_its_reference_in_one_and_two_processes(spawned, kind):
+    """sync="outer": one process equals the global walk (R = 1) and the R = 1 reference; 2 gloo processes under
+    no_sync stay identical, equal the 2-rank reference loop to 1e-12, issue exactly one all-reduce per outer step,
+    and differ from the global walk (a different algorithm)."""
+    for mode in MODES:
+        one, _ = run_local(kind, mode)
+        assert (one - run(kind, mode)).abs().max().item() < 1e-12
+        assert (one - local_reference(kind, mode, 1)).abs().max().item() < 1e-12
+        ref = local_reference(kind, mode, WORLD)
+        assert torch.equal(spawned[0][f"local-{kind}-{mode}"], spawned[1][f"local-{kind}-{mode}"])
+        d = (spawned[0][f"local-{kind}-{mode}"] - ref).abs().max().item()
+        assert d < 1e-12, (mode, d)
+        assert spawned[0][f"local-collectives-{kind}-{mode}"] == OUTER_STEPS
+        assert (ref - run(kind, mode)).abs().max().item() > 1e-6
+
+
+def test_no_sync_with_the_global_walk_is_refused(spawned):
+    """DDP's no_sync under sync="global" (the ranks' walks drift apart) raises one clear line at the first outer
+    step; without no_sync the same check passes (one 2-number all-reduce per outer step) and equals one process."""
+    for r in range(WORLD):
+        msg = spawned[r]["misuse"]
+        assert "no_sync" in msg and "sync='outer'" in msg and "\n" not in msg, msg
+        assert (spawned[r]["global-ok"] - run("mlp", "sequential")).abs().max().item() < 1e-10
+        assert spawned[r]["global-collectives"] == OUTER_STEPS
