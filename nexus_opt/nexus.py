@@ -84,6 +84,14 @@ def _local(*lists: Sequence[torch.Tensor]) -> Optional[tuple]:
     return tuple(out)
 
 
+@torch.compiler.disable
+def _refuse_compiled_step() -> None:
+    """Raised at run time from the compiled frame (a plain raise while tracing would fall back to eager silently)."""
+    raise RuntimeError("torch.compile(opt.step) is not supported by Nexus: its step keeps host-side counters and "
+                       "branches on the gradient norm; compile the model (torch.compile(model)) and call opt.step() "
+                       "eagerly")
+
+
 def _needs_closure(o: Optimizer) -> bool:
     """o.step() cannot run without a closure (torch.optim.LBFGS): its `closure` argument has no default."""
     import inspect
@@ -301,6 +309,8 @@ class Nexus(Optimizer):
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """One inner step on the current gradient; every inner_steps-th call also the outer step."""
+        if torch.compiler.is_compiling():
+            _refuse_compiled_step()
         if self._swapped:
             raise RuntimeError("Nexus.step() inside anchor_weights(): leave the context before stepping")
         loss = None

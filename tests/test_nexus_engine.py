@@ -128,3 +128,66 @@ def test_bf16_master_walk_resumes_mid_walk_bit_exactly():
     m3, o3 = fresh()
     with pytest.raises(ValueError, match="without the float32 walk"):
         o3.load_state_dict({k: v for k, v in osd.items() if k != "walk"})
+
+
+# -- torch.compile -----------------------------------------------------------------------------------------------
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+
+
+def _xy(n=8):
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(6, 1, generator=g, dtype=torch.float64))
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("host_read", [True, False], ids=["cpu-path", "accelerator-path"])
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_compiled_step_is_refused_in_one_line_before_anything_changes(monkeypatch, host_read, fullgraph):
+    """torch.compile(opt.step) would silently drop the counters (accelerator path) or recompile every step (CPU):
+    refused at the first call with one line naming the fix; nothing moved, no micro-step counted."""
+    monkeypatch.setattr(Nexus, "_host_read_is_free", staticmethod(lambda t: host_read))
+    torch._dynamo.reset()
+    model = _mlp()
+    opt = Nexus(torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-10), inner_lr=0.05, inner_steps=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = _xy(1)[0]
+    ((model(x) - y) ** 2).mean().backward()
+    if fullgraph:  # any graph break is torch's own error under fullgraph; it names the refusal
+        with pytest.raises(Exception, match="_refuse_compiled_step"):
+            torch.compile(opt.step, backend="eager", fullgraph=True)()
+    else:
+        with pytest.raises(RuntimeError, match=r"torch.compile\(opt.step\) is not supported") as e:
+            torch.compile(opt.step, backend="eager")()
+        assert "\n" not in str(e.value) and "torch.compile(model)" in str(e.value)
+    assert opt.micro_step == 0 and all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    opt.step()  # the eager step still works
+    assert opt.micro_step == 1
+
+
+@pytest.mark.parametrize("host_read", [True, False], ids=["cpu-path", "accelerator-path"])
+def test_compiled_model_with_nexus_equals_eager_without_recompiles(monkeypatch, host_read):
+    """torch.compile(model) + Nexus (eager step): the weights equal the eager run's (float64, AOTAutograd), with one
+    compiled graph and no recompile over 4 outer steps."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    monkeypatch.setattr(Nexus, "_host_read_is_free", staticmethod(lambda t: host_read))
+
+    def train(compiled):
+        model = _mlp()
+        fwd = model
+        if compiled:
+            torch._dynamo.reset()
+            counter = CompileCounterWithBackend("aot_eager")
+            fwd = torch.compile(model, backend=counter)
+        opt = Nexus(torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-10), inner_lr=0.05, inner_steps=2)
+        for x, y in _xy():
+            ((fwd(x) - y) ** 2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return model, (counter.frame_count if compiled else None)
+
+    (eager, _), (comp, frames) = train(False), train(True)
+    assert frames == 1
+    assert max((a - b).abs().max().item() for a, b in zip(eager.parameters(), comp.parameters())) < 1e-12
