@@ -84,12 +84,25 @@ def _local(*lists: Sequence[torch.Tensor]) -> Optional[tuple]:
     return tuple(out)
 
 
-@torch.compiler.disable
 def _refuse_compiled_step() -> None:
-    """Raised at run time from the compiled frame (a plain raise while tracing would fall back to eager silently)."""
-    raise RuntimeError("torch.compile(opt.step) is not supported by Nexus: its step keeps host-side counters and "
-                       "branches on the gradient norm; compile the model (torch.compile(model)) and call opt.step() "
-                       "eagerly")
+    """Raise, from the compiled frame at run time, that Nexus.step cannot be compiled. The raise sits in a function
+    Dynamo must not trace (a plain raise while tracing falls back to eager silently); it is marked so lazily, since
+    torch.compiler.disable imports Dynamo and only a compiling process has it loaded already."""
+    _refuser()()
+
+
+def _refuser() -> Callable[[], None]:
+    global _REFUSER
+    if _REFUSER is None:
+        def refuse() -> None:
+            raise RuntimeError("torch.compile(opt.step) is not supported by Nexus: its step keeps host-side counters "
+                               "and branches on the gradient norm; compile the model (torch.compile(model)) and call "
+                               "opt.step() eagerly")
+        _REFUSER = torch.compiler.disable(refuse)
+    return _REFUSER
+
+
+_REFUSER: Optional[Callable[[], None]] = None
 
 
 def _needs_closure(o: Optimizer) -> bool:
