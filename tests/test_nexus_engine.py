@@ -84,7 +84,7 @@ def test_bf16_weights_nexus_is_as_close_to_float32_as_adamw(one_thread):
         l16, w16 = _bf16_run("nexus", torch.bfloat16, train, evald, master=False)
     l32, w32 = _bf16_run("nexus", torch.float32, train, evald)
     gaps["nexus-bf16-walk"] = (abs(l32 - l16), (w32 - w16).norm().item())
-    print("bf16 vs float32 (eval-loss gap, weight distance):", gaps)
+    print("bf16 vs float32 (eval-loss gap, weight distance):", gaps, [str(w.message) for w in caught])
     assert gaps["nexus"][1] <= 1.25 * gaps["adamw"][1], gaps
     assert gaps["nexus"][0] <= 1.5 * gaps["adamw"][0] + 1e-3, gaps
     assert gaps["nexus-bf16-walk"][1] > 3 * gaps["adamw"][1], gaps  # what the master copy fixes

@@ -186,6 +186,18 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
                 ck = os.path.join(outdir, f"ck-{kind}-{mode}")
                 res[f"fsdp2-resume-{kind}-{mode}"] = run(kind, mode, fsdp2, rank, world, ckpt=ck)
                 res[f"ddp-{kind}-{mode}"] = run(kind, mode, ddp, rank, world)
+        from torch.distributed.tensor.debug import CommDebugMode
+
+        model = fsdp2(build("gpt"))
+        opt = make_opt(model, "sequential")
+        counts = []
+        for x, _ in batches("gpt")[:K]:  # K inner steps, the last one with the outer step
+            loss_of("gpt", model, x[:GLOBAL_BS // world], None).backward()
+            with CommDebugMode() as comm:
+                opt.step()
+            counts.append(comm.get_total_counts())
+            opt.zero_grad()
+        res["fsdp2-step-collectives"] = torch.tensor(counts)
         for orig in (True, False):
             name = "orig" if orig else "flat"
             try:
@@ -231,6 +243,12 @@ def test_fsdp2_equals_ddp_equals_one_process(spawned, kind):
             for r in range(WORLD):
                 d = (spawned[r][key] - single).abs().max().item()
                 assert d < 1e-10, (key, r, d)
+
+
+def test_fsdp2_step_costs_one_scalar_all_reduce(spawned):
+    """Under FSDP2 each Nexus step issues exactly one collective (the norm's scalar all-reduce), the outer step
+    included: the anchor and the displacement never leave their shards."""
+    assert spawned[0]["fsdp2-step-collectives"].tolist() == [1] * K
 
 
 @pytest.mark.parametrize("layout", ["orig", "flat"])
