@@ -186,6 +186,7 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
                 ck = os.path.join(outdir, f"ck-{kind}-{mode}")
                 res[f"fsdp2-resume-{kind}-{mode}"] = run(kind, mode, fsdp2, rank, world, ckpt=ck)
                 res[f"ddp-{kind}-{mode}"] = run(kind, mode, ddp, rank, world)
+                res[f"ddp-resume-{kind}-{mode}"] = run(kind, mode, ddp, rank, world, ckpt=ck + "-ddp")
         from torch.distributed.tensor.debug import CommDebugMode
 
         model = fsdp2(build("gpt"))
@@ -234,12 +235,14 @@ def spawned(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_fsdp2_equals_ddp_equals_one_process(spawned, kind):
-    """FSDP2 with the defaults (foreach kernels, sharded anchor/displacement), a sharded mid-walk resume, and DDP
-    all give one process's weights to 1e-10 in float64, in both modes."""
+    """FSDP2 with the defaults (foreach kernels, sharded anchor/displacement), a sharded mid-walk resume, DDP and a
+    DDP mid-walk resume through the same save_sharded/load_sharded all give one process's weights to 1e-10 in
+    float64, in both modes."""
     for mode in MODES:
         single = run(kind, mode)
         assert (single - flat(build(kind))).abs().max() > 1e-3  # it trained
-        for key in (f"fsdp2-{kind}-{mode}", f"fsdp2-resume-{kind}-{mode}", f"ddp-{kind}-{mode}"):
+        for key in (f"fsdp2-{kind}-{mode}", f"fsdp2-resume-{kind}-{mode}", f"ddp-{kind}-{mode}",
+                    f"ddp-resume-{kind}-{mode}"):
             for r in range(WORLD):
                 d = (spawned[r][key] - single).abs().max().item()
                 assert d < 1e-10, (key, r, d)
