@@ -243,6 +243,7 @@ class Nexus(Optimizer):
         self._master: list[list[Optional[torch.Tensor]]] = []  # float32 walks of low-precision weights (sequential)
         self._warned_low_precision = False
         self._collectives = 0  # collectives Nexus itself issued (norm all-reduces, displacement averages)
+        self._dtensors = False  # some parameter is a DTensor (FSDP2): elementwise kernels run on local shards
         self._sync_groups()
         self._warn_eps()
 
@@ -401,7 +402,7 @@ class Nexus(Optimizer):
                 self._mul(gl, inv)
                 if not known_ok:  # 0 * inf = nan: clear those (no host sync; the step is skipped either way)
                     for g in gl:
-                        (g.to_local() if _is_dtensor(g) else g).nan_to_num_(0.0, 0.0, 0.0)
+                        (g.to_local() if self._dtensors and _is_dtensor(g) else g).nan_to_num_(0.0, 0.0, 0.0)
                 if bufs is None and lists[2][0] is not None:  # the float32 walk, then rounded into the weights
                     self._add(lists[2], gl, -lr)
                     self._copy(pl, lists[2])
@@ -441,7 +442,7 @@ class Nexus(Optimizer):
         DTensor gradients (FSDP2) are reduced by DTensor itself (one scalar all-reduce); plain gradients that are
         shards of a parameter (FSDP1: shard_group set) have their squared norm all-reduced over shard_group."""
         acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-        dts = [g for g in grads if _is_dtensor(g)]
+        dts = [g for g in grads if _is_dtensor(g)] if self._dtensors else []
         plain = [g for g in grads if not _is_dtensor(g)] if dts else grads
         dev = grads[0].device
         parts = []
@@ -467,8 +468,12 @@ class Nexus(Optimizer):
         return parts[0] if len(parts) == 1 else torch.linalg.vector_norm(torch.stack([x.to(dev) for x in parts]))
 
     # -- small in-place kernels (foreach when available; DTensors through their local shards) --------------
+    def _loc(self, *lists: Sequence[torch.Tensor]) -> Optional[tuple]:
+        """_local(*lists), skipped (the lists as they are) when no parameter is a DTensor."""
+        return _local(*lists) if self._dtensors else lists
+
     def _mul(self, ts: list, s) -> None:
-        loc = _local(ts)
+        loc = self._loc(ts)
         if loc is None:
             for t in ts:
                 t.mul_(s)
@@ -482,7 +487,7 @@ class Nexus(Optimizer):
 
     def _add(self, dst: list, src: list, alpha: float = 1.0) -> None:
         """dst[i] += alpha * src[i] (same device)."""
-        loc = _local(dst, src)
+        loc = self._loc(dst, src)
         if loc is None or not self.foreach:
             for d, s in zip(dst, src):
                 d.add_(s, alpha=alpha)
@@ -502,7 +507,7 @@ class Nexus(Optimizer):
     def _copy(self, dst: list, src: list, non_blocking: bool = True) -> None:
         """dst[i] <- src[i] (non-blocking across devices: the anchor may sit in pinned CPU memory)."""
         same = all(d.device == s.device for d, s in zip(dst, src))
-        loc = _local(dst, src) if dst else None
+        loc = self._loc(dst, src) if dst else None
         if self.foreach and same and loc is not None:
             for _, (dl, sl) in _by_device(*loc).items():
                 torch._foreach_copy_(dl, sl)
@@ -514,7 +519,7 @@ class Nexus(Optimizer):
         """dst[i] -= src[i]."""
         if not dst:
             return
-        loc = _local(dst, src)
+        loc = self._loc(dst, src)
         if loc is None:
             for d, s in zip(dst, src):
                 d.sub_(s)
@@ -529,7 +534,7 @@ class Nexus(Optimizer):
     def _zero(self, ts: list) -> None:
         if not ts:
             return
-        loc = _local(ts)
+        loc = self._loc(ts)
         ts = ts if loc is None else loc[0]
         for (tl,) in _by_device(ts).values():
             if self.foreach and loc is not None:
@@ -544,7 +549,7 @@ class Nexus(Optimizer):
         for g, s in zip(grads, scales):
             by_scale.setdefault(s, []).append(g)
         for s, gl in by_scale.items():
-            loc = _local(gl)
+            loc = self._loc(gl)
             for (tl,) in _by_device(gl if loc is None else loc[0]).values():
                 if self.foreach and loc is not None:
                     torch._foreach_div_(tl, s)
@@ -610,12 +615,11 @@ class Nexus(Optimizer):
             sign = -1.0
         if local:
             flags = self._average(grads, mine)
-            keep = [f for f in flags]
             for p, f in zip(tp, flags):
-                if not f:
+                if not f:  # no rank had a gradient for it: the outer optimizer skips it, as it would alone
                     p.grad = None
-            grads = [g for g, f in zip(grads, keep) if f]
-            tg = [gi for gi, f in zip(tg, keep) if f]
+            grads = [g for g, f in zip(grads, flags) if f]
+            tg = [gi for gi, f in zip(tg, flags) if f]
         elif self.sync == "global":
             self._check_same_walk(grads)
         if self.pseudo_grad_scale == "inner_lr":  # divided by the gamma actually used (its mean over the walk)
@@ -723,6 +727,7 @@ class Nexus(Optimizer):
                 if not self.at_outer_boundary:
                     raise RuntimeError("parameter groups changed in the middle of an inner walk; "
                                        "add groups at an outer boundary (opt.at_outer_boundary)")
+                self._dtensors = self._dtensors or any(_is_dtensor(p) for p in group["params"])
                 with torch.no_grad():
                     bufs = [self._new_buffer(p) for p in group["params"]]
                     masters = [self._new_master(p) for p in group["params"]]
