@@ -753,7 +753,8 @@ class Nexus(Optimizer):
         if self.sync == "outer" and any(_is_dtensor(p) for p in params):
             raise ValueError("sync='outer' needs every rank to hold the full weights; DTensor (FSDP2) parameters "
                              "are shards: use sync='global' with FSDP2, or DDP with sync='outer'")
-        if self.offload_anchor and self.master_weights and any(p.dtype in LOW_PRECISION for p in params):
+        if self.offload_anchor and self.master_weights and any(p.dtype in LOW_PRECISION and p.device.type != "cpu"
+                                                               for p in params):
             raise ValueError("offload_anchor with bf16/fp16 weights needs master_weights=False (the float32 walk "
                              "stays on the device); or keep the anchor on the device")
         if self.offload_anchor and any(_is_dtensor(p) for p in params):

@@ -191,3 +191,18 @@ def test_compiled_model_with_nexus_equals_eager_without_recompiles(monkeypatch, 
     (eager, _), (comp, frames) = train(False), train(True)
     assert frames == 1
     assert max((a - b).abs().max().item() for a, b in zip(eager.parameters(), comp.parameters())) < 1e-12
+
+
+def test_new_options_are_checked_in_one_line():
+    model = nn.Linear(3, 1)
+
+    def make(**kw):
+        return Nexus(torch.optim.SGD(model.parameters(), lr=0.1), **kw)
+
+    for kw, msg in [({"sync": "ring"}, "sync must be one of"), ({"master_weights": "yes"}, "master_weights must be"),
+                    ({"sync": "outer", "shard_group": object()}, "does not combine with shard_group")]:
+        with pytest.raises(ValueError, match=msg) as e:
+            make(**kw)
+        assert "\n" not in str(e.value)
+    for sync in ("global", "outer", "none"):  # one process: every sync is the plain walk, no collective
+        assert make(sync=sync).sync == sync
