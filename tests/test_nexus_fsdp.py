@@ -199,6 +199,12 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
             counts.append(comm.get_total_counts())
             opt.zero_grad()
         res["fsdp2-step-collectives"] = torch.tensor(counts)
+        for name, kw in (("offload", {"offload_anchor": True}), ("outer", {"sync": "outer"})):
+            try:
+                make_opt(model, "sequential", **kw)
+                res[f"fsdp2-refuses-{name}"] = ""
+            except ValueError as e:
+                res[f"fsdp2-refuses-{name}"] = str(e)
         for orig in (True, False):
             name = "orig" if orig else "flat"
             try:
@@ -250,8 +256,11 @@ def test_fsdp2_equals_ddp_equals_one_process(spawned, kind):
 
 def test_fsdp2_step_costs_one_scalar_all_reduce(spawned):
     """Under FSDP2 each Nexus step issues exactly one collective (the norm's scalar all-reduce), the outer step
-    included: the anchor and the displacement never leave their shards."""
+    included: the anchor and the displacement never leave their shards. offload_anchor and the local walk are
+    refused on DTensor parameters in one line."""
     assert spawned[0]["fsdp2-step-collectives"].tolist() == [1] * K
+    assert "drop offload_anchor" in spawned[0]["fsdp2-refuses-offload"]
+    assert "use sync='global' with FSDP2" in spawned[0]["fsdp2-refuses-outer"]
 
 
 @pytest.mark.parametrize("layout", ["orig", "flat"])
