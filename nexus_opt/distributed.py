@@ -7,9 +7,11 @@ so none are given to it). Only torch and the standard library are used.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -78,6 +80,21 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def _no_dist() -> bool:
+    """No process group: DCP reads and writes as one process (and says so only when asked)."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized())
+
+
+@contextlib.contextmanager
+def _one_process_is_intended():
+    """Silence DCP's 'assuming the intent is to ... in a single process': without a process group it is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to .* in a single process")
+        yield
+
+
 def _barrier() -> None:
     import torch.distributed as dist
 
@@ -116,7 +133,8 @@ def save_sharded(path: str | os.PathLike, model: torch.nn.Module, opt, *, extra:
     path = Path(path)
     tensors: dict = {}
     skeleton = _pack(opt.state_dict(), tensors, "o")
-    dcp.save({"model": model.state_dict(), "optim": tensors}, checkpoint_id=str(path))
+    with _one_process_is_intended():
+        dcp.save({"model": model.state_dict(), "optim": tensors}, checkpoint_id=str(path), no_dist=_no_dist())
     if _rank() == 0:
         tmp = path / f".{SIDECAR}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:
@@ -149,6 +167,7 @@ def load_sharded(path: str | os.PathLike, model: torch.nn.Module, opt) -> dict:
                          f"(no tensor {missing[0]!r} here)")
     # Fresh tensors to load into (the optimizer's own would be overwritten before load_state_dict validates).
     dest = {k: torch.empty_like(template[k]) for k in wanted}
-    dcp.load({"model": model.state_dict(), "optim": dest}, checkpoint_id=str(path))
+    with _one_process_is_intended():
+        dcp.load({"model": model.state_dict(), "optim": dest}, checkpoint_id=str(path), no_dist=_no_dist())
     opt.load_state_dict(_unpack(meta["optim"], dest))
     return meta.get("extra") or {}

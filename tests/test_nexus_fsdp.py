@@ -233,10 +233,30 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def spawned(tmp_path_factory):
+def spawn_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
     spawn_and_wait(_worker, (WORLD, free_port(), str(out)), WORLD, 240, "FSDP workers")
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def spawned(spawn_dir):
+    return [torch.load(spawn_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fsdp2_checkpoint_resumes_in_one_process(spawn_dir, mode):
+    """The sharded checkpoint written mid-walk by 2 FSDP2 ranks loads into one plain process (DCP reshards), and
+    the run goes on to one process's weights."""
+    model, opt = build("gpt", seed=7), None
+    opt = make_opt(model, mode)
+    assert load_sharded(spawn_dir / f"ck-gpt-{mode}", model, opt) == {"micro": RESUME_AT}
+    assert opt.micro_step == RESUME_AT and not opt.at_outer_boundary
+    for x, _ in batches("gpt")[RESUME_AT:]:
+        loss_of("gpt", model, x, None).backward()
+        opt.step()
+        opt.zero_grad()
+    assert (flat(model) - run("gpt", mode)).abs().max().item() < 1e-10
 
 
 @pytest.mark.parametrize("kind", KINDS)
