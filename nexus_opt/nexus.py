@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import sys
 import warnings
 from collections import ChainMap, OrderedDict
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -24,6 +25,8 @@ __all__ = ["Nexus"]
 _HAS_FOREACH = all(hasattr(torch, f"_foreach_{n}")
                    for n in ("norm", "mul_", "add_", "copy_", "sub_", "neg_", "div_", "zero_"))
 MODES = ("sequential", "parallel")
+SYNCS = ("global", "outer", "none")
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 NONFINITE = ("skip", "raise")
 # Per-parameter outer states that always have the parameter's shape (Adam(W), NAdam, RAdam, Adamax, SGD, Muon,
 # RMSprop, Adadelta): checked before a load changes anything. Other states (Adafactor's factors) are left to torch.
@@ -43,6 +46,81 @@ def _by_device(tensors: Sequence[torch.Tensor], *more: Sequence[torch.Tensor]) -
         for k, m in enumerate(more):
             lists[k + 1].append(m[i])
     return out
+
+
+def _is_dtensor(t: Any) -> bool:
+    """t is a torch.distributed.tensor.DTensor (FSDP2 parameters and gradients); no import unless one exists."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    cls = getattr(mod, "DTensor", None) if mod is not None else None
+    return cls is not None and isinstance(t, cls)
+
+
+def _same_spec(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Two DTensors laid out alike (mesh, placements, global shape): their local shards pair element by element."""
+    return (_is_dtensor(a) and _is_dtensor(b) and a.device_mesh == b.device_mesh and a.placements == b.placements
+            and a.shape == b.shape)
+
+
+def _local(*lists: Sequence[torch.Tensor]) -> Optional[tuple]:
+    """The local shards of parallel lists of tensors, for elementwise kernels: plain tensors pass through; DTensors
+    become their local shards when every partner has the same layout (exact, since an elementwise op on a DTensor is
+    the op on its shards). None when some DTensor has no same-layout partner (then DTensor dispatch decides)."""
+    first = lists[0]
+    if not any(_is_dtensor(t) for lst in lists for t in lst):
+        return lists
+    out = [[] for _ in lists]
+    for i, t0 in enumerate(first):
+        row = [lst[i] for lst in lists]
+        if _is_dtensor(t0):
+            if not all(_same_spec(t0, t) for t in row[1:]):
+                return None
+            for k, t in enumerate(row):
+                out[k].append(t.to_local())
+        elif any(_is_dtensor(t) for t in row[1:]):
+            return None
+        else:
+            for k, t in enumerate(row):
+                out[k].append(t)
+    return tuple(out)
+
+
+def _refuse_compiled_step() -> None:
+    """Raise, from the compiled frame at run time, that Nexus.step cannot be compiled. The raise sits in a function
+    Dynamo must not trace (a plain raise while tracing falls back to eager silently); it is marked so lazily, since
+    torch.compiler.disable imports Dynamo and only a compiling process has it loaded already."""
+    _refuser()()
+
+
+def _refuser() -> Callable[[], None]:
+    global _REFUSER
+    if _REFUSER is None:
+        def refuse() -> None:
+            raise RuntimeError("torch.compile(opt.step) is not supported by Nexus: its step keeps host-side counters "
+                               "and branches on the gradient norm; compile the model (torch.compile(model)) and call "
+                               "opt.step() eagerly")
+        _REFUSER = torch.compiler.disable(refuse)
+    return _REFUSER
+
+
+_REFUSER: Optional[Callable[[], None]] = None
+
+
+def _needs_closure(o: Optimizer) -> bool:
+    """o.step() cannot run without a closure (torch.optim.LBFGS): its `closure` argument has no default."""
+    import inspect
+
+    try:
+        param = inspect.signature(o.step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.default is inspect.Parameter.empty
+
+
+def _world_size(group: Any = None) -> int:
+    """Processes in `group` (the default group when None), 1 without an initialized process group."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return 1
+    return torch.distributed.get_world_size(group)
 
 
 def _is_real(v: Any) -> bool:
@@ -77,16 +155,34 @@ class Nexus(Optimizer):
             norm on the host, a device sync on accelerators).
         offload_anchor: keep the anchor (parallel: the displacement) on the CPU (pinned for CUDA parameters).
         foreach: use torch._foreach_* kernels (None: when available).
+        sync: "global" (every rank sees the same gradients: DDP without no_sync, FSDP, one process; on several
+            ranks one 2-number all-reduce per outer step checks it), "outer" (the local walk: each rank walks its
+            own micro-batches under no_sync and the pseudo-gradient is averaged in one all-reduce per outer step)
+            or "none" (no collectives from Nexus: independent processes).
+        sync_group: the process group of sync (None: the default group).
+        master_weights: walk bf16/fp16 weights in a float32 copy (None or True; the anchor keeps the weights'
+            dtype, which holds the outer weights exactly; parallel mode: a float32 displacement). False walks in the
+            weights' dtype and warns once with the fraction of elements an inner step left unmoved.
+        shard_group: the process group over which FSDP1 (FullyShardedDataParallel) shards the parameters: the
+            squared gradient norm is all-reduced over it, so every rank normalises by the full-gradient norm.
+            Required (and refused otherwise) for FSDP1 parameters on more than one rank; not needed for FSDP2.
     """
 
     def __init__(self, outer: Union[Optimizer, Sequence[Optimizer]], *, inner_lr: float = 0.01, inner_steps: int = 4,
                  mode: str = "sequential", pseudo_grad_scale: str = "raw", inner_lr_follows_schedule: bool = False,
-                 nonfinite: str = "skip", offload_anchor: bool = False, foreach: Optional[bool] = None):
+                 nonfinite: str = "skip", offload_anchor: bool = False, foreach: Optional[bool] = None,
+                 shard_group: Any = None, sync: str = "global", sync_group: Any = None,
+                 master_weights: Optional[bool] = None):
         outers = list(outer) if isinstance(outer, (list, tuple)) else [outer]
         if not outers or not all(isinstance(o, Optimizer) for o in outers):
             raise TypeError("Nexus wraps a torch.optim.Optimizer or a non-empty list of them")
         if any(isinstance(o, Nexus) for o in outers):
             raise TypeError("Nexus cannot wrap another Nexus")
+        for o in outers:
+            if _needs_closure(o):
+                raise TypeError(f"Nexus cannot wrap {type(o).__name__}: its step() needs a closure that re-evaluates "
+                                "the loss, and the outer step only has the pseudo-gradient; use a first-order outer "
+                                "optimizer (AdamW, SGD, ...)")
         if not _is_int(inner_steps) or inner_steps < 1:
             raise ValueError(f"inner_steps must be an integer >= 1, got {inner_steps!r}")
         _check_inner_lr(inner_lr, "")
@@ -96,6 +192,13 @@ class Nexus(Optimizer):
             raise ValueError(f"pseudo_grad_scale must be 'raw' or 'inner_lr', got {pseudo_grad_scale!r}")
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {list(NONFINITE)}, got {nonfinite!r}")
+        if sync not in SYNCS:
+            raise ValueError(f"sync must be one of {list(SYNCS)}, got {sync!r}")
+        if master_weights not in (None, True, False):
+            raise ValueError(f"master_weights must be None, True or False, got {master_weights!r}")
+        if sync == "outer" and shard_group is not None:
+            raise ValueError("sync='outer' walks each rank's own full copy of the weights; it does not combine with "
+                             "shard_group (FSDP1): use DDP with sync='outer', or sync='global'")
         seen: set = set()
         for o in outers:
             for g in o.param_groups:
@@ -133,6 +236,14 @@ class Nexus(Optimizer):
         self._micro_step = 0  # inner steps taken in total
         self._phase = 0  # inner steps taken since the last outer step (0 = just after an outer step)
         self._swapped = False
+        self._shard_group = shard_group
+        self.sync = sync
+        self.sync_group = sync_group
+        self.master_weights = master_weights is not False
+        self._master: list[list[Optional[torch.Tensor]]] = []  # float32 walks of low-precision weights (sequential)
+        self._warned_low_precision = False
+        self._collectives = 0  # collectives Nexus itself issued (norm all-reduces, displacement averages)
+        self._dtensors = False  # some parameter is a DTensor (FSDP2): elementwise kernels run on local shards
         self._sync_groups()
         self._warn_eps()
 
@@ -212,6 +323,8 @@ class Nexus(Optimizer):
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """One inner step on the current gradient; every inner_steps-th call also the outer step."""
+        if torch.compiler.is_compiling():
+            _refuse_compiled_step()
         if self._swapped:
             raise RuntimeError("Nexus.step() inside anchor_weights(): leave the context before stepping")
         loss = None
@@ -281,18 +394,38 @@ class Nexus(Optimizer):
         for gi, idx, ps, gs in work:
             lr = lrs[gi]
             bufs = [self._buf[gi][i] for i in idx] if self.mode == "parallel" else None
-            for (dev, _), lists in _by_device(gs, ps, *([bufs] if bufs is not None else [])).items():
+            extra = bufs if bufs is not None else [self._master[gi][i] for i in idx]
+            for (dev, dt), lists in _by_device(gs, ps, extra).items():
                 gl, pl = lists[0], lists[1]
                 if isinstance(inv, torch.Tensor) and inv.device != dev:
                     inv = inv.to(dev, non_blocking=True)
                 self._mul(gl, inv)
                 if not known_ok:  # 0 * inf = nan: clear those (no host sync; the step is skipped either way)
                     for g in gl:
-                        g.nan_to_num_(0.0, 0.0, 0.0)
-                if bufs is None:
-                    self._add(pl, gl, -lr)
+                        (g.to_local() if self._dtensors and _is_dtensor(g) else g).nan_to_num_(0.0, 0.0, 0.0)
+                if bufs is None and lists[2][0] is not None:  # the float32 walk, then rounded into the weights
+                    self._add(lists[2], gl, -lr)
+                    self._copy(pl, lists[2])
+                elif bufs is None:
+                    if dt in LOW_PRECISION and not self._warned_low_precision:
+                        self._warn_unmoved(pl, gl, lr)
+                    else:
+                        self._add(pl, gl, -lr)
                 else:
                     self._accumulate(lists[2], gl, lr)
+
+    def _warn_unmoved(self, pl: list, gl: list, lr: float) -> None:
+        """The inner step in bf16/fp16 weights (master_weights=False), measuring once how many of the elements it
+        should move it leaves unchanged (steps below half the dtype's spacing round away); warns once."""
+        before = [p.detach().clone() for p in pl]
+        self._add(pl, gl, -lr)
+        moving = sum(int((g != 0).sum()) for g in gl)
+        stuck = sum(int(((p == b) & (g != 0)).sum()) for p, b, g in zip(pl, before, gl))
+        self._warned_low_precision = True
+        if moving:
+            warnings.warn(f"Nexus(master_weights=False): the inner walk runs in {pl[0].dtype} weights and one inner "
+                          f"step left {stuck / moving:.1%} of the elements it should move unchanged (below half the "
+                          "dtype's spacing); use master_weights=True for a float32 walk", stacklevel=4)
 
     @staticmethod
     def _host_read_is_free(t: torch.Tensor) -> bool:
@@ -305,18 +438,47 @@ class Nexus(Optimizer):
         return any(a.device != p.device for a, p in zip(anchors, ps))
 
     def _global_norm(self, grads: list) -> torch.Tensor:
-        """L2 norm of all gradients as one vector (float64 if any is float64, else float32)."""
-        buckets = _by_device(grads)
-        acc = torch.float64 if any(dt == torch.float64 for _, dt in buckets) else torch.float32
+        """L2 norm of all gradients as one vector (float64 if any is float64, else float32), a plain tensor.
+        DTensor gradients (FSDP2) are reduced by DTensor itself (one scalar all-reduce); plain gradients that are
+        shards of a parameter (FSDP1: shard_group set) have their squared norm all-reduced over shard_group."""
+        acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+        dts = [g for g in grads if _is_dtensor(g)] if self._dtensors else []
+        plain = [g for g in grads if not _is_dtensor(g)] if dts else grads
         dev = grads[0].device
-        norms = []
-        for (d, dt), (gl,) in buckets.items():
-            ns = torch._foreach_norm(gl) if self.foreach else [torch.linalg.vector_norm(g) for g in gl]
-            norms += ns if (d, dt) == (dev, acc) else [n.to(device=dev, dtype=acc) for n in ns]
-        return torch.linalg.vector_norm(torch.stack(norms))
+        parts = []
+        if plain:
+            norms = []
+            for (d, dt), (gl,) in _by_device(plain).items():
+                ns = torch._foreach_norm(gl) if self.foreach else [torch.linalg.vector_norm(g) for g in gl]
+                norms += ns if (d, dt) == (dev, acc) else [n.to(device=dev, dtype=acc) for n in ns]
+            total = torch.linalg.vector_norm(torch.stack(norms))
+            if self._shard_group is not None:
+                import torch.distributed as dist
 
-    # -- small in-place kernels (foreach when available) ----------------------------------------------------
+                sq = total.square()
+                dist.all_reduce(sq, group=self._shard_group)
+                self._collectives += 1
+                total = sq.sqrt()
+            parts.append(total)
+        if dts:
+            ns = torch._foreach_norm(dts) if self.foreach else [torch.linalg.vector_norm(g) for g in dts]
+            t = torch.linalg.vector_norm(torch.stack([n.to(dtype=acc) for n in ns]))
+            parts.append(t.full_tensor() if _is_dtensor(t) else t)
+            self._collectives += 1
+        return parts[0] if len(parts) == 1 else torch.linalg.vector_norm(torch.stack([x.to(dev) for x in parts]))
+
+    # -- small in-place kernels (foreach when available; DTensors through their local shards) --------------
+    def _loc(self, *lists: Sequence[torch.Tensor]) -> Optional[tuple]:
+        """_local(*lists), skipped (the lists as they are) when no parameter is a DTensor."""
+        return _local(*lists) if self._dtensors else lists
+
     def _mul(self, ts: list, s) -> None:
+        loc = self._loc(ts)
+        if loc is None:
+            for t in ts:
+                t.mul_(s)
+            return
+        (ts,) = loc
         if self.foreach:
             torch._foreach_mul_(ts, s)
         else:
@@ -324,12 +486,15 @@ class Nexus(Optimizer):
                 t.mul_(s)
 
     def _add(self, dst: list, src: list, alpha: float = 1.0) -> None:
-        """dst[i] += alpha * src[i] (same device and dtype)."""
-        if self.foreach:
-            torch._foreach_add_(dst, src, alpha=alpha)
-        else:
+        """dst[i] += alpha * src[i] (same device)."""
+        loc = self._loc(dst, src)
+        if loc is None or not self.foreach:
             for d, s in zip(dst, src):
                 d.add_(s, alpha=alpha)
+            return
+        dst, src = loc
+        for (dl, sl) in _by_device(dst, src).values():
+            torch._foreach_add_(dl, sl, alpha=alpha)
 
     def _accumulate(self, bufs: list, gl: list, lr: float) -> None:
         """bufs += lr * gl, also when the displacement is offloaded (then a blocking device-to-host copy)."""
@@ -342,8 +507,9 @@ class Nexus(Optimizer):
     def _copy(self, dst: list, src: list, non_blocking: bool = True) -> None:
         """dst[i] <- src[i] (non-blocking across devices: the anchor may sit in pinned CPU memory)."""
         same = all(d.device == s.device for d, s in zip(dst, src))
-        if self.foreach and same and dst:
-            for _, (dl, sl) in _by_device(dst, src).items():
+        loc = self._loc(dst, src) if dst else None
+        if self.foreach and same and loc is not None:
+            for _, (dl, sl) in _by_device(*loc).items():
                 torch._foreach_copy_(dl, sl)
         else:
             for d, s in zip(dst, src):
@@ -353,12 +519,29 @@ class Nexus(Optimizer):
         """dst[i] -= src[i]."""
         if not dst:
             return
-        for (dl, sl) in _by_device(dst, src).values():
+        loc = self._loc(dst, src)
+        if loc is None:
+            for d, s in zip(dst, src):
+                d.sub_(s)
+            return
+        for (dl, sl) in _by_device(*loc).values():
             if self.foreach:
                 torch._foreach_sub_(dl, sl)
             else:
                 for d, s in zip(dl, sl):
                     d.sub_(s)
+
+    def _zero(self, ts: list) -> None:
+        if not ts:
+            return
+        loc = self._loc(ts)
+        ts = ts if loc is None else loc[0]
+        for (tl,) in _by_device(ts).values():
+            if self.foreach and loc is not None:
+                torch._foreach_zero_(tl)
+            else:
+                for t in tl:
+                    t.zero_()
 
     def _scale(self, grads: list, scales: list) -> None:
         """grads[i] /= scales[i] (per group gamma), or negate where scales are -1."""
@@ -366,8 +549,9 @@ class Nexus(Optimizer):
         for g, s in zip(grads, scales):
             by_scale.setdefault(s, []).append(g)
         for s, gl in by_scale.items():
-            for (tl,) in _by_device(gl).values():
-                if self.foreach:
+            loc = self._loc(gl)
+            for (tl,) in _by_device(gl if loc is None else loc[0]).values():
+                if self.foreach and loc is not None:
                     torch._foreach_div_(tl, s)
                 else:
                     for t in tl:
@@ -388,8 +572,14 @@ class Nexus(Optimizer):
 
     def _outer_step(self) -> None:
         """Pseudo-gradient into .grad (in place) of the parameters that had a gradient in this walk (the others
-        keep .grad = None, as the outer optimizer alone would see them), outer step, buffers refreshed."""
+        keep .grad = None, as the outer optimizer alone would see them), outer step, buffers refreshed.
+        sync="outer": every rank's pseudo-gradient (and which parameters it touched) is averaged in one all-reduce;
+        sync="global" on several ranks: one 2-number all-reduce checks that the ranks walked the same walk."""
         ps, bufs, gis, touched = self._walk()
+        local = self.sync == "outer" and _world_size(self.sync_group) > 1
+        mine = touched
+        if local:  # a parameter touched on any rank is touched: decided after the average
+            touched = [True] * len(ps)
         tp = [p for p, t in zip(ps, touched) if t]
         tb = [b for b, t in zip(bufs, touched) if t]
         tg = [gi for gi, t in zip(gis, touched) if t]
@@ -403,14 +593,35 @@ class Nexus(Optimizer):
         if self.mode == "parallel":  # .grad <- gamma * sum_k g_k/||g_k||; the weights never left the anchor
             self._copy(grads, tb, non_blocking=not self._offloaded(tp, tb))
         elif not self._offloaded(ps, bufs):
-            self._copy(grads, tb)  # grad <- anchor
-            self._sub(grads, tp)  # grad <- anchor - inner
+            walks = self._walk_masters(touched)
+            mg = [g for g, w in zip(grads, walks) if w is not None]
+            if mg:  # float32 master walk: w <- anchor - w, then .grad <- w (one rounding to the weights' dtype)
+                mw = [w for w in walks if w is not None]
+                mb = [b for b, w in zip(tb, walks) if w is not None]
+                self._mul(mw, -1.0)
+                self._add(mw, mb)
+                self._copy(mg, mw)
+            pg = [g for g, w in zip(grads, walks) if w is None]
+            if pg:
+                pb = [b for b, w in zip(tb, walks) if w is None]
+                pp = [p for p, w in zip(tp, walks) if w is None]
+                self._copy(pg, pb)  # grad <- anchor
+                self._sub(pg, pp)  # grad <- anchor - inner
             self._copy(ps, bufs)  # weights <- anchor
         else:  # offloaded anchor: a single host-to-device transfer
             self._copy(grads, tp)  # grad <- inner
             self._copy(ps, bufs)  # weights <- anchor
             self._sub(grads, tp)  # grad <- inner - anchor
             sign = -1.0
+        if local:
+            flags = self._average(grads, mine)
+            for p, f in zip(tp, flags):
+                if not f:  # no rank had a gradient for it: the outer optimizer skips it, as it would alone
+                    p.grad = None
+            grads = [g for g, f in zip(grads, flags) if f]
+            tg = [gi for gi, f in zip(tg, flags) if f]
+        elif self.sync == "global":
+            self._check_same_walk(grads)
         if self.pseudo_grad_scale == "inner_lr":  # divided by the gamma actually used (its mean over the walk)
             self._scale(grads, [sign * self._gamma_mean[gi] for gi in tg])
         elif sign < 0:
@@ -418,20 +629,83 @@ class Nexus(Optimizer):
         for o in self._outers:
             o.step()
         if self.mode == "parallel":
-            for (bl,) in _by_device(tb).values() if tb else ():
-                if self.foreach:
-                    torch._foreach_zero_(bl)
-                else:
-                    for b in bl:
-                        b.zero_()
+            self._zero(tb)
         else:
             self._copy(bufs, ps)  # anchor <- new outer weights
+            walks = self._walk_masters([True] * len(ps))
+            if any(w is not None for w in walks):
+                self._copy([w for w in walks if w is not None], [p for p, w in zip(ps, walks) if w is not None])
         for gt in self._touched:
             gt[:] = [False] * len(gt)
 
+    # -- collectives of the outer step ----------------------------------------------------------------------
+    def _average(self, grads: list, touched: list) -> list:
+        """Average the pseudo-gradients over sync_group in one all-reduce per dtype (the touched flags ride along
+        in the first); returns, per gradient, whether any rank touched that parameter."""
+        import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        world = _world_size(self.sync_group)
+        flags_out = list(touched)
+        first = True
+        for (_, dt), (gl,) in _by_device(grads).items():
+            flat = _flatten_dense_tensors(gl)
+            if first:
+                f = torch.tensor([1.0 if t else 0.0 for t in touched], dtype=flat.dtype, device=flat.device)
+                flat = torch.cat([flat, f])
+            dist.all_reduce(flat, group=self.sync_group)
+            self._collectives += 1
+            if first:
+                flags_out = [bool(x > 0) for x in flat[-len(touched):].tolist()] if touched else []
+                flat = flat[:-len(touched)] if touched else flat
+                first = False
+            flat.div_(world)
+            torch._foreach_copy_(gl, list(_unflatten_dense_tensors(flat, gl)))
+        return flags_out
+
+    def _check_same_walk(self, grads: list) -> None:
+        """With sync="global" every rank must have walked the same walk (the gradients all-reduced at every
+        micro-batch): compare the squared pseudo-gradient norm across ranks (one all-reduce of 2 numbers; parameters
+        that are shards, DTensor or FSDP1, are left out). Drift (DDP's no_sync) raises instead of going on."""
+        if self._shard_group is not None or _world_size(self.sync_group) < 2:
+            return
+        plain = [g for g in grads if not _is_dtensor(g)]
+        if not plain:
+            return
+        import torch.distributed as dist
+
+        sq = self._global_norm(plain).square()
+        t = torch.stack([sq, -sq]).to(torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.sync_group)
+        self._collectives += 1
+        hi, lo = float(t[0]), -float(t[1])
+        if not hi - lo <= 1e-6 * max(abs(hi), 1e-30):
+            raise RuntimeError(f"Nexus(sync='global'): the ranks walked different inner walks (squared displacement "
+                               f"{lo:.6g} to {hi:.6g} across ranks), so their gradients were not all-reduced at every "
+                               "micro-batch (DDP no_sync?); drop no_sync, or use Nexus(..., sync='outer') for one "
+                               "all-reduce per outer step")
+
     # -- anchor bookkeeping ---------------------------------------------------------------------------------
+    def _uses_master(self, p: torch.Tensor) -> bool:
+        """p is bf16/fp16 and master_weights is on: its walk (sequential) or displacement (parallel) is float32."""
+        return self.master_weights and p.dtype in LOW_PRECISION
+
+    def _new_master(self, p: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.mode != "sequential" or not self._uses_master(p):
+            return None
+        return p.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+
+    def _walk_masters(self, flags: list) -> list:
+        """The float32 walks (or None) aligned with _walk()'s parameters, kept where flags is True."""
+        out = []
+        for group, gm in zip(self.param_groups, self._master):
+            out += [w for p, w in zip(group["params"], gm) if p.requires_grad]
+        return [w for w, f in zip(out, flags) if f]
+
     def _new_buffer(self, p: torch.Tensor) -> torch.Tensor:
         """The anchor (a copy of p) or the zero displacement, on p's device or in (pinned) CPU memory."""
+        if self.mode == "parallel" and self._uses_master(p):
+            return torch.zeros_like(p.detach(), dtype=torch.float32, memory_format=torch.contiguous_format)
         if self.offload_anchor and p.device.type != "cpu":
             a = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=p.device.type == "cuda")
         else:
@@ -453,19 +727,39 @@ class Nexus(Optimizer):
                 if not self.at_outer_boundary:
                     raise RuntimeError("parameter groups changed in the middle of an inner walk; "
                                        "add groups at an outer boundary (opt.at_outer_boundary)")
+                self._dtensors = self._dtensors or any(_is_dtensor(p) for p in group["params"])
                 with torch.no_grad():
                     bufs = [self._new_buffer(p) for p in group["params"]]
+                    masters = [self._new_master(p) for p in group["params"]]
                 if gi < len(self._buf):
                     self._buf[gi] = bufs
+                    self._master[gi] = masters
                     self._touched[gi] = [False] * len(bufs)
                 else:
                     self._buf.append(bufs)
+                    self._master.append(masters)
                     self._touched.append([False] * len(bufs))
                     self._gamma_mean.append(float(group["inner_lr"]))
 
     def _check_group(self, gi: int, group: dict) -> None:
         """One-line ValueErrors for settings that cannot work."""
         _check_inner_lr(group["inner_lr"], f"param group {gi}: ")
+        params = group["params"]
+        if self._shard_group is None and any(getattr(p, "_fsdp_flattened", False) and not _is_dtensor(p)
+                                             for p in params) and _world_size() > 1:
+            raise ValueError("Nexus over FSDP1 (FullyShardedDataParallel) parameters: each rank holds a shard, so "
+                             "its gradient norm is not the full one; pass shard_group=fsdp_model.process_group, "
+                             "or use FSDP2 (torch.distributed.fsdp.fully_shard)")
+        if self.sync == "outer" and any(_is_dtensor(p) for p in params):
+            raise ValueError("sync='outer' needs every rank to hold the full weights; DTensor (FSDP2) parameters "
+                             "are shards: use sync='global' with FSDP2, or DDP with sync='outer'")
+        if self.offload_anchor and self.master_weights and any(p.dtype in LOW_PRECISION and p.device.type != "cpu"
+                                                               for p in params):
+            raise ValueError("offload_anchor with bf16/fp16 weights needs master_weights=False (the float32 walk "
+                             "stays on the device); or keep the anchor on the device")
+        if self.offload_anchor and any(_is_dtensor(p) for p in params):
+            raise ValueError("offload_anchor is not supported for DTensor (FSDP2) parameters: the anchor is "
+                             "sharded like them already; drop offload_anchor")
         if self.inner_lr_follows_schedule and not (_is_real(group["base_lr"]) and group["base_lr"] > 0):
             raise ValueError(f"param group {gi}: inner_lr_follows_schedule needs a base lr > 0, "
                              f"got {group['base_lr']!r}")
@@ -505,6 +799,9 @@ class Nexus(Optimizer):
             torch.cuda.synchronize()
 
     # -- checkpoints: tensors, scalars, strings, lists and dicts only -----------------------------------------
+    def _has_master(self) -> bool:
+        return any(w is not None for g in self._master for w in g)
+
     @property
     def _buf_key(self) -> str:
         return "anchor" if self.mode == "sequential" else "displacement"
@@ -520,6 +817,8 @@ class Nexus(Optimizer):
               self._buf_key: [list(g) for g in self._buf], "micro_step": self._micro_step, "phase": self._phase,
               "inner_steps": self.inner_steps, "touched": [list(t) for t in self._touched],
               "gamma_mean": list(self._gamma_mean), "nonfinite_skips": self.nonfinite_skips}
+        if self._has_master():
+            sd["walk"] = [list(g) for g in self._master]  # float32 walks of bf16/fp16 weights (None elsewhere)
         for hook in self._optimizer_state_dict_post_hooks.values():
             out = hook(self, sd)
             sd = sd if out is None else out
@@ -549,6 +848,10 @@ class Nexus(Optimizer):
             for saved, mine in zip(v["buf"], self._buf):
                 for s, m in zip(saved, mine):
                     m.copy_(s)
+            for saved, mine, group in zip(v["walk"], self._master, self.param_groups):
+                for s, m, p in zip(saved, mine, group["params"]):
+                    if m is not None:
+                        m.copy_(p.detach() if s is None else s)
         self._micro_step, self._phase = v["micro_step"], v["phase"]
         self._touched = v["touched"]
         self._gamma_mean = v["gamma_mean"]
@@ -621,7 +924,27 @@ class Nexus(Optimizer):
         skips = sd.get("nonfinite_skips", 0)
         if not _is_int(skips) or skips < 0:
             raise ValueError(f"state_dict nonfinite_skips must be an integer >= 0, got {skips!r}")
-        return {"outer": list(outer_sds), "buf": buf, "micro_step": int(micro), "phase": int(phase),
+        walk = sd.get("walk")
+        if self._has_master():
+            if walk is None:
+                if phase != 0:
+                    raise ValueError("state_dict was saved mid-walk without the float32 walk of the bf16/fp16 "
+                                     "weights; resume from an outer boundary")
+                walk = [[None] * len(g) for g in self._buf]  # at a boundary the walk starts at the weights
+            elif not isinstance(walk, (list, tuple)) or len(walk) != len(self._master) or any(
+                    not isinstance(w, (list, tuple)) or len(w) != len(m) for w, m in zip(walk, self._master)):
+                raise ValueError("state_dict walk must be one list per param group, one entry per parameter")
+            for gi, (saved, mine) in enumerate(zip(walk, self._master)):
+                for pi, (w, m) in enumerate(zip(saved, mine)):
+                    if m is None or w is None:
+                        continue
+                    if not isinstance(w, torch.Tensor) or tuple(w.shape) != tuple(m.shape) or w.dtype != m.dtype \
+                            or not bool(torch.isfinite(w).all()):
+                        raise ValueError(f"walk of param group {gi} parameter {pi} must be a finite {m.dtype} "
+                                         f"tensor of shape {tuple(m.shape)}")
+        else:
+            walk = [[None] * len(g) for g in self._buf]
+        return {"outer": list(outer_sds), "buf": buf, "walk": walk, "micro_step": int(micro), "phase": int(phase),
                 "touched": [list(t) for t in touched], "gamma_mean": [float(x) for x in gm],
                 "nonfinite_skips": int(skips)}
 
