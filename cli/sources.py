@@ -72,6 +72,8 @@ def source_options(fn):
 def command_reads(kwargs: dict, opts: dict) -> list[str]:
     """Every path a command reads: its checkpoints (run directories, models), --from files, --data/--ood files."""
     paths = [str(p) for k in ("checkpoints", "from_") for p in (kwargs.get(k) or [])]
+    # single-checkpoint arguments (connect's ends A, B and --at); a 'min:DOMAIN' end names no file
+    paths += [str(v) for k in ("a", "b", "at") if isinstance(v := kwargs.get(k), str) and not v.startswith("min:")]
     for opt in ("data", "ood"):
         for part in (opts.get(opt) or "").split(","):
             name, eq, path = part.partition("=")
