@@ -375,7 +375,8 @@ def _input_check(tmp_path: Path, command: str, option: str, which: str) -> None:
     for k in ("data", "ood"):
         save_file({"x": torch.randn(8, 3), "y": torch.randn(8, 1)}, str(files[k]))
     before = {k: p.read_bytes() for k, p in files.items()}
-    r = invoke_cli(command, files["model"], "--factory", "torch.nn:Linear", "--trust-remote-code", "--factory-config",
+    ends = [files["model"]] * (2 if command == "connect" else 1)  # connect takes two ends
+    r = invoke_cli(command, *ends, "--factory", "torch.nn:Linear", "--trust-remote-code", "--factory-config",
                    '{"in_features": 3, "out_features": 1}', "--data", f"a={files['data']}", "--ood",
                    f"b={files['ood']}", "--device", "cpu", "--out" if command == "plot-surface" else "--seed",
                    str(tmp_path / "s") if command == "plot-surface" else "0", option, files[which])
