@@ -45,3 +45,33 @@ def test_missing_transformers_error_names_the_working_install(monkeypatch):
     with pytest.raises(UserError) as e:
         sources._require_transformers()
     assert "scripts/setup.sh --hf" in str(e.value) and "nexus-landscape[hf]" not in str(e.value)
+
+
+# --- output that survives a pipe -------------------------------------------------------------------------------
+
+def test_table_to_a_pipe_keeps_every_column(bowls_run, tmp_path):
+    """With stdout a pipe (and COLUMNS=80), the flatness table keeps every column and value in full (no '…', no
+    cut headers), and a long 'wrote PATH' log line on stderr is one line."""
+    import json
+
+    from conftest import run_cli_process
+
+    deep = tmp_path / ("a-directory-name-long-enough-to-push-the-log-line-past-eighty-columns" * 2)
+    out = deep / "flatness.json"
+    r = run_cli_process("flatness", bowls_run, "--domains", "each", "--top-k", "1", "--json", out,
+                        env={"COLUMNS": "80", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "…" not in r.stdout
+    header = next(line for line in r.stdout.splitlines() if "domain" in line and "λmax" in line)
+    assert len(header) > 80  # wider than the 80 columns it used to be cut to
+    for col in ("domain", "loss", "λmax", "λmin", "trace ± stderr", "max rel. residual", "converged", "HVPs",
+                "time"):
+        assert col in header, (col, header)
+    doc = json.loads(out.read_text())
+    results = doc["results"][0]["result"]["results"]
+    assert len(results) >= 2
+    for name, res in results.items():
+        row = next(line for line in r.stdout.splitlines() if line.split("│")[1:2] and
+                   line.split("│")[1].strip() == name)
+        assert f"{res['eigenvalues'][0]:.5g}" in row and f"{res['hvps']['total']}" in row, row
+    assert any(line == f"wrote {out}" for line in r.stderr.splitlines()), r.stderr
