@@ -76,7 +76,8 @@ def closeness_cmd(
                                                                   "per domain."),
     old_steps: Optional[int] = typer.Option(None, "--steps", hidden=True),  # the old spelling of --max-steps
     lr: Optional[float] = typer.Option(None, help="Learning rate of lbfgs (1), adamw (1e-3) or sgd (1e-2)."),
-    domains: Optional[str] = typer.Option(None, help="Comma-separated domains to descend on (default: trained)."),
+    domains: Optional[str] = typer.Option(None, help="Domains to descend on: 'train' (the default: the trained "
+                                                     "domains), 'each' (OOD included) or comma-separated names."),
     seed: int = typer.Option(0, help="Seed recorded with the result; in train mode it fixes each batch's dropout "
                                      "masks (the descent itself is deterministic)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),

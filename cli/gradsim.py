@@ -59,7 +59,8 @@ def gradsim_cmd(
     checkpoints: List[str] = typer.Argument(..., help="Checkpoint directories (a run directory means its latest)."),
     seed: int = typer.Option(0, help="Seed of the bootstrap resampling (and of dropout with --train-mode)."),
     resamples: int = typer.Option(200, help="Bootstrap resamples for the standard errors (0: none)."),
-    domains: Optional[str] = typer.Option(None, help="Comma-separated domains (default: all, OOD included)."),
+    domains: Optional[str] = typer.Option(None, help="'each' (the default: every domain, OOD included), 'train' (the "
+                                                     "trained domains) or comma-separated domain names."),
     train_mode: bool = typer.Option(False, help="Differentiate in train mode (dropout on); default eval mode."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write all results as JSON to this file ('-': stdout)."),

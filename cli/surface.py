@@ -93,7 +93,8 @@ def plot_surface_cmd(
     span: Optional[str] = typer.Option(None, help="'auto' (default: +-1 for random, the points' box otherwise), a number s (+-s) or 'xmin,xmax,ymin,ymax'."),
     seed: int = typer.Option(0, help="Seed of the random directions (seed and seed+1) and, in train mode, of each "
                                      "batch's dropout masks."),
-    domains: Optional[str] = typer.Option(None, help="Comma-separated domains to evaluate (default: all, OOD included)."),
+    domains: Optional[str] = typer.Option(None, help="Domains to evaluate: 'each' (the default: every domain, OOD "
+                                                         "included), 'train' (the trained domains) or comma-separated names."),
     pair: Optional[str] = typer.Option(None, help="The two domains whose minima span the domains plane (default: first two trained)."),
     level: Optional[str] = typer.Option(None, help="Low-loss level of the overlay: 'rel:E' (min_d + E*train(theta); default rel:0.1), a number X (min_d + X) or 'theta:E'."),
     out_dir: str = typer.Option("surface", "--out", help="Output directory, or a figure file (.png/.svg/.pdf/.html): "

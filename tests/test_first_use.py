@@ -75,3 +75,68 @@ def test_table_to_a_pipe_keeps_every_column(bowls_run, tmp_path):
                    line.split("│")[1].strip() == name)
         assert f"{res['eigenvalues'][0]:.5g}" in row and f"{res['hvps']['total']}" in row, row
     assert any(line == f"wrote {out}" for line in r.stderr.splitlines()), r.stderr
+
+
+# --- one spelling, readable help -------------------------------------------------------------------------------
+COMMANDS = ["train", "flatness", "gradsim", "closeness", "plot-surface", "mechanism", "demo"]
+
+
+@pytest.mark.parametrize("command", [None] + COMMANDS)
+def test_help_reads_as_sentences_with_readable_metavars(command):
+    from conftest import invoke_cli
+
+    r = invoke_cli(*([command] if command else []), "--help")
+    assert r.exit_code == 0, r.output
+    text = r.stdout
+    for ugly in ("<bool>", "<str>", "<int>", "<float>", "<list[str]>", "{checkpoints}", "{CKPT", "VALUE"):
+        assert ugly not in text, (ugly, text)
+    if command in ("flatness", "gradsim", "closeness", "plot-surface"):
+        assert "CKPT..." in text and "train|each|a,b" in text
+        assert "'each'" in text or "'train'" in text  # the --domains help names the expansions
+
+
+def test_command_list_does_not_break_mid_sentence():
+    """Each command's summary in `landscape --help` is one paragraph: no line of it ends where the docstring's did
+    (e.g. 'falls' alone on a line)."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    r = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"}, terminal_width=200)
+    rows = [line for line in r.stdout.splitlines() if line.startswith("│ ")]
+    summary = {}
+    last = None
+    for line in rows:
+        cells = line.strip("│ ").split(None, 1)
+        if line[2] != " " and cells:
+            last = cells[0]
+            summary[last] = [cells[1] if len(cells) > 1 else ""]
+        elif last:
+            summary[last].append(line.strip("│ "))
+    assert {"closeness", "demo", "mechanism"} <= set(summary), r.stdout
+    for name in ("closeness", "demo", "mechanism"):  # their docstrings span several lines
+        assert len(summary[name]) <= 2, summary[name]  # 200 columns: at most one wrap, never three broken lines
+
+
+def test_help_imports_no_torch():
+    """`landscape --help` and a command's help stay fast: no torch, numpy or matplotlib is imported."""
+    code = ("import runpy, sys\nfor argv in (['landscape', '--help'], ['landscape', 'gradsim', '--help']):\n"
+            "    sys.argv = argv\n    try:\n        runpy.run_module('cli.main', run_name='__main__')\n"
+            "    except SystemExit:\n        pass\n"
+            "print('HEAVY', sorted(m for m in ('torch', 'numpy', 'matplotlib', 'scipy') if m in sys.modules))")
+    r = _run([sys.executable, "-c", code])
+    assert "HEAVY []" in r.stdout, r.stdout[-500:] + r.stderr[-500:]
+
+
+def test_train_max_steps_is_the_spelling(tmp_path):
+    """`train --max-steps` (the README's name) trains that many steps; `--steps` stays as a hidden alias."""
+    from conftest import invoke_cli
+
+    r = invoke_cli("train", "--suite", "bowls", "--max-steps", "2", "--accum", "1", "--warmup", "1",
+                   "--eval-every", "1", "--ckpt-every", "2", "--device", "cpu", "--out", tmp_path / "a")
+    assert r.exit_code == 0, r.stderr
+    assert (tmp_path / "a" / "ckpt-000002").is_dir() and not (tmp_path / "a" / "ckpt-000003").exists()
+    r = invoke_cli("train", "--resume", "--out", tmp_path / "a", "--max-steps", "1")
+    assert r.exit_code == 2 and "--max-steps 1 is shorter" in r.stderr
+    h = invoke_cli("train", "--help").stdout
+    assert "--max-steps" in h and "--steps " not in h
