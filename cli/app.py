@@ -56,9 +56,9 @@ def error_message(e: BaseException) -> Optional[str]:
 
 # Readable help: metavars that say what a value is (typer would print <bool>, <str>, <list[str]>, {checkpoints}),
 # and docstrings shown as sentences (their hard line breaks removed).
-_METAVARS = {"json": "PATH", "csv": "PATH", "plot": "FILE", "out": "PATH", "from": "FILE.npz", "data": "NAME=PATH,...",
-             "ood": "NAME=PATH,...", "domains": "train|each|a,b", "device": "auto|cpu|cuda", "params": "REGEX",
-             "factory": "MODULE:FUNCTION", "factory-config": "JSON", "checkpoints": "CKPT"}
+_METAVARS = {"json": "PATH", "csv": "PATH", "plot": "FILE", "out": "PATH", "from": "FILE.npz", "data": "NAME=PATH",
+             "ood": "NAME=PATH", "domains": "DOMAINS", "pair": "A,B", "device": "DEVICE", "params": "REGEX",
+             "factory": "MOD:FUNC", "factory-config": "JSON", "checkpoints": "CKPT"}  # short: the help column stays wide
 _TYPES = {"int": "N", "float": "X", "str": "TEXT"}
 
 
