@@ -64,7 +64,7 @@ def test_table_to_a_pipe_keeps_every_column(bowls_run, tmp_path):
     assert "…" not in r.stdout
     header = next(line for line in r.stdout.splitlines() if "domain" in line and "λmax" in line)
     assert len(header) > 80  # wider than the 80 columns it used to be cut to
-    for col in ("domain", "loss", "λmax", "λmin", "trace ± stderr", "max rel. residual", "converged", "HVPs",
+    for col in ("domain", "loss", "λmax", "λmin", "trace ± stderr", "rel. error bound", "rel. residual", "converged", "HVPs",
                 "time"):
         assert col in header, (col, header)
     doc = json.loads(out.read_text())
@@ -140,3 +140,61 @@ def test_train_max_steps_is_the_spelling(tmp_path):
     assert r.exit_code == 2 and "--max-steps 1 is shorter" in r.stderr
     h = invoke_cli("train", "--help").stdout
     assert "--max-steps" in h and "--steps " not in h
+
+
+# --- unconverged, n/a and suspicious values explained where printed ------------------------------------------
+
+def test_unconverged_closeness_is_explained_in_table_and_figure(bowls_run, tmp_path):
+    """A budget too small to take one step: the table says why there is no minimum (not '(reached)'/'walked 0'),
+    the figure draws the promised gray hatched bars and no empty heatmap or placeholder colorbar."""
+    from matplotlib.image import AxesImage
+
+    from conftest import invoke_cli
+    from landscape.render.geometry import closeness_figure
+    from landscape.closeness import ClosenessResult
+
+    r = invoke_cli("closeness", bowls_run, "--max-evals", "3", "--device", "cpu", "--json", tmp_path / "c.json")
+    assert r.exit_code == 0, r.stderr
+    assert "(reached)" not in r.stdout and "walked 0" not in r.stdout
+    assert "no step was accepted" in r.stdout and "budget was spent" in r.stdout and "no step taken" in r.stdout
+    import json
+
+    res = ClosenessResult.from_dict(json.loads((tmp_path / "c.json").read_text())["results"][0]["result"])
+    assert not any(res.converged_by_domain.values())
+    fig = closeness_figure([res], ["x"])
+    bar_ax = fig.axes[0]
+    gray = [p for p in bar_ax.patches if p.get_hatch() == "//"]
+    assert len(gray) == len(res.domains) and all(p.get_height() > 0 for p in gray)
+    assert not any(isinstance(a, AxesImage) for ax in fig.axes for a in ax.get_children())  # nothing to map
+    assert len(fig.axes) == 3  # no colorbars of empty maps
+    texts = " ".join(t.get_text() for ax in fig.axes for t in ax.texts)
+    assert "not measured" in texts and "not converged" in texts
+
+
+def test_closeness_cross_loss_panel_shows_the_increase(bowls_run):
+    """The cross-loss heatmap shows L_j(theta_i*) - L_j(theta) (checked against the result's own numbers)."""
+    import numpy as np
+
+    from landscape import load, closeness
+    from landscape.render.geometry import closeness_figure
+
+    res = closeness(load(str(bowls_run), device="cpu"), seed=0)
+    fig = closeness_figure([res], ["x"])
+    im = [a for a in fig.axes[2].get_children() if a.__class__.__name__ == "AxesImage"][0]
+    shown = np.ma.filled(im.get_array().astype(float), np.nan)
+    for i, d in enumerate(res.domains):
+        for j, c in enumerate(res.columns):
+            want = res.cross_loss[i][j] - res.loss_start[c] if c in res.loss_start else np.nan
+            assert np.isnan(want) and np.isnan(shown[i, j]) or abs(shown[i, j] - want) < 1e-9
+
+
+def test_flatness_explains_residual_and_ggn_lambda_min(tiny_mix_run):
+    """'converged yes' beside a residual above tol is explained (error bound vs residual), and so is λmin n/a
+    under the GGN."""
+    from conftest import run_cli_process
+
+    r = run_cli_process("flatness", tiny_mix_run.path, "--curvature", "ggn", "-k", "1", "--no-trace", "--device",
+                        "cpu", env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "rel. error bound" in r.stdout and "√tol·|λ|" in r.stdout
+    assert "GGN is positive semi-definite" in r.stdout
