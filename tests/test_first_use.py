@@ -198,3 +198,41 @@ def test_flatness_explains_residual_and_ggn_lambda_min(tiny_mix_run):
     assert r.returncode == 0, r.stderr
     assert "rel. error bound" in r.stdout and "√tol·|λ|" in r.stdout
     assert "GGN is positive semi-definite" in r.stdout
+
+
+def test_auto_probe_is_not_flipped_by_one_preempted_call(tiny_mix_run, monkeypatch):
+    """On a fake clock where vmap costs 1 ms per 16 points and the loop 4 ms per 4 points, vmap calls preempted
+    for 20 ms (a busy machine: the first timed call of each round, as timing single calls saw it) must not make
+    --batch auto pick the loop: each mode is timed over repeated calls for long enough to absorb that."""
+    from landscape import load
+    from landscape.surface import engine
+
+    obj = load(str(tiny_mix_run.path), device="cpu")
+    clock = {"t": 0.0, "vmap_calls": 0}
+    cost = {"vmap": 0.001, "loop": 0.004}
+
+    def fake_call(self, origin, D, ab):
+        if self.mode == "vmap":
+            clock["vmap_calls"] += 1
+            if clock["vmap_calls"] in (2, 3):  # the first timed vmap calls
+                clock["t"] += 0.02
+        clock["t"] += cost[self.mode]
+        return {d: None for d in self.names}
+
+    monkeypatch.setattr(engine.Evaluator, "__call__", fake_call)
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: clock["t"])
+    p = engine.probe(obj, list(obj.domains))
+    assert p["pick"] == "vmap", p
+    assert p["vmap"] > 2 * p["loop"]  # 16,000 vs 1,000 points/s on this clock, less the preemption
+
+
+def test_surface_from_says_its_speed_is_stored(tiny_mix_run, tmp_path):
+    """`plot-surface --from` evaluates nothing: the table calls the evaluation and its speed stored."""
+    from conftest import invoke_cli
+
+    r = invoke_cli("plot-surface", tiny_mix_run.path, "--grid", "3", "--device", "cpu", "--out", tmp_path / "s")
+    assert r.exit_code == 0, r.stderr
+    assert "auto: probed vmap" in r.stdout and "stored" not in r.stdout
+    r = invoke_cli("plot-surface", "--from", tmp_path / "s" / "surface.npz", "--out", tmp_path / "t")
+    assert r.exit_code == 0, r.stderr
+    assert "points/s (stored)" in r.stdout and "nothing evaluated now" in r.stdout
