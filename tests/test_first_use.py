@@ -236,3 +236,27 @@ def test_surface_from_says_its_speed_is_stored(tiny_mix_run, tmp_path):
     r = invoke_cli("plot-surface", "--from", tmp_path / "s" / "surface.npz", "--out", tmp_path / "t")
     assert r.exit_code == 0, r.stderr
     assert "points/s (stored)" in r.stdout and "nothing evaluated now" in r.stdout
+
+
+def test_report_reading_lists_nothing_it_does_not_list(monkeypatch):
+    """With no interval excluding zero, the reading says so (no '(listed above)' above an empty list)."""
+    from landscape.app import demo_report
+
+    class _Toy:
+        @staticmethod
+        def from_dict(d):
+            return _Toy()
+
+        def reading(self):
+            return "toy"
+
+    monkeypatch.setattr(demo_report, "MechanismResult", _Toy)
+    suite = {"per_seed": [{"seed": 0, "gaps": {"a-b": 0.001}, "flagged": []}], "match_tol": 0.002,
+             "closeness_converged": {"a": True},
+             "paired": [{"metric": "ood_loss", "arm": "nexus", "baseline": "adamw", "verdict": "includes zero",
+                         "reading": "r"}]}
+    text = demo_report.reading({"suites": {"text": suite}, "mechanism": {}})
+    assert "listed above" not in text and "None of the 1 paired comparisons" in text
+    suite["paired"][0]["verdict"] = "below zero"
+    text = demo_report.reading({"suites": {"text": suite}, "mechanism": {}})
+    assert "(listed above)" in text and "<li>" in text
