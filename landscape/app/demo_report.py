@@ -221,8 +221,10 @@ def write_report(summary: dict, out: Path) -> Path:
             f"closeness-{suite}", f"{suite}: closeness of per-domain minima (first seed), {on_small}{differ}")
 
     rep.section("surfaces", "Loss surfaces at the matched checkpoints (first seed)",
-                "The plane through the checkpoint and the minima of two trained domains where closeness kept them "
-                "(else a random filter-normalised plane); each domain's low-loss region is outlined.")
+                "The plane through the checkpoint and the minima of two trained domains that closeness found "
+                "(where closeness analyses a parameter subset, the plane lies in that subset, the other parameters "
+                "held at the checkpoint; a random filter-normalised plane only where no minima were kept); each "
+                "domain's low-loss region is outlined.")
     for suite, s in summary["suites"].items():
         res = [SurfaceResult.load(s["surfaces"][a]) for a in ARMS]
         fig(compare_figure(res, [f"{suite} {ARM_NAMES[a]}" for a in ARMS]), f"surface-{suite}",

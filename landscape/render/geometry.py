@@ -7,10 +7,11 @@ from typing import Sequence
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from nexus_opt.errors import UserError
 
-from .style import NOT_CONVERGED, PALETTE, domain_label
+from .style import LOW_SELF_COSINE, NOT_CONVERGED, PALETTE, domain_label
 
 
 def _as_dict(r) -> dict:
@@ -44,8 +45,10 @@ def _text_color(v: float, vmax: float) -> str:
 
 
 def gradsim_figure(results: Sequence, labels: Sequence[str] | None = None, path: str | Path | None = None):
-    """Heatmaps of the domain-gradient cosine matrix (value +- bootstrap stderr), the diagonal showing the
-    split-half noise floor; one panel per checkpoint, side by side on a shared [-1, 1] color scale."""
+    """Heatmaps of the domain-gradient cosine matrix (value +- bootstrap stderr), the diagonal showing each domain's
+    split-half self-cosine: the ceiling a cosine with that domain can reach at its gradient noise (flagged, hatched,
+    where it is below LOW_SELF_COSINE: the domain's gradient is noise there); one panel per checkpoint, side by
+    side on a shared [-1, 1] color scale."""
     labels = _labels(results, labels)
     rs = [_as_dict(r) for r in results]
     n = len(rs)
@@ -54,6 +57,7 @@ def gradsim_figure(results: Sequence, labels: Sequence[str] | None = None, path:
     fig = Figure(figsize=(max(3.2, cell * k + 1.6) * n + 1.2, max(3.0, cell * k + 1.3)), layout="constrained")
     axes = fig.subplots(1, n, squeeze=False)
     im = None
+    flagged = False
     for ax, r, lab in zip(axes[0], rs, labels):
         doms = r["domains"]
         cos = _arr(r["cosine"])
@@ -65,8 +69,13 @@ def gradsim_figure(results: Sequence, labels: Sequence[str] | None = None, path:
         for i in range(len(doms)):
             for j in range(len(doms)):
                 if i == j:
-                    floor = r.get("split_half", {}).get(doms[i])
-                    txt = "floor\n" + ("n/a" if floor is None else f"{floor:.2f}")
+                    ceil = r.get("split_half", {}).get(doms[i])
+                    txt = "ceiling\n" + ("n/a" if ceil is None else f"{ceil:.2f}")
+                    if ceil is not None and ceil < LOW_SELF_COSINE:
+                        txt += "\nnoise"
+                        flagged = True
+                        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="xx",
+                                                                  edgecolor="#b8860b", lw=0))
                 else:
                     txt = "n/a" if np.isnan(cos[i, j]) else f"{cos[i, j]:.2f}"
                     if se is not None and np.isfinite(se[i, j]):
@@ -86,7 +95,10 @@ def gradsim_figure(results: Sequence, labels: Sequence[str] | None = None, path:
             sub.append(f"train loss {r['loss']['train']:.4f}")
         ax.set_title(lab + ("\n" + ", ".join(sub) if sub else ""), fontsize=9)
     fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="cos(g_i, g_j) of domain gradients")
-    fig.suptitle("gradient similarity (diagonal: split-half noise floor)", fontsize=10)
+    fig.suptitle("gradient similarity; diagonal: each domain's split-half self-cosine, the ceiling its cosines can "
+                 "reach at this gradient noise" + (f"\n(hatched, 'noise': below {LOW_SELF_COSINE:g}, the domain's "
+                                                   "gradient is mostly noise on these batches)" if flagged else ""),
+                 fontsize=9)
     return _save(fig, path)
 
 
