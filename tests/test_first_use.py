@@ -260,3 +260,81 @@ def test_report_reading_lists_nothing_it_does_not_list(monkeypatch):
     suite["paired"][0]["verdict"] = "below zero"
     text = demo_report.reading({"suites": {"text": suite}, "mechanism": {}})
     assert "(listed above)" in text and "<li>" in text
+
+
+# --- figures a reader can judge sum vs intersection from -----------------------------------------------------
+
+def _records(offset):
+    return [{"step": s, "train_loss": 3.0 - 0.1 * s + offset, "losses": {"ood": 4.0 - 0.1 * s + offset}}
+            for s in range(0, 11, 5)]
+
+
+def test_training_figure_plots_differences_from_adamw_outside_legend():
+    """The bottom row shows arm - AdamW per seed (mean of the paired differences), the legend is the figure's."""
+    from landscape.render.demo_curves import training_figure
+
+    curves = {"adamw": [_records(0.0), _records(0.02)], "nexus": [_records(-0.01), _records(0.0)]}
+    cos = {a: [[{"step": 5, "mean_cosine": 0.1}], [{"step": 5, "mean_cosine": 0.2}]] for a in curves}
+    fig = training_figure(curves, cos, ["ood"], title="t")
+    diff_ax = fig.axes[3]  # bottom row, training loss
+    lines = [ln for ln in diff_ax.get_lines() if len(ln.get_xdata()) == 3]
+    assert lines and all(abs(v - (-0.015)) < 1e-12 for v in lines[0].get_ydata())  # mean of -0.01 and -0.02
+    assert fig.legends and not any(ax.get_legend() for ax in fig.axes)
+
+
+def test_gradsim_figure_names_and_flags_the_self_cosine():
+    from landscape.render.geometry import gradsim_figure
+
+    r = {"domains": ["a", "b"], "cosine": [[1.0, 0.2], [0.2, 1.0]], "cosine_stderr": None,
+         "split_half": {"a": 0.8, "b": 0.04}, "loss": {}}
+    fig = gradsim_figure([r], ["x"])
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert "ceiling\n0.80" in texts and "ceiling\n0.04\nnoise" in texts
+    assert "ceiling" in fig._suptitle.get_text() and "noise" in fig._suptitle.get_text()
+
+
+def test_plotly_surface_keeps_its_full_z_range_and_camera_from_data(tiny_mix_run):
+    """The 3-D surface is not clipped into a plateau: its z range spans the data; the camera faces away from the
+    high side; every button sets the view of its domain."""
+    import numpy as np
+
+    from landscape import load, surface
+    from landscape.render.surface import html_figure
+
+    r = surface(load(str(tiny_mix_run.path), device="cpu"), grid=5, span=3.0, batch="loop")
+    fig = html_figure(r)
+    z = np.asarray(r.losses["train"], dtype=float)
+    surf = [t for t in fig.data if t.type == "surface" and t.name == "train"][0]
+    assert np.nanmax(np.asarray(surf.z, dtype=float)) == np.nanmax(z)
+    lo, hi = fig.layout.scene.zaxis.range
+    assert lo <= np.nanmin(z) and hi >= np.nanmax(z)
+    assert fig.layout.scene.zaxis.title.text == "loss"
+    for b in fig.layout.updatemenus[0].buttons:
+        assert "scene.zaxis.range" in b.args[1] and "scene.camera" in b.args[1]
+
+
+def test_trajectory_toy_has_a_colorbar_and_a_legend_for_every_marker():
+    from landscape.app.toys import trajectory_toy
+    from landscape.render.toys import trajectory_plot
+
+    fig = trajectory_plot(trajectory_toy())
+    assert len(fig.axes) == 2  # the panel and its colorbar
+    labels = [t.get_text() for lg in fig.legends for t in lg.get_texts()]
+    assert {"adamw end", "nexus end", "start (both)", "min training loss"} <= set(labels)
+
+
+def test_mechanism_figure_star_on_top_and_one_quantity_per_axis():
+    from landscape.app.mechanism import mechanism_toy
+    from landscape.render.mechanism import mechanism_figure
+
+    r = mechanism_toy([0.1, 0.2], n_orders=1, n_along=2, steps=4)
+    fig = mechanism_figure(r)
+    ax0 = fig.axes[0]
+    star = [ln for ln in ax0.get_lines() if ln.get_marker() == "*"][0]
+    paths = [ln for ln in ax0.get_lines() if len(ln.get_xdata()) > 2]
+    assert paths and star.get_zorder() > max(p.get_zorder() for p in paths)
+    d_axes = [ax for ax in fig.axes if ax.get_xscale() == "log"][2:]  # (b), (c), then (d)'s axes
+    assert len(d_axes) == 3
+    ylabels = [ax.get_ylabel() for ax in d_axes]
+    assert any("drift" in y for y in ylabels) and any("cosine" in y for y in ylabels) and any("fraction" in y
+                                                                                             for y in ylabels)

@@ -330,14 +330,14 @@ def _z_range(z: np.ndarray) -> list[float]:
 
 def _camera(z: np.ndarray) -> dict:
     """A camera chosen from the data: looking from the side opposite the surface's highest corner region (so a
-    high near corner cannot pose as a central spike), from above at about 35 degrees."""
+    high near corner cannot pose as a central spike), from above at about 27 degrees."""
     n1, n0 = z.shape  # rows follow y, columns x
     Y, X = np.meshgrid(np.linspace(-1, 1, n1), np.linspace(-1, 1, n0), indexing="ij")
     w = np.where(np.isfinite(z), z - np.nanmin(z), 0.0)
     w = w ** 2
     c = np.array([float((w * X).sum()), float((w * Y).sum())]) / max(float(w.sum()), 1e-300)
     d = -c / np.linalg.norm(c) if np.linalg.norm(c) > 1e-9 else np.array([-1.0, -1.0]) / np.sqrt(2.0)
-    return dict(eye=dict(x=1.9 * float(d[0]), y=1.9 * float(d[1]), z=1.3), center=dict(x=0, y=0, z=-0.1),
+    return dict(eye=dict(x=2.0 * float(d[0]), y=2.0 * float(d[1]), z=1.0), center=dict(x=0, y=0, z=-0.1),
                 up=dict(x=0, y=0, z=1))
 
 
