@@ -174,7 +174,8 @@ def closeness_figure(results: Sequence, labels: Sequence[str] | None = None, pat
                             fontsize=7, color="white" if pw[i, j] < 0.6 * pmax else "black")
             ax.set_xticks(range(len(doms)), doms, rotation=30, ha="right")
             ax.set_yticks(range(len(doms)), doms)
-            ax.set_title("||θ_i* − θ_j*|| (n/a: a descent did not converge)", fontsize=8)
+            ax.set_title("||θ_i* − θ_j*||" + (" (n/a: a descent did not converge)" if np.isnan(pw).any() else ""),
+                         fontsize=8)
             ax.set_xlabel("minimum of domain j", fontsize=8)
             ax.set_ylabel("minimum of domain i", fontsize=8)
             fig.colorbar(im1, ax=ax, shrink=0.8, label="parameter distance ||θ_i* − θ_j*||")
@@ -208,7 +209,7 @@ def closeness_figure(results: Sequence, labels: Sequence[str] | None = None, pat
                      fontsize=8)
         ax.set_xlabel("loss of domain j", fontsize=8)
         ax.set_ylabel("at the minimum of domain i", fontsize=8)
-        fig.colorbar(im2, ax=ax, shrink=0.8, label="L_j(θ_i*) − L_j(θ) (increase over the checkpoint)")
+        fig.colorbar(im2, ax=ax, shrink=0.8, label="L_j(θ_i*) − L_j(θ)")
     fig.suptitle("closeness of per-domain minima" + (" (gray hatched bars: descent not converged, no minimum)"
                                                      if any_unconverged else ""), fontsize=10)
     return _save(fig, path)
