@@ -338,3 +338,19 @@ def test_mechanism_figure_star_on_top_and_one_quantity_per_axis():
     ylabels = [ax.get_ylabel() for ax in d_axes]
     assert any("drift" in y for y in ylabels) and any("cosine" in y for y in ylabels) and any("fraction" in y
                                                                                              for y in ylabels)
+
+
+def test_domains_plane_can_skip_descents_of_unpaired_domains(bowls_run):
+    """descend_others=False (the demo's setting): the given minima are marked, no other domain is descended."""
+    import torch
+
+    from landscape import load, surface
+    from landscape.params import get_flat
+
+    obj = load(str(bowls_run), device="cpu")
+    th = get_flat(obj.params()).double()
+    mins = {d: th + 0.1 * torch.eye(th.numel(), dtype=th.dtype)[i] for i, d in enumerate(obj.train_domains)}
+    r = surface(obj, grid=3, plane="domains", minima=mins, descend_others=False, batch="loop")
+    assert set(r.points) == {"theta"} | {f"min:{d}" for d in obj.train_domains}  # no min:ood
+    r = surface(obj, grid=3, plane="domains", minima=mins, batch="loop")
+    assert "min:ood" in r.points  # the default still finds and marks every evaluated domain's minimum

@@ -282,6 +282,7 @@ def run_suite(cfg: DemoConfig, plan: SuitePlan, clock: _Clock, log: Callable, pr
                 obj = obj.select(plan.closeness_params)
             sres = surface(obj, plane="domains" if mins else "random", grid=plan.surface_grid, seed=cfg.seeds[0],
                            minima={d: torch.tensor(v, dtype=torch.float64) for d, v in mins.items()} or None,
+                           descend_others=False,  # closeness's minima are marked; no descent on the OOD loss
                            progress=task(f"surface {plan.suite} {a}") if task else None)
             spath = out / f"surface-{plan.suite}-{a}.npz"
             sres.save(spath)
