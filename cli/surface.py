@@ -116,7 +116,7 @@ def plot_surface_cmd(
     domains: Optional[str] = typer.Option(None, help="Domains to evaluate: 'each' (the default: every domain, OOD "
                                                          "included), 'train' (the trained domains) or comma-separated names."),
     pair: Optional[str] = typer.Option(None, help="The two domains whose minima span the domains plane (default: first two trained)."),
-    level: Optional[str] = typer.Option(None, help="Low-loss level of the overlay: 'rel:E' (min_d + E*train(theta); default rel:0.1), a number X (min_d + X) or 'theta:E'."),
+    level: Optional[str] = typer.Option(None, help="Low-loss level of the overlay: 'rel:E' (min_d + E*train(theta); default rel:0.1), a number X (min_d + X), 'theta:E' or 'range:E' (min_d + E x the domain's range on the grid)."),
     out_dir: str = typer.Option("surface", "--out", help="Output directory, or a figure file (.png/.svg/.pdf/.html): "
                                                          "then the main figure is written exactly there (several "
                                                          "checkpoints: NAME_1.png ..., NAME.png compares them)."),

@@ -354,3 +354,16 @@ def test_domains_plane_can_skip_descents_of_unpaired_domains(bowls_run):
     assert set(r.points) == {"theta"} | {f"min:{d}" for d in obj.train_domains}  # no min:ood
     r = surface(obj, grid=3, plane="domains", minima=mins, batch="loop")
     assert "min:ood" in r.points  # the default still finds and marks every evaluated domain's minimum
+
+
+def test_range_level_outlines_a_flat_plane():
+    """'range:E' puts each domain's level E of the way up its range on the grid (a plane flatter than rel:0.1)."""
+    import types
+
+    import numpy as np
+
+    from landscape.render.surface import parse_level, resolve_levels
+
+    r = types.SimpleNamespace(losses={"a": np.array([[1.0, 1.2], [1.4, 2.0]]), "train": np.ones((2, 2))})
+    assert parse_level("range:0.25") == ("range", 0.25)
+    assert resolve_levels(r, "range:0.25") == {"a": 1.25}

@@ -40,7 +40,8 @@ def _origin_loss(r, d: str) -> float:
 
 
 def parse_level(level=None) -> tuple[str, float]:
-    """(kind, E) of a level spec: None -> ('rel', 0.1); 'rel:E', 'theta:E', a number X -> ('abs', X).
+    """(kind, E) of a level spec: None -> ('rel', 0.1); 'rel:E', 'theta:E', 'range:E' (min_d + E x the domain's
+    range on the grid: outlines on a plane flatter than the default level), a number X -> ('abs', X).
     A UserError for anything else, and for a negative or non-finite E (no region could be drawn)."""
     spec = "rel:0.1" if level is None else level
     if isinstance(spec, str):
@@ -53,8 +54,8 @@ def parse_level(level=None) -> tuple[str, float]:
             kind = None
     else:
         kind, e = "abs", float(spec)
-    if kind not in ("abs", "rel", "theta"):
-        raise UserError(f"level must be a number, 'rel:E' or 'theta:E', got '{spec}'")
+    if kind not in ("abs", "rel", "theta", "range"):
+        raise UserError(f"level must be a number, 'rel:E', 'theta:E' or 'range:E', got '{spec}'")
     if not (np.isfinite(e) and e >= 0):
         raise UserError(f"level tolerance must be a finite number >= 0 (a negative one leaves every low-loss "
                         f"region empty), got '{spec}'")
@@ -97,6 +98,8 @@ def resolve_levels(r, level=None) -> dict[str, float]:
     mins = {d: float(np.nanmin(np.where(np.isfinite(r.losses[d]), r.losses[d], np.nan))) for d in names}
     if kind == "abs":
         return {d: mins[d] + e for d in names}
+    if kind == "range":
+        return {d: mins[d] + e * (float(np.nanmax(np.asarray(r.losses[d], dtype=float))) - mins[d]) for d in names}
     if kind == "rel":
         base = abs(_origin_loss(r, TRAIN))
         if base == 0:
@@ -244,7 +247,7 @@ def overlay_axes(ax, r, level=None, label: str | None = None) -> dict:
     t = np.asarray(r.losses[TRAIN], dtype=float)
     lv, ext = _clip_levels(t, 20)
     shade = ax.contourf(X, Y, t, levels=lv, cmap="Greys", alpha=0.35, extend=ext)
-    ax.figure.colorbar(shade, ax=ax, shrink=0.8, ticks=lv[::4], format="%.3g", label="training loss (grey shading)")
+    ax.figure.colorbar(shade, ax=ax, shrink=0.8, ticks=lv[::4], format="%.5g", label="training loss (grey shading)")
     handles = []
     from matplotlib.lines import Line2D
     for d in names:
