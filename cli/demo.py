@@ -44,7 +44,7 @@ class _RunBars:
 
 @command("demo")
 def demo_cmd(
-    quick: bool = typer.Option(False, "--quick", help="Small models and grids: about 60 s on 2 idle CPU cores (longer "
+    quick: bool = typer.Option(False, "--quick", help="Small models and grids: about 70 s on 2 idle CPU cores (longer "
                                                   "on a loaded machine)."),
     out_dir: str = typer.Option("demo", "--out", help="Output directory (runs, figures, report.html, summary.json)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),

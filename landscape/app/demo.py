@@ -71,7 +71,7 @@ class DemoConfig:
 
 
 def preset(quick: bool = False, out: str = "demo", device: str = "auto", seeds=None) -> DemoConfig:
-    """Default demo settings; quick mode (< 2 min on 2 CPU cores) shrinks models, steps and grids."""
+    """Default demo settings; quick mode (about 70 s on 2 idle CPU cores) shrinks models, steps and grids."""
     text_model = {"n_embd": 32, "n_layer": 1, "n_head": 2}
     text_data = {"block_size": 32, "eval_batches": 2, "eval_batch_size": 8}
     text_cl = dict(closeness_params=r"blocks\.0\.mlp\.2\.", closeness_prox=1.0, closeness={"max_evals": 600, "rtol": 1e-6})
