@@ -236,7 +236,7 @@ def write_report(summary: dict, out: Path) -> Path:
             + ("; the plane is so flat that the default level (min + 10% of the training loss) covers over 90% of "
                "it, so each region is the lowest quarter of its domain's range on the plane" if flat else ""))
         for a, r in zip(ARMS, res):
-            rep.plotly(html_figure(r, label=f"{suite} {ARM_NAMES[a]}"),
+            rep.plotly(html_figure(r, level=level, label=f"{suite} {ARM_NAMES[a]}"),
                        f"{suite} {ARM_NAMES[a]}: interactive surface (buttons per domain)")
 
     rep.section("data", "Data", "Everything above is in summary.json beside this report; the paired statistics and "

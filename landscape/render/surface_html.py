@@ -26,7 +26,7 @@ def _camera(z: np.ndarray) -> dict:
     w = w ** 2
     c = np.array([float((w * X).sum()), float((w * Y).sum())]) / max(float(w.sum()), 1e-300)
     d = -c / np.linalg.norm(c) if np.linalg.norm(c) > 1e-9 else np.array([-1.0, -1.0]) / np.sqrt(2.0)
-    return dict(eye=dict(x=2.0 * float(d[0]), y=2.0 * float(d[1]), z=1.0), center=dict(x=0, y=0, z=-0.1),
+    return dict(eye=dict(x=2.3 * float(d[0]), y=2.3 * float(d[1]), z=1.15), center=dict(x=0, y=0, z=-0.1),
                 up=dict(x=0, y=0, z=1))
 
 
