@@ -18,7 +18,7 @@ try:  # typer >= 0.2x vendors its own click: its exceptions are the ones raised
     from typer import _click as click
 except ImportError:  # pragma: no cover
     import click
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from nexus_opt.errors import UserError
 from nexus_opt.limits import is_allocation_failure
@@ -64,7 +64,66 @@ def error_message(e: BaseException) -> Optional[str]:
     return None
 
 
-class LandscapeGroup(TyperGroup):
+# Readable help: metavars that say what a value is (typer would print <bool>, <str>, <list[str]>, {checkpoints}),
+# and docstrings shown as sentences (their hard line breaks removed).
+_METAVARS = {"json": "PATH", "csv": "PATH", "plot": "FILE", "out": "PATH", "from": "FILE.npz", "data": "NAME=PATH",
+             "ood": "NAME=PATH", "domains": "DOMAINS", "pair": "A,B", "device": "DEVICE", "params": "REGEX",
+             "factory": "MOD:FUNC", "factory-config": "JSON", "checkpoints": "CKPT"}  # short: the help column stays wide
+_TYPES = {"int": "N", "float": "X", "str": "TEXT"}
+
+
+def _metavar(param) -> str:
+    """A short, readable metavar for an option or argument: by its name, else by its type; '' for a flag."""
+    if getattr(param, "is_flag", False) or getattr(param, "count", False):
+        return ""
+    name = max(param.opts, key=len).lstrip("-") if param.opts else param.name
+    if name in _METAVARS:
+        return _METAVARS[name]
+    desc = getattr(param, "type_descriptor", None)
+    ann = getattr(desc, "annotation", None)
+    kinds = [a for a in (getattr(ann, "__args__", None) or (ann,)) if a is not type(None)]
+    return next((_TYPES[k.__name__] for k in kinds if getattr(k, "__name__", "") in _TYPES), "VALUE")
+
+
+def readable_params(params) -> None:
+    """Give every parameter without a metavar a readable one (arguments: NAME..., shown once)."""
+    for p in params:
+        if p.metavar is not None:
+            continue
+        mv = _metavar(p)
+        if p.param_type_name == "argument":
+            p.metavar = mv + ("..." if p.nargs != 1 else "")
+            p.display_type_rich = lambda ctx: None  # the name column already says it
+            p.get_usage_pieces = lambda ctx, p=p: [p.metavar if p.required else f"[{p.metavar}]"]
+        else:
+            p.metavar = mv
+
+
+def _sentences(text):
+    """Help text with each paragraph's hard line breaks joined into one line (typer's rich mode keeps them)."""
+    return text if not text else "\n\n".join(" ".join(par.split()) for par in text.split("\n\n"))
+
+
+class ReadableHelp:
+    """Mixin of the app's commands: readable metavars and help paragraphs that read as sentences."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.help, self.short_help = _sentences(self.help), _sentences(self.short_help)
+        readable_params(self.params)
+
+    def get_help_option(self, ctx):
+        opt = super().get_help_option(ctx)
+        if opt is not None:
+            readable_params([opt])
+        return opt
+
+
+class LandscapeCommand(ReadableHelp, TyperCommand):
+    """A subcommand of `landscape` (see ReadableHelp)."""
+
+
+class LandscapeGroup(ReadableHelp, TyperGroup):
     """The root command group: runs the app in non-standalone mode and owns every exit path."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
@@ -120,7 +179,7 @@ def command(name: str, **kw):
     """Register a subcommand; its failures are handled by the app's single error boundary."""
 
     def deco(fn):
-        return app.command(name, **kw)(fn)
+        return app.command(name, cls=LandscapeCommand, **kw)(fn)
 
     return deco
 

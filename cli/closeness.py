@@ -16,6 +16,18 @@ def _g(v, fmt: str = ".4g") -> str:
     return "n/a" if v is None else format(v, fmt)
 
 
+STOP_WHY = {"budget": "its --max-evals budget was spent", "stalled": "no step lowered the loss further",
+            "steps": "--max-steps was reached"}
+
+
+def stop_note(r, d) -> str:
+    """Why domain d's descent has no minimum, in words: how it stopped and how far it walked."""
+    stop = (r.stop or {}).get(d, "budget")
+    walked = r.reached.get(d)
+    moved = "no step was accepted" if not walked else f"walked {_g(walked)}"
+    return f"not converged: {STOP_WHY.get(stop, stop)}; {moved}"
+
+
 def closeness_table(results: list, labels: list[str]) -> Table:
     """One table, one column per checkpoint: per-domain distances, losses, barriers, then the summaries."""
     t, row = comparison_table("closeness of per-domain minima", results, labels)
@@ -31,12 +43,19 @@ def closeness_table(results: list, labels: list[str]) -> Table:
             if not has(r):
                 return "-"
             if not r.converged_by_domain[d]:  # how far it walked is not the distance to a minimum
-                return f"[yellow]n/a (not converged; walked {_g(r.reached.get(d))})[/yellow]"
+                return f"[yellow]n/a ({stop_note(r, d)})[/yellow]"
             rel = r.distance[d]["relative"]
             return _g(r.distance[d]["raw"]) + (f" ({100 * rel:.2f}%)" if rel is not None else "")
         row(f"[bold]{d}[/bold] ||theta - theta*||", dist)
-        row(f"  {d} loss start -> min", lambda r, d=d: (f"{r.loss_start[d]:.4g} -> {r.loss_min[d]:.4g}"
-                                                       + ("" if r.converged_by_domain[d] else " (reached)")) if has(r) else "-")
+        def losses(r, d=d):
+            if not has(r):
+                return "-"
+            if r.converged_by_domain[d]:
+                return f"{r.loss_start[d]:.4g} -> {r.loss_min[d]:.4g}"
+            if not r.reached.get(d):  # nothing moved: the start is all there is
+                return f"{r.loss_start[d]:.4g} [yellow](no step taken: no minimum)[/yellow]"
+            return f"{r.loss_start[d]:.4g} -> {r.loss_min[d]:.4g} [yellow](where it stopped, not a minimum)[/yellow]"
+        row(f"  {d} loss start -> min", losses)
         row(f"  {d} barrier", lambda r, d=d: _g(r.barrier[d], ".3g") if has(r) else "-")
         row(f"  {d} curvature along", lambda r, d=d: _g(r.curvature_along.get(d)) if has(r) else "-")
         row(f"  {d} converged (evals)", lambda r, d=d: (("yes" if r.converged_by_domain[d] else
@@ -76,7 +95,8 @@ def closeness_cmd(
                                                                   "per domain."),
     old_steps: Optional[int] = typer.Option(None, "--steps", hidden=True),  # the old spelling of --max-steps
     lr: Optional[float] = typer.Option(None, help="Learning rate of lbfgs (1), adamw (1e-3) or sgd (1e-2)."),
-    domains: Optional[str] = typer.Option(None, help="Comma-separated domains to descend on (default: trained)."),
+    domains: Optional[str] = typer.Option(None, help="Domains to descend on: 'train' (the default: the trained "
+                                                     "domains), 'each' (OOD included) or comma-separated names."),
     seed: int = typer.Option(0, help="Seed recorded with the result; in train mode it fixes each batch's dropout "
                                      "masks (the descent itself is deterministic)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),

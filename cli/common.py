@@ -11,8 +11,19 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-console = Console(stderr=True)
-out = Console()
+# Where a stream is a file or a pipe (a log, `| less`), nothing is cut to 80 columns: tables keep every column at
+# full width and log lines are never wrapped; a terminal gets its own width.
+UNBOUNDED_WIDTH = 100_000
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A rich console on stdout (or stderr): the terminal's width, or unbounded when the stream is not a terminal."""
+    c = Console(stderr=stderr)
+    return c if c.is_terminal else Console(stderr=stderr, width=UNBOUNDED_WIDTH)
+
+
+console = make_console(stderr=True)  # logs, progress, "wrote X"
+out = make_console()                 # tables
 
 # Caps of analyzer iteration counts: beyond these the answer does not change, only the time and memory grow.
 MAX_GRID = 1001          # plot-surface --grid: a million loss evaluations

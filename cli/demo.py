@@ -44,7 +44,8 @@ class _RunBars:
 
 @command("demo")
 def demo_cmd(
-    quick: bool = typer.Option(False, "--quick", help="Small models and grids: under 2 minutes on 2 CPU cores."),
+    quick: bool = typer.Option(False, "--quick", help="Small models and grids: about 70 s on 2 idle CPU cores (longer "
+                                                  "on a loaded machine)."),
     out_dir: str = typer.Option("demo", "--out", help="Output directory (runs, figures, report.html, summary.json)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds (default 0,1,2,3,4; quick: 0,1)."),

@@ -16,18 +16,30 @@ def _g(v, digits: int = 5) -> str:
     return "n/a" if v is None else f"{v:.{digits}g}"
 
 
-def _max_rel_residual(r) -> str:
-    """The largest ||Hv - lambda v|| / |lambda| over the reported eigenvalues."""
-    pairs = list(zip(r.eigenvalues or [], r.residuals or [])) + list(zip(r.bottom_eigenvalues or [],
-                                                                         r.bottom_residuals or []))
-    rel = [res / max(abs(v), 1e-300) for v, res in pairs if res is not None and v is not None]
+def _pairs(r):
+    """(eigenvalue, residual, error bound) of every reported eigenvalue, both ends."""
+    top = zip(r.eigenvalues or [], r.residuals or [], r.errors or [None] * len(r.eigenvalues or []))
+    bottom = zip(r.bottom_eigenvalues or [], r.bottom_residuals or [],
+                 r.bottom_errors or [None] * len(r.bottom_eigenvalues or []))
+    return [(v, res, err) for v, res, err in list(top) + list(bottom) if v is not None]
+
+
+def _max_rel(r, which: int) -> str:
+    """The largest residual ||Hv - lambda v|| (which=1) or eigenvalue error bound min(r, r^2/gap) (which=2) over
+    the reported eigenvalues, relative to |lambda| floored at 1e-3 of the largest |lambda| (the convergence
+    test's unit)."""
+    pairs = _pairs(r)
+    scale = max((abs(v) for v, _, _ in pairs), default=0.0)
+    rel = [p[which] / max(abs(p[0]), 1e-3 * scale, 1e-300) for p in pairs if p[which] is not None]
     return f"{max(rel):.1e}" if rel else "n/a"
 
 
 def summary_table(results: dict, title: str) -> Table:
-    """One row per domain: loss, lambda_max, lambda_min, trace +- stderr, convergence, HVPs and time."""
+    """One row per domain: loss, lambda_max, lambda_min, trace +- stderr, accuracy, convergence, HVPs and time
+    (summary_notes says what the accuracy columns and any n/a mean)."""
     t = Table(title=title, title_style="bold")
-    for col in ("domain", "loss", "λmax", "λmin", "trace ± stderr", "max rel. residual", "converged", "HVPs", "time"):
+    for col in ("domain", "loss", "λmax", "λmin", "trace ± stderr", "rel. error bound", "rel. residual",
+                "converged", "HVPs", "time"):
         t.add_column(col, justify="left" if col == "domain" else "right")
     for name, r in results.items():
         tr = "-" if r.trace is None else f"{r.trace:.5g} ± {_g(r.trace_stderr, 2)}" + (
@@ -35,9 +47,23 @@ def summary_table(results: dict, title: str) -> Table:
         conv = "[green]yes[/green]" if r.converged else "[red]no[/red]"
         lmin = r.bottom_eigenvalues[0] if r.bottom_eigenvalues else None
         lmax = r.eigenvalues[0] if r.eigenvalues else None
-        t.add_row(name, f"{r.loss:.4g}", _g(lmax), _g(lmin), tr, _max_rel_residual(r), conv,
+        t.add_row(name, f"{r.loss:.4g}", _g(lmax), _g(lmin), tr, _max_rel(r, 2), _max_rel(r, 1), conv,
                   str(r.hvps["total"]), f"{r.seconds:.1f}s")
     return t
+
+
+def summary_notes(results: dict, tol: float | None = None, matrix: str = "Hessian") -> list[str]:
+    """The lines printed under the summary table: what the accuracy columns and any n/a mean."""
+    tol_txt = f" (tol {tol:g})" if tol is not None else ""
+    notes = [f"converged: every eigenvalue's error bound min(r, r²/gap) <= tol·|λ| and its residual r = ||Hv − λv||"
+             f" <= √tol·|λ|{tol_txt}: an eigenvalue is accurate to tol while its eigenvector's residual may be "
+             "larger (both columns: the largest over the eigenvalues shown, relative to |λ| floored at 1e-3 of "
+             "the largest)."]
+    if any(not r.bottom_eigenvalues for r in results.values()):
+        notes.append("λmin n/a: the GGN is positive semi-definite (λmin >= 0, a cluster at zero), so only its top "
+                     "end is computed (--which bottom asks for it)." if matrix == "GGN" else
+                     "λmin n/a: the bottom end was not computed (--which top, or the pyhessian backend).")
+    return notes
 
 
 def eigen_table(results: dict, title: str = "Hessian eigenvalues") -> Table:
@@ -130,6 +156,8 @@ def flatness_cmd(
         first = next(iter(results.values()))
         show.print(summary_table(results, f"flatness of {checkpoint} ({first.num_params} parameters, {backend}, "
                                           f"{matrix})"))
+        for note in summary_notes(results, tol, matrix):
+            show.print(f"[dim]{note}[/dim]", highlight=False)
         show.print(eigen_table(results, f"{matrix} eigenvalues"))
         entries.append((str(checkpoint), checkpoint_step(obj), res.to_dict()))
         if plot:

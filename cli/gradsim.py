@@ -17,8 +17,19 @@ def _fmt(v, digits: int = 3) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
+def _ceiling(v, digits: int = 3, word: str = "ceiling ") -> str:
+    """A split-half self-cosine: the ceiling of a domain's cosines at its gradient noise; flagged when so low that
+    the domain's gradient is noise."""
+    from landscape.render.style import LOW_SELF_COSINE
+
+    if v is not None and v < LOW_SELF_COSINE:
+        return f"[yellow]{word}{_fmt(v, digits)} (noise)[/yellow]"
+    return f"[dim]{word}{_fmt(v, digits)}[/dim]" if word else _fmt(v, digits)
+
+
 def cosine_table(r, title: str) -> Table:
-    """The cosine matrix of one checkpoint: value +- stderr, the diagonal shows the split-half floor."""
+    """The cosine matrix of one checkpoint: value +- stderr; the diagonal shows each domain's split-half
+    self-cosine, the ceiling a cosine with it can reach at its gradient noise ('noise' below 0.1)."""
     t = Table(title=title, title_style="bold")
     t.add_column("")
     for d in r.domains:
@@ -27,7 +38,7 @@ def cosine_table(r, title: str) -> Table:
         cells = []
         for j, _ in enumerate(r.domains):
             if i == j:
-                cells.append(f"[dim]floor {_fmt(r.split_half.get(a), 2)}[/dim]")
+                cells.append(_ceiling(r.split_half.get(a), 2))
                 continue
             v = r.cosine[i][j]
             se = r.cosine_stderr[i][j] if r.cosine_stderr else None
@@ -49,7 +60,7 @@ def summary_table(results: list, labels: list[str]) -> Table:
     for d in dict.fromkeys(d for r in results for d in r.domains):
         row(f"||g|| {d}", lambda r, d=d: "n/a" if d not in r.norms else f"{r.norms[d]:.4g}")
     for d in dict.fromkeys(d for r in results for d in r.domains):
-        row(f"split-half floor {d}", lambda r, d=d: _fmt(r.split_half.get(d)))
+        row(f"split-half ceiling {d}", lambda r, d=d: _ceiling(r.split_half.get(d), 3, ""))
     return t
 
 
@@ -59,7 +70,8 @@ def gradsim_cmd(
     checkpoints: List[str] = typer.Argument(..., help="Checkpoint directories (a run directory means its latest)."),
     seed: int = typer.Option(0, help="Seed of the bootstrap resampling (and of dropout with --train-mode)."),
     resamples: int = typer.Option(200, help="Bootstrap resamples for the standard errors (0: none)."),
-    domains: Optional[str] = typer.Option(None, help="Comma-separated domains (default: all, OOD included)."),
+    domains: Optional[str] = typer.Option(None, help="'each' (the default: every domain, OOD included), 'train' (the "
+                                                     "trained domains) or comma-separated domain names."),
     train_mode: bool = typer.Option(False, help="Differentiate in train mode (dropout on); default eval mode."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write all results as JSON to this file ('-': stdout)."),
@@ -68,7 +80,8 @@ def gradsim_cmd(
     plot: Optional[str] = typer.Option(None, help="Write the heatmap figure (PNG, SVG or PDF) to this file."),
     trust_remote_code: bool = typer.Option(False, help="Allow a checkpoint's user model factory to be imported."),
 ):
-    """Cosines between full-parameter domain gradients, with a split-half noise floor and bootstrap error bars."""
+    """Cosines between full-parameter domain gradients, with bootstrap error bars and each domain's split-half
+    self-cosine: the ceiling its cosines can reach at its gradient noise (flagged as noise below 0.1)."""
     from landscape.gradsim import gradient_similarity
 
     check_range(resamples, "--resamples", 0, MAX_RESAMPLES, "the bootstrap error is settled long before")

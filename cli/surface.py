@@ -65,18 +65,38 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "ckpt"
 
 
-def summary_table(results: list, labels: list[str], level) -> Table:
-    """Per surface: plane, grid, how it was evaluated, losses at the origin point, the common low-loss region."""
+def _evaluation(r) -> str:
+    """How a surface was evaluated: the mode, the device and, for --batch auto, the probe that chose it."""
+    st = r.settings
+    txt = f"{st.get('batch_used')} on {st.get('device')}" + (", train mode" if st.get("train_mode") else "")
+    pr = st.get("batch_probe")
+    if st.get("batch") == "auto" and isinstance(pr, dict) and pr.get("pick"):
+        txt += f" (auto: probed vmap {pr.get('vmap', 0):.0f}, loop {pr.get('loop', 0):.0f} points/s)"
+    elif st.get("batch") == "auto" and "cuda" in str(st.get("device")):
+        txt += " (auto: vmap on CUDA)"
+    return txt
+
+
+def summary_table(results: list, labels: list[str], level, stored: bool = False) -> Table:
+    """Per surface: plane, grid, how it was evaluated, losses at the origin point, the common low-loss region.
+    `stored` (--from): the evaluation and its speed are the saved run's, said as such (nothing was evaluated)."""
     from landscape.render.surface import common_region, origin_name, resolve_levels
 
-    t, row = comparison_table("loss surfaces", results, labels, first="")
+    t, row = comparison_table("loss surfaces" + (" (re-rendered from saved results)" if stored else ""),
+                              results, labels, first="")
+    was = " (stored)" if stored else ""
+
+    def speed(r):
+        if r.timing.get("reused"):
+            return "reused"
+        if not r.timing.get("points_per_s"):
+            return "n/a"
+        return f"{r.timing['points_per_s']:.1f}" + (" when computed (stored; nothing evaluated now)" if stored else "")
 
     row("plane", lambda r: r.plane)
     row("grid", lambda r: "x".join(map(str, r.settings.get("grid", []))))
-    row("evaluation", lambda r: f"{r.settings.get('batch_used')} on {r.settings.get('device')}"
-        + (", train mode" if r.settings.get("train_mode") else ""))
-    row("points/s", lambda r: "reused" if r.timing.get("reused") else
-        (f"{r.timing['points_per_s']:.1f}" if r.timing.get("points_per_s") else "n/a"))
+    row("evaluation" + was, _evaluation)
+    row("points/s" + was, speed)
     for d in list(dict.fromkeys(d for r in results for d in r.losses)):
         row(f"{d} at {origin_name(results[0])}",
             lambda r, d=d: f"{r.point_losses.get(origin_name(r), {}).get(d, float('nan')):.4g}" if d in r.losses else "-")
@@ -97,9 +117,10 @@ def plot_surface_cmd(
     span: Optional[str] = typer.Option(None, help="'auto' (default: +-1 for random, the points' box otherwise), a number s (+-s) or 'xmin,xmax,ymin,ymax'."),
     seed: int = typer.Option(0, help="Seed of the random directions (seed and seed+1) and, in train mode, of each "
                                      "batch's dropout masks."),
-    domains: Optional[str] = typer.Option(None, help="Comma-separated domains to evaluate (default: all, OOD included)."),
+    domains: Optional[str] = typer.Option(None, help="Domains to evaluate: 'each' (the default: every domain, OOD "
+                                                         "included), 'train' (the trained domains) or comma-separated names."),
     pair: Optional[str] = typer.Option(None, help="The two domains whose minima span the domains plane (default: first two trained)."),
-    level: Optional[str] = typer.Option(None, help="Low-loss level of the overlay: 'rel:E' (min_d + E*train(theta); default rel:0.1), a number X (min_d + X) or 'theta:E'."),
+    level: Optional[str] = typer.Option(None, help="Low-loss level of the overlay: 'rel:E' (min_d + E*train(theta); default rel:0.1), a number X (min_d + X), 'theta:E' or 'range:E' (min_d + E x the domain's range on the grid)."),
     out_dir: str = typer.Option("surface", "--out", help="Output directory, or a figure file (.png/.svg/.pdf/.html): "
                                                          "then the main figure is written exactly there (several "
                                                          "checkpoints: NAME_1.png ..., NAME.png compares them)."),
@@ -241,7 +262,7 @@ def plot_surface_cmd(
             p = Path(plot) if plot else outd / f"surface_compare.{ext}"
             _save(fig, p)
             written.append(p)
-    tables(json_out, csv_out).print(summary_table(results, labels, level))
+    tables(json_out, csv_out).print(summary_table(results, labels, level, stored=bool(from_)))
     for p in written:
         console.print(f"wrote {p}")
     emit("plot-surface", [(src, s, surface_summary(r, level, files)) for src, s, r, files

@@ -8,7 +8,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from .app import command
-from .common import console, out, parse_kv
+from .common import console, merge_alias, out, parse_kv
 
 
 class _Bar:
@@ -75,8 +75,9 @@ def train_cmd(
     weight_decay: float = typer.Option(0.1, help="Weight decay on matrices (the outer optimizer's)."),
     inner_lr: float = typer.Option(0.01, help="Nexus inner (normalized SGD) learning rate gamma."),
     inner_steps: Optional[int] = typer.Option(None, help="Nexus inner steps K (sets --accum)."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps (default 200; with --resume: the saved run's, "
-                                                   "or more to extend it)."),
+    steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (default 200; with --resume: "
+                                                                  "the saved run's, or more to extend it)."),
+    old_steps: Optional[int] = typer.Option(None, "--steps", hidden=True),  # the old spelling of --max-steps
     batch_size: int = typer.Option(16, help="Micro-batch size."),
     accum: int = typer.Option(4, help="Micro-batches per step K (gradient accumulation)."),
     warmup: int = typer.Option(20, help="Linear warmup steps."),
@@ -97,6 +98,8 @@ def train_cmd(
                         TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[doms]}"),
                         console=console, transient=False))
     from nexus_opt.train import TrainConfig, resume, train
+
+    steps = merge_alias(steps, old_steps, "steps", "--max-steps", "--steps")
 
     kv = dict(suite_options=parse_kv(suite_options, "--suite-options"), weights=parse_kv(weights, "--weights") or None,
               model_config=parse_kv(model_config, "--model-config"))

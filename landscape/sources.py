@@ -12,6 +12,9 @@ from nexus_opt.errors import UserError
 from .objective import Objective
 
 STATE_SUFFIXES = (".pt", ".pth", ".bin")
+# How to get the hf extra (the package is installed from its repository, not from a package index).
+HF_INSTALL = ("install it from the nexus-landscape checkout with scripts/setup.sh --hf "
+              "(or pip install -e '.[hf]' there)")
 
 
 def is_model_source(path: str | Path) -> bool:
@@ -29,8 +32,8 @@ def _require_transformers():
     try:
         import transformers  # noqa: F401
     except ImportError:
-        raise UserError("reading a Hugging Face directory needs the 'transformers' package; "
-                        "pip install 'nexus-landscape[hf]'") from None
+        raise UserError("reading a Hugging Face directory needs the 'transformers' package (the hf extra); "
+                        f"{HF_INSTALL}") from None
     import transformers
     return transformers
 

@@ -60,7 +60,8 @@ class TrainConfig:
         I, F = limits.check_int, limits.check_float
         for name, hi in (("steps", MAX_STEPS), ("batch_size", 1 << 20), ("accum", 1 << 16),
                          ("eval_every", MAX_STEPS), ("ckpt_every", MAX_STEPS)):
-            setattr(self, name, I(getattr(self, name), f"--{name.replace('_', '-')}", 1, hi))
+            flag = "--max-steps" if name == "steps" else f"--{name.replace('_', '-')}"  # the CLI's spelling
+            setattr(self, name, I(getattr(self, name), flag, 1, hi))
         self.warmup = I(self.warmup, "--warmup", 0, MAX_STEPS)
         for name in ("lr", "inner_lr"):
             setattr(self, name, F(getattr(self, name), f"--{name.replace('_', '-')}", 0.0, LR_MAX, lo_open=True))
@@ -232,8 +233,8 @@ def resume(out: str | Path, steps: int | None = None, device: str = "auto",
     if steps is not None:
         old = saved.get("steps")
         if isinstance(old, int) and not isinstance(steps, bool) and isinstance(steps, int) and steps < old:
-            raise UserError(f"--steps {steps} is shorter than the saved run (steps={old}); --resume can only "
-                            f"keep or extend it: pass --steps {old} or more, or leave --steps out")
+            raise UserError(f"--max-steps {steps} is shorter than the saved run (steps={old}); --resume can only "
+                            f"keep or extend it: pass --max-steps {old} or more, or leave --max-steps out")
         saved["steps"] = steps
     saved.update(out=str(run), device=device)
     try:

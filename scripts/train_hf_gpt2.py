@@ -5,11 +5,12 @@ It stands for "a model no one here trained": the landscape CLI then analyses the
 own-model path (landscape gradsim ./hf-gpt2/model --data code=...,prose=...,math=... --ood wordmath=...).
 
 Usage: python scripts/train_hf_gpt2.py [--out hf-gpt2] [--steps 300] [--seed 0]
-Needs the optional extra: pip install 'nexus-landscape[hf]'.
+Needs the hf extra (transformers): scripts/setup.sh --hf, or pip install -e '.[hf]' in this checkout.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -26,8 +27,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
 
-    from transformers import GPT2Config, GPT2LMHeadModel
-    from transformers.utils import logging
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers.utils import logging
+    except ImportError:
+        print("error: this script needs the hf extra (transformers); install it from this checkout with "
+              "scripts/setup.sh --hf (or pip install -e '.[hf]')", file=sys.stderr)
+        sys.exit(2)
 
     from nexus_opt.suites.text import Text
 
@@ -45,6 +51,9 @@ def main() -> None:
     cfg = GPT2Config(vocab_size=256, n_positions=a.seq_len, n_embd=32, n_layer=2, n_head=2, bos_token_id=10,
                      eos_token_id=10, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = GPT2LMHeadModel(cfg)
+    # GPT2LMHeadModel's class name names no loss, so transformers falls back to the causal-LM loss with a warning;
+    # that loss is the one meant here: name it
+    model.loss_type = "ForCausalLM"
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(a.seed)
     t0 = time.perf_counter()

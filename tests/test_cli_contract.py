@@ -95,6 +95,7 @@ def test_flatten_is_generic():
 
 # -- old option spellings: accepted, hidden from --help, never in conflict with the documented one --------------
 ALIASES = [("closeness", "--steps", "--max-steps"), ("plot-surface", "--steps", "--descent-steps"),
+           ("train", "--steps", "--max-steps"),
            ("flatness", "--domain", "--domains")]
 
 
@@ -125,10 +126,16 @@ def test_old_spellings_still_work(bowls_run, tmp_path):
 
 @pytest.mark.parametrize("command,args", [
     ("closeness", ["--max-steps", "3", "--steps", "4"]),
+    ("train", ["--max-steps", "3", "--steps", "4"]),
     ("plot-surface", ["--descent-steps", "3", "--steps", "4"]),
     ("flatness", ["--domains", "bowl0", "--domain", "bowl1"]),
 ])
 def test_old_and_new_spelling_disagreeing_is_refused(command, args, bowls_run, tmp_path):
+    if command == "train":  # refused before a run is started
+        r = invoke_cli("train", "--suite", "bowls", *args, "--out", str(tmp_path / "t"))
+        assert_one_line_error(r.exit_code, r.stderr, contains="disagree")
+        assert not (tmp_path / "t").exists()
+        return
     r = invoke_cli(command, str(bowls_run), *args, "--device", "cpu", "--out" if command == "plot-surface" else
                    "--seed", str(tmp_path / "s") if command == "plot-surface" else "0")
     assert_one_line_error(r.exit_code, r.stderr, contains="disagree")

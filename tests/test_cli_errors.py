@@ -6,7 +6,7 @@ import torch
 
 from conftest import assert_one_line_error, copy_run, invoke_cli, run_cli_process
 
-TINY = ["--suite", "mix", "--steps", "2", "--batch-size", "4", "--accum", "1", "--device", "cpu"]
+TINY = ["--suite", "mix", "--max-steps", "2", "--batch-size", "4", "--accum", "1", "--device", "cpu"]
 
 
 def _without(args, *flags):
@@ -26,8 +26,8 @@ BAD = [
     ("unknown-suite", ["--suite", "imagenet"], "unknown suite 'imagenet'"),
     ("unknown-model", ["--model", "resnet"], "unknown model 'resnet'"),
     ("unknown-optimizer", ["--optimizer", "lbfgs"], "unknown optimizer 'lbfgs'"),
-    ("negative-steps", ["--steps", "-5"], "--steps"),
-    ("zero-steps", ["--steps", "0"], "--steps"),
+    ("negative-steps", ["--max-steps", "-5"], "--max-steps"),
+    ("zero-steps", ["--max-steps", "0"], "--max-steps"),
     ("zero-batch", ["--batch-size", "0"], "--batch-size"),
     ("negative-lr", ["--lr", "-1"], "--lr"),
     ("nan-lr", ["--lr", "nan"], "--lr"),
@@ -103,6 +103,6 @@ def test_a_good_run_succeeds_and_resume_extends_it(tmp_path):
     r = invoke_cli("train", "--out", out, *TINY)
     assert r.exit_code == 0, r.stderr
     assert "error" not in r.stderr and (out / "ckpt-000002" / "manifest.json").is_file()
-    r = invoke_cli("train", "--resume", "--out", out, "--steps", "3")
+    r = invoke_cli("train", "--resume", "--out", out, "--max-steps", "3")
     assert r.exit_code == 0, r.stderr
     assert (out / "ckpt-000003" / "manifest.json").is_file()

@@ -165,3 +165,15 @@ def test_report_renders_in_headless_chromium(demo_dir, tmp_path):
     assert "data-errors=" not in dom, "the page raised script errors"
     n = int(dom.split('data-figures="')[1].split('"')[0])
     assert n >= 15
+
+
+def test_surfaces_through_the_domain_minima_on_every_suite(summary):
+    """Every suite's surface is the plane through the domain minima (text: in closeness's parameter subset), on a
+    grid fine enough to show the low-loss outlines."""
+    from landscape.surface import SurfaceResult
+
+    for suite, s in summary["suites"].items():
+        for a in ARMS:
+            r = SurfaceResult.load(s["surfaces"][a])
+            assert r.plane == "domains", (suite, a, r.plane)
+            assert min(r.settings["grid"]) >= 13, (suite, r.settings["grid"])

@@ -211,7 +211,7 @@ OPTION_SAMPLE = _sample(OPTION_CASES, key=lambda c: (c[0], c[1]))
 
 def _base_args(command: str, run: Path, tmp: Path) -> list[str]:
     return {
-        "train": ["--suite", "bowls", "--steps", "2", "--accum", "1", "--warmup", "1", "--eval-every", "1",
+        "train": ["--suite", "bowls", "--max-steps", "2", "--accum", "1", "--warmup", "1", "--eval-every", "1",
                   "--ckpt-every", "2", "--device", "cpu", "--out", str(tmp / "out")],
         "flatness": [str(run), "--device", "cpu", "--trace-probes", "4"],
         "gradsim": [str(run), "--device", "cpu", "--resamples", "4"],

@@ -71,7 +71,7 @@ class DemoConfig:
 
 
 def preset(quick: bool = False, out: str = "demo", device: str = "auto", seeds=None) -> DemoConfig:
-    """Default demo settings; quick mode (< 2 min on 2 CPU cores) shrinks models, steps and grids."""
+    """Default demo settings; quick mode (about 70 s on 2 idle CPU cores) shrinks models, steps and grids."""
     text_model = {"n_embd": 32, "n_layer": 1, "n_head": 2}
     text_data = {"block_size": 32, "eval_batches": 2, "eval_batch_size": 8}
     text_cl = dict(closeness_params=r"blocks\.0\.mlp\.2\.", closeness_prox=1.0, closeness={"max_evals": 600, "rtol": 1e-6})
@@ -79,22 +79,22 @@ def preset(quick: bool = False, out: str = "demo", device: str = "auto", seeds=N
         text = SuitePlan("text", dict(suite_options=text_data, model_config=text_model, steps=40, batch_size=8,
                                       accum=4, warmup=5, eval_every=5, ckpt_every=5, lr=3e-3),
                          nexus={"inner_lr": 0.01}, adamw={}, gradsim_every=10, analysis_batches=1, flatness_k=2,
-                         trace_probes=10, flatness_tol=1e-4, surface_grid=7, **text_cl)
+                         trace_probes=10, flatness_tol=1e-4, surface_grid=13, **text_cl)
         mix = SuitePlan("mix", dict(suite_options={"eval_batches": 2, "eval_batch_size": 32}, steps=60,
                                     batch_size=16, accum=3, warmup=5, eval_every=5, ckpt_every=5, lr=1e-2,
                                     weight_decay=0.0), nexus={"inner_lr": 0.02}, adamw={}, gradsim_every=10,
-                        analysis_batches=1, flatness_k=2, trace_probes=10, flatness_tol=1e-4, surface_grid=9,
+                        analysis_batches=1, flatness_k=2, trace_probes=10, flatness_tol=1e-4, surface_grid=21,
                         closeness={"max_evals": 2000})
         return DemoConfig(out, device, tuple(seeds or (0, 1)), [text, mix], quick=True,
                           mechanism={"n_orders": 2, "n_along": 4, "steps": 30})
     text = SuitePlan("text", dict(suite_options=text_data, model_config=text_model, steps=80, batch_size=8, accum=4,
                                   warmup=8, eval_every=5, ckpt_every=5, lr=3e-3), nexus={"inner_lr": 0.01}, adamw={},
                      gradsim_every=16, analysis_batches=1, trace_probes=20, flatness_k=3, flatness_tol=1e-5,
-                     surface_grid=11, **text_cl)
+                     surface_grid=25, **text_cl)
     mix = SuitePlan("mix", dict(suite_options={"eval_batches": 2, "eval_batch_size": 32}, steps=150, batch_size=16,
                                 accum=3, warmup=10, eval_every=5, ckpt_every=5, lr=1e-2, weight_decay=0.0),
                     nexus={"inner_lr": 0.02}, adamw={}, gradsim_every=25, analysis_batches=2, flatness_k=3,
-                    trace_probes=30, flatness_tol=1e-5, surface_grid=15, closeness={"max_evals": 3000})
+                    trace_probes=30, flatness_tol=1e-5, surface_grid=41, closeness={"max_evals": 3000})
     return DemoConfig(out, device, tuple(seeds or (0, 1, 2, 3, 4)), [text, mix])
 
 
@@ -192,7 +192,8 @@ def _analyse(path: str, plan: SuitePlan, device: str, seed: int, surf_minima: bo
     res = {"path": path, "step": obj.meta["step"], "losses": obj.losses(), "ood": obj.ood}
     res["gradsim"] = gradient_similarity(obj, seed=seed, per_layer=False).to_dict()
     cobj = _proximal(small, plan.closeness_prox).select(plan.closeness_params)
-    cl = closeness(cobj, seed=seed, keep_minima=surf_minima and not plan.closeness_params, **plan.closeness,
+    # the minima (over the analysed parameters) span the surface plane through the domain minima, on every suite
+    cl = closeness(cobj, seed=seed, keep_minima=surf_minima, **plan.closeness,
                    progress=task(f"closeness {name}") if task else None)
     res["closeness"] = cl.to_dict()
     res["flatness"] = flatness(small, k=plan.flatness_k, seed=seed, trace=True, density=False, which="top",
@@ -277,8 +278,11 @@ def run_suite(cfg: DemoConfig, plan: SuitePlan, clock: _Clock, log: Callable, pr
             c = p0["matched"][a]["analysis"]["closeness"]
             mins = c.pop("minima", None) or {}
             obj = _subset(load(p0["matched"][a]["path"], device=cfg.device), plan.analysis_batches)
+            if mins and plan.closeness_params:  # the plane lives where the minima do: the analysed parameters
+                obj = obj.select(plan.closeness_params)
             sres = surface(obj, plane="domains" if mins else "random", grid=plan.surface_grid, seed=cfg.seeds[0],
                            minima={d: torch.tensor(v, dtype=torch.float64) for d, v in mins.items()} or None,
+                           descend_others=False,  # closeness's minima are marked; no descent on the OOD loss
                            progress=task(f"surface {plan.suite} {a}") if task else None)
             spath = out / f"surface-{plan.suite}-{a}.npz"
             sres.save(spath)

@@ -10,7 +10,7 @@ from ..render.demo_curves import ARM_NAMES, training_figure
 from ..render.geometry import closeness_figure, gradsim_figure
 from ..render.mechanism import mechanism_figure
 from ..render.style import METRICS, domain_label
-from ..render.surface import compare_figure, html_figure
+from ..render.surface import common_region, compare_figure, html_figure, resolve_levels
 from ..render.toys import figure2_plot, trajectory_plot
 from ..surface import SurfaceResult
 from .mechanism import MechanismResult
@@ -62,9 +62,14 @@ def reading(summary: dict) -> str:
                 lines.append(f"<li>{html.escape(_label(p['metric']))}: {html.escape(p['reading'])}</li>")
         lines.append("</ul>")
         sup = sum(p["verdict"] in ("above zero", "below zero") for p in s["paired"])
-        lines.append(f"<p>{sup} of {len(s['paired'])} paired comparisons have a 95% interval that excludes zero "
-                     f"(listed above); for every other metric and pair the interval includes zero or fewer than two "
-                     f"seeds were measured, so no difference is supported (full table below).</p>")
+        if sup:
+            lines.append(f"<p>{sup} of {len(s['paired'])} paired comparisons have a 95% interval that excludes "
+                         f"zero (listed above); for every other metric and pair the interval includes zero or fewer "
+                         f"than two seeds were measured, so no difference is supported (full table below).</p>")
+        else:
+            lines.append(f"<p>None of the {len(s['paired'])} paired comparisons has a 95% interval that excludes "
+                         f"zero: every interval includes zero or fewer than two seeds were measured, so no "
+                         f"difference is supported (full table below).</p>")
     lines.append(f"<p>Mechanism toy: {html.escape(MechanismResult.from_dict(summary['mechanism']).reading())}</p>")
     return "".join(lines)
 
@@ -204,20 +209,37 @@ def write_report(summary: dict, out: Path) -> Path:
                     f"closeness numbers are not reported</b>)") + ".")
         m0 = s["per_seed"][0]["matched"]
         labels = [f"{suite} {ARM_NAMES[a]}" for a in ARMS]
+        plan = next((p for p in summary.get("settings", {}).get("plans", []) if p.get("suite") == suite), {})
+        n_eval = (plan.get("train", {}).get("suite_options") or {}).get("eval_batches")
+        n_small = plan.get("analysis_batches")
+        on_all = f"on all {n_eval} evaluation batches per domain" if n_eval else "on every evaluation batch"
+        on_small = (f"on the first {n_small} evaluation batch{'es' if n_small != 1 else ''} per domain (those the "
+                    "curvature analyses use)" if n_small else "on the curvature analyses' batches")
+        differ = (f"; its training loss is therefore not the gradient panel's ({on_all})"
+                  if n_small and n_eval and n_small != n_eval else "")
         fig(gradsim_figure([GradSimResult.from_dict(m0[a]["analysis"]["gradsim"]) for a in ARMS], labels),
-            f"gradsim-{suite}", f"{suite}: domain gradient cosine matrices at the matched checkpoints (first seed)")
+            f"gradsim-{suite}", f"{suite}: domain gradient cosine matrices at the matched checkpoints (first seed), "
+                                f"{on_all}")
         fig(closeness_figure([ClosenessResult.from_dict(m0[a]["analysis"]["closeness"]) for a in ARMS], labels),
-            f"closeness-{suite}", f"{suite}: closeness of per-domain minima (first seed)")
+            f"closeness-{suite}", f"{suite}: closeness of per-domain minima (first seed), {on_small}{differ}")
 
     rep.section("surfaces", "Loss surfaces at the matched checkpoints (first seed)",
-                "The plane through the checkpoint and the minima of two trained domains where closeness kept them "
-                "(else a random filter-normalised plane); each domain's low-loss region is outlined.")
+                "The plane through the checkpoint and the minima of two trained domains that closeness found "
+                "(where closeness analyses a parameter subset, the plane lies in that subset, the other parameters "
+                "held at the checkpoint; a random filter-normalised plane only where no minima were kept); each "
+                "domain's low-loss region is outlined.")
     for suite, s in summary["suites"].items():
         res = [SurfaceResult.load(s["surfaces"][a]) for a in ARMS]
-        fig(compare_figure(res, [f"{suite} {ARM_NAMES[a]}" for a in ARMS]), f"surface-{suite}",
-            f"{suite}: per-domain low-loss regions, " + ", ".join(ARM_NAMES[a] for a in ARMS))
+        # a plane so flat that the default level (min + 10% of the training loss) covers nearly all of it shows no
+        # outline: then each domain's region is its lowest quarter of its range on the plane, and the caption says so
+        flat = min(common_region(r, resolve_levels(r)) for r in res) > 0.9
+        level = "range:0.25" if flat else None
+        fig(compare_figure(res, [f"{suite} {ARM_NAMES[a]}" for a in ARMS], level=level), f"surface-{suite}",
+            f"{suite}: per-domain low-loss regions, " + ", ".join(ARM_NAMES[a] for a in ARMS)
+            + ("; the plane is so flat that the default level (min + 10% of the training loss) covers over 90% of "
+               "it, so each region is the lowest quarter of its domain's range on the plane" if flat else ""))
         for a, r in zip(ARMS, res):
-            rep.plotly(html_figure(r, label=f"{suite} {ARM_NAMES[a]}"),
+            rep.plotly(html_figure(r, level=level, label=f"{suite} {ARM_NAMES[a]}"),
                        f"{suite} {ARM_NAMES[a]}: interactive surface (buttons per domain)")
 
     from .demo_views import report_views  # issue 21: trajectories, sharpness, connectivity

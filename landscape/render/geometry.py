@@ -7,10 +7,11 @@ from typing import Sequence
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from nexus_opt.errors import UserError
 
-from .style import NOT_CONVERGED, PALETTE, domain_label
+from .style import LOW_SELF_COSINE, NOT_CONVERGED, PALETTE, domain_label
 
 
 def _as_dict(r) -> dict:
@@ -46,8 +47,10 @@ def _text_color(v: float, vmax: float) -> str:
 
 
 def gradsim_figure(results: Sequence, labels: Sequence[str] | None = None, path: str | Path | None = None):
-    """Heatmaps of the domain-gradient cosine matrix (value +- bootstrap stderr), the diagonal showing the
-    split-half noise floor; one panel per checkpoint, side by side on a shared [-1, 1] color scale."""
+    """Heatmaps of the domain-gradient cosine matrix (value +- bootstrap stderr), the diagonal showing each domain's
+    split-half self-cosine: the ceiling a cosine with that domain can reach at its gradient noise (flagged, hatched,
+    where it is below LOW_SELF_COSINE: the domain's gradient is noise there); one panel per checkpoint, side by
+    side on a shared [-1, 1] color scale."""
     labels = _labels(results, labels)
     rs = [_as_dict(r) for r in results]
     n = len(rs)
@@ -56,6 +59,7 @@ def gradsim_figure(results: Sequence, labels: Sequence[str] | None = None, path:
     fig = Figure(figsize=(max(3.2, cell * k + 1.6) * n + 1.2, max(3.0, cell * k + 1.3)), layout="constrained")
     axes = fig.subplots(1, n, squeeze=False)
     im = None
+    flagged = False
     for ax, r, lab in zip(axes[0], rs, labels):
         doms = r["domains"]
         cos = _arr(r["cosine"])
@@ -67,8 +71,13 @@ def gradsim_figure(results: Sequence, labels: Sequence[str] | None = None, path:
         for i in range(len(doms)):
             for j in range(len(doms)):
                 if i == j:
-                    floor = r.get("split_half", {}).get(doms[i])
-                    txt = "floor\n" + ("n/a" if floor is None else f"{floor:.2f}")
+                    ceil = r.get("split_half", {}).get(doms[i])
+                    txt = "ceiling\n" + ("n/a" if ceil is None else f"{ceil:.2f}")
+                    if ceil is not None and ceil < LOW_SELF_COSINE:
+                        txt += "\nnoise"
+                        flagged = True
+                        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="xx",
+                                                                  edgecolor="#b8860b", lw=0))
                 else:
                     txt = "n/a" if np.isnan(cos[i, j]) else f"{cos[i, j]:.2f}"
                     if se is not None and np.isfinite(se[i, j]):
@@ -88,13 +97,24 @@ def gradsim_figure(results: Sequence, labels: Sequence[str] | None = None, path:
             sub.append(f"train loss {r['loss']['train']:.4f}")
         ax.set_title(lab + ("\n" + ", ".join(sub) if sub else ""), fontsize=9)
     fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="cos(g_i, g_j) of domain gradients")
-    fig.suptitle("gradient similarity (diagonal: split-half noise floor)", fontsize=10)
+    fig.suptitle("gradient similarity; diagonal: each domain's split-half self-cosine, the ceiling its cosines can "
+                 "reach at this gradient noise" + (f"\n(hatched, 'noise': below {LOW_SELF_COSINE:g}, the domain's "
+                                                   "gradient is mostly noise on these batches)" if flagged else ""),
+                 fontsize=9)
     return _save(fig, path)
 
 
+def _no_data(ax, text: str) -> None:
+    """An empty panel that says why it is empty (no heatmap of NaNs, no placeholder colorbar)."""
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=8, color="0.35", wrap=True, transform=ax.transAxes)
+
+
 def closeness_figure(results: Sequence, labels: Sequence[str] | None = None, path: str | Path | None = None):
-    """Per checkpoint (a column each): bars of ||theta - theta_k*|| per domain, the pairwise
-    ||theta_i* - theta_j*|| matrix, and the cross-loss heatmap L_j(theta_i*) (OOD columns included)."""
+    """Per checkpoint (a column each): bars of ||theta - theta_k*|| per domain (gray, hatched: the descent did not
+    converge, drawn at how far it walked), the pairwise ||theta_i* - theta_j*|| matrix, and the cross-loss as the
+    increase L_j(theta_i*) - L_j(theta) over the checkpoint's own loss (OOD columns, whose loss at theta closeness
+    does not measure, as L_j(theta_i*)). A panel with nothing measured says so instead of drawing an empty map."""
     labels = _labels(results, labels)
     rs = [_as_dict(r) for r in results]
     n = len(rs)
@@ -103,20 +123,35 @@ def closeness_figure(results: Sequence, labels: Sequence[str] | None = None, pat
     w = max(3.6, 0.9 * max(k, c) + 1.8)
     fig = Figure(figsize=(w * n, 3.2 + 2 * max(3.0, 0.8 * k + 1.4)), layout="constrained")
     axes = fig.subplots(3, n, squeeze=False, gridspec_kw={"height_ratios": [0.8, 1, 1]})
-    dmax = max(max((r["distance"][d]["raw"] or 0.0) for d in r["domains"]) for r in rs) or 1.0
+
+    def walked(r, d):
+        return (r.get("reached") or {}).get(d) or 0.0
+
+    dmax = max(max(max(r["distance"][d]["raw"] or 0.0, walked(r, d)) for d in r["domains"]) for r in rs) or 1.0
     pws = [_arr(r.get("pairwise") or [[None] * len(r["domains"])] * len(r["domains"])) for r in rs]
     pmax = max((float(np.nanmax(p)) if np.isfinite(p).any() else 0.0) for p in pws) or 1.0
+    any_unconverged = False
     for col, (r, lab) in enumerate(zip(rs, labels)):
         doms, cols = r["domains"], r["columns"]
+        conv = r.get("converged_by_domain", {})
         ax = axes[0][col]
-        vals = [r["distance"][d]["raw"] or 0.0 for d in doms]  # unconverged: no distance (gray, empty)
-        bars = ax.bar(range(len(doms)), vals, color=[PALETTE[0] if r["converged_by_domain"].get(d) else NOT_CONVERGED for d in doms])
-        for b, d in zip(bars, doms):
-            rel = r["distance"][d].get("relative")
-            ax.annotate((f"{b.get_height():.3g}" if r["distance"][d]["raw"] is not None else "n/a")
-                        + (f"\n({100 * rel:.1f}%)" if rel is not None else ""),
-                        (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7)
+        for i, d in enumerate(doms):
+            raw = r["distance"][d]["raw"]
+            if conv.get(d) and raw is not None:
+                b = ax.bar(i, raw, color=PALETTE[0])[0]
+                rel = r["distance"][d].get("relative")
+                txt = f"{raw:.3g}" + (f"\n({100 * rel:.1f}%)" if rel is not None else "")
+            else:  # no minimum: a gray, hatched bar at how far the descent walked (the full height if it never moved)
+                any_unconverged = True
+                h = walked(r, d)
+                b = ax.bar(i, h if h > 0 else dmax * 1.3, color=NOT_CONVERGED, alpha=0.55 if h > 0 else 0.25,
+                           hatch="//", edgecolor="0.3", linewidth=0.5)[0]
+                txt = "not converged\n" + (f"walked {h:.3g}" if h > 0 else "no step taken")
+            y = b.get_height() if conv.get(d) or walked(r, d) > 0 else dmax * 0.55
+            ax.annotate(txt, (b.get_x() + b.get_width() / 2, y), ha="center", va="bottom" if y == b.get_height()
+                        else "center", fontsize=7)
         ax.set_xticks(range(len(doms)), doms, rotation=30, ha="right")
+        ax.set_xlim(-0.6, len(doms) - 0.4)
         ax.set_ylim(0, dmax * 1.35)
         ax.set_ylabel("distance ||θ − θ_k*||")
         ax.set_xlabel("domain k", fontsize=8)
@@ -131,34 +166,52 @@ def closeness_figure(results: Sequence, labels: Sequence[str] | None = None, pat
 
         ax = axes[1][col]
         pw = pws[col]
-        im1 = ax.imshow(pw, cmap="viridis", vmin=0, vmax=pmax)
-        for i in range(len(doms)):
-            for j in range(len(doms)):
-                ax.text(j, i, "n/a" if np.isnan(pw[i, j]) else f"{pw[i, j]:.3g}", ha="center", va="center", fontsize=7,
-                        color="white" if pw[i, j] < 0.6 * pmax else "black")
-        ax.set_xticks(range(len(doms)), doms, rotation=30, ha="right")
-        ax.set_yticks(range(len(doms)), doms)
-        ax.set_title("||θ_i* − θ_j*|| (n/a: a descent did not converge)", fontsize=8)
-        ax.set_xlabel("minimum of domain j", fontsize=8)
-        ax.set_ylabel("minimum of domain i", fontsize=8)
-        fig.colorbar(im1, ax=ax, shrink=0.8, label="parameter distance ||θ_i* − θ_j*||")
+        if not np.isfinite(pw[~np.eye(len(doms), dtype=bool)]).any() if len(doms) > 1 else True:
+            _no_data(ax, "||θ_i* − θ_j*||: not measured\n(a descent did not converge, so\nthere are no minima to compare)")
+        else:
+            im1 = ax.imshow(pw, cmap=matplotlib.colormaps["viridis"].with_extremes(bad="0.88"), vmin=0, vmax=pmax)
+            for i in range(len(doms)):
+                for j in range(len(doms)):
+                    ax.text(j, i, "n/a" if np.isnan(pw[i, j]) else f"{pw[i, j]:.3g}", ha="center", va="center",
+                            fontsize=7, color="white" if pw[i, j] < 0.6 * pmax else "black")
+            ax.set_xticks(range(len(doms)), doms, rotation=30, ha="right")
+            ax.set_yticks(range(len(doms)), doms)
+            ax.set_title("||θ_i* − θ_j*||" + (" (n/a: a descent did not converge)" if np.isnan(pw).any() else ""),
+                         fontsize=8)
+            ax.set_xlabel("minimum of domain j", fontsize=8)
+            ax.set_ylabel("minimum of domain i", fontsize=8)
+            fig.colorbar(im1, ax=ax, shrink=0.8, label="parameter distance ||θ_i* − θ_j*||")
 
         ax = axes[2][col]
         cl = _arr([row if row is not None else [None] * len(cols) for row in (r.get("cross_loss") or [None] * len(doms))])
-        im2 = ax.imshow(cl, cmap="magma_r")
-        hi = np.nanmax(cl) if np.isfinite(cl).any() else 1.0
-        lo = np.nanmin(cl) if np.isfinite(cl).any() else 0.0
+        start = r.get("loss_start") or {}
+        base = np.array([start.get(cname, np.nan) if start.get(cname) is not None else np.nan for cname in cols])
+        inc = cl - base[None, :]  # the increase over the checkpoint's own loss; NaN where that loss is unknown
+        ood = set(r.get("ood", []))
+        if not np.isfinite(cl).any():
+            _no_data(ax, "cross-losses: not measured\n(no descent converged)")
+            continue
+        lim = float(np.nanmax(np.abs(inc))) if np.isfinite(inc).any() else 1.0
+        im2 = ax.imshow(inc, cmap=matplotlib.colormaps["RdBu_r"].with_extremes(bad="0.9"), vmin=-lim, vmax=lim)
         for i in range(len(doms)):
             for j in range(len(cols)):
-                ax.text(j, i, "n/a" if np.isnan(cl[i, j]) else f"{cl[i, j]:.3g}", ha="center", va="center", fontsize=7,
-                        color="white" if cl[i, j] > lo + 0.6 * (hi - lo) else "black")
-        ood = set(r.get("ood", []))
-        ax.set_xticks(range(len(cols)), [domain_label(cname, ood) for cname in cols],
-                      rotation=30, ha="right")
+                if np.isnan(cl[i, j]):
+                    txt = "n/a"
+                elif np.isnan(inc[i, j]):
+                    txt = f"{cl[i, j]:.3g}\n(loss)"
+                else:
+                    txt = f"{inc[i, j]:+.3g}"
+                ax.text(j, i, txt, ha="center", va="center", fontsize=7,
+                        color="white" if np.isfinite(inc[i, j]) and abs(inc[i, j]) > 0.6 * lim else "black")
+        ax.set_xticks(range(len(cols)), [domain_label(cname, ood) for cname in cols], rotation=30, ha="right")
         ax.set_yticks(range(len(doms)), [f"θ*_{d}" for d in doms])
-        ax.set_title("cross-loss L_j(θ_i*)", fontsize=8)
+        unknown = [cname for cname, b in zip(cols, base) if not np.isfinite(b)]
+        ax.set_title("cross-loss increase L_j(θ_i*) − L_j(θ)" + (f"\n(gray {', '.join(unknown)}: L_j(θ_i*) itself, "
+                                                                  "L_j(θ) not measured)" if unknown else ""),
+                     fontsize=8)
         ax.set_xlabel("loss of domain j", fontsize=8)
         ax.set_ylabel("at the minimum of domain i", fontsize=8)
-        fig.colorbar(im2, ax=ax, shrink=0.8, label="loss L_j(θ_i*)")
-    fig.suptitle("closeness of per-domain minima (gray bars: descent not converged)", fontsize=10)
+        fig.colorbar(im2, ax=ax, shrink=0.8, label="L_j(θ_i*) − L_j(θ)")
+    fig.suptitle("closeness of per-domain minima" + (" (gray hatched bars: descent not converged, no minimum)"
+                                                     if any_unconverged else ""), fontsize=10)
     return _save(fig, path)

@@ -42,11 +42,16 @@ def _gamma_axis(ax, g) -> None:
 
 
 def mechanism_figure(r: MechanismResult) -> Figure:
-    """Four panels: (a) training-loss contours, both basins, starts and sample paths; (b) shared-basin fraction,
-    (c) downstream loss reached and (d) paired Nexus-minus-control shifts, each against gamma."""
-    fig = Figure(figsize=(19, 6.2), layout="constrained")
+    """(a) training-loss contours, both basins (markers on top of the paths), starts and sample paths; (b)
+    shared-basin fraction and (c) downstream loss reached against gamma; (d) the paired Nexus-minus-control
+    shifts against gamma, one quantity per axis (drift, gradient cosine, shared-basin fraction). Legends sit
+    below the panels, outside the data."""
+    fig = Figure(figsize=(19, 7.0), layout="constrained")
     fig.get_layout_engine().set(wspace=0.06)  # room between the colorbar label and panel (b)
-    ax0, ax1, ax2, ax3 = fig.subplots(1, 4, gridspec_kw={"width_ratios": [1.5, 1, 1, 1]})
+    gs = fig.add_gridspec(3, 4, width_ratios=[1.5, 1, 1, 1])
+    ax0, ax1, ax2 = fig.add_subplot(gs[:, 0]), fig.add_subplot(gs[:, 1]), fig.add_subplot(gs[:, 2])
+    ax3 = [fig.add_subplot(gs[0, 3])]
+    ax3 += [fig.add_subplot(gs[i, 3], sharex=ax3[0]) for i in (1, 2)]
     land, X, Y, Z = _grid(r)
 
     # (a) the landscape
@@ -56,14 +61,15 @@ def mechanism_figure(r: MechanismResult) -> Figure:
     cb.set_label("training loss (mean over training domains)")
     s, p = land.shared_min, land.separated_centre
     handles = []
-    ax0.plot(*s, marker="*", ms=18, color="gold", mec="k", ls="none")
+    top = dict(ls="none", zorder=6)  # the basins' markers are drawn over the paths
+    ax0.plot(*s, marker="*", ms=18, color="gold", mec="k", **top)
     handles.append(Line2D([], [], marker="*", ms=12, color="gold", mec="k", ls="none",
                           label="shared basin: every domain's minimum"))
     for m in land.separated_minima.values():
-        ax0.plot(*m, marker="P", ms=10, color="tab:purple", mec="k", ls="none")
+        ax0.plot(*m, marker="P", ms=10, color="tab:purple", mec="k", **top)
     handles.append(Line2D([], [], marker="P", ms=9, color="tab:purple", mec="k", ls="none",
                           label="separated basin: each domain's minimum"))
-    ax0.plot(*p, marker="X", ms=10, color="white", mec="k", ls="none")
+    ax0.plot(*p, marker="X", ms=10, color="white", mec="k", **top)
     handles.append(Line2D([], [], marker="X", ms=9, color="white", mec="k", ls="none",
                           label="separated basin: training-loss minimum"))
     st = np.asarray(r.starts)
@@ -94,7 +100,7 @@ def mechanism_figure(r: MechanismResult) -> Figure:
     ax1.set_ylim(-0.02, 1.02)
     ax1.set_ylabel(f"fraction of the {n} runs ending in the shared basin")
     ax1.set_title("(b) shared-basin fraction")
-    ax1.legend(fontsize=7, loc="best")
+    ax1.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
 
     # (c) downstream loss reached
     ax2.axhline(a["downstream_mean"], **ARM_STYLE["adamw"], label=f"{ARM_LABELS['adamw']} (no gamma)")
@@ -108,22 +114,28 @@ def mechanism_figure(r: MechanismResult) -> Figure:
     _gamma_axis(ax2, g)
     ax2.set_ylabel("downstream loss at the end (mean +- stderr over runs)")
     ax2.set_title("(c) downstream loss reached")
-    ax2.legend(fontsize=7, loc="best")
+    ax2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=1, frameon=False)
 
-    # (d) paired shifts, Nexus minus control
+    # (d) paired shifts, Nexus minus control: one quantity per axis
     T0 = r.settings.get("drift_steps")
     sh = r.shifts
-    ax3.axhline(0, color="grey", lw=0.8)
-    ax3.errorbar(g, [x["d_drift"] for x in sh], yerr=[x["d_drift_stderr"] or 0 for x in sh], color="k", ls=":",
-                 marker="^", capsize=3, label=f"drift towards the shared basin after {T0} steps (theta units)")
-    ax3.plot(g, [x["d_end_cosine"] for x in sh], color="tab:olive", ls="-", marker="D",
-             label="cross-domain gradient cosine at the end")
-    ax3.plot(g, [x["d_frac_shared"] for x in sh], color="tab:green", ls="--", marker="s",
-             label="shared-basin fraction")
-    _gamma_axis(ax3, g)
-    ax3.set_ylabel(f"Nexus minus control (paired over the {n} runs)")
-    ax3.set_title("(d) what the walk adds")
-    ax3.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), frameon=False)
+    rows = [(ax3[0], "d_drift", "d_drift_stderr", f"drift after {T0} steps\n(theta units)", "k", "^",
+             "drift towards the shared basin"),
+            (ax3[1], "d_end_cosine", None, "gradient cosine\nat the end", "tab:olive", "D",
+             "cross-domain gradient cosine"),
+            (ax3[2], "d_frac_shared", None, "shared-basin\nfraction", "tab:green", "s", "shared-basin fraction")]
+    for ax, key, se, ylabel, c, mk, what in rows:
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.errorbar(g, [x[key] for x in sh], yerr=[(x[se] or 0) for x in sh] if se else None, color=c, marker=mk,
+                    capsize=3)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_title(what, fontsize=8)
+        _gamma_axis(ax, g)
+        if ax is not ax3[-1]:
+            ax.tick_params(labelbottom=False)
+            ax.set_xlabel("")
+    ax3[0].set_title(f"(d) what the walk adds: Nexus minus control, paired over the {n} runs\n"
+                     + rows[0][6], fontsize=9)
     fig.suptitle(f"The mechanism on a 2-D toy: AdamW vs the control (Nexus without the walk) vs Nexus; "
                  f"K={r.settings.get('K')} micro-batches per step, {n} runs per arm and gamma", fontsize=11)
     return fig

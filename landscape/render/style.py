@@ -12,6 +12,9 @@ TRAIN_COLOR = "k"  # the training loss
 OPTIMIZER_COLORS = {"adamw": "#d62728", "nexus": "#2ca02c", "sgd": "#9467bd",
                     "control": "#1f77b4", "nexus-parallel": "#1f77b4"}  # the control arm = nexus-parallel
 NOT_CONVERGED = "#7f7f7f"
+# A domain whose split-half self-cosine (the cosine between the gradients of two halves of its own batches) is
+# below this is flagged: its gradient is mostly noise on these batches, so its cross-domain cosines are too.
+LOW_SELF_COSINE = 0.1
 
 # metric key -> (label, the direction the paper predicts for Nexus vs AdamW: -1 lower, +1 higher, 0 none)
 METRICS = {

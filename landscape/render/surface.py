@@ -41,7 +41,8 @@ def _origin_loss(r, d: str) -> float:
 
 
 def parse_level(level=None) -> tuple[str, float]:
-    """(kind, E) of a level spec: None -> ('rel', 0.1); 'rel:E', 'theta:E', a number X -> ('abs', X).
+    """(kind, E) of a level spec: None -> ('rel', 0.1); 'rel:E', 'theta:E', 'range:E' (min_d + E x the domain's
+    range on the grid: outlines on a plane flatter than the default level), a number X -> ('abs', X).
     A UserError for anything else, and for a negative or non-finite E (no region could be drawn)."""
     spec = "rel:0.1" if level is None else level
     if isinstance(spec, str):
@@ -54,8 +55,8 @@ def parse_level(level=None) -> tuple[str, float]:
             kind = None
     else:
         kind, e = "abs", float(spec)
-    if kind not in ("abs", "rel", "theta"):
-        raise UserError(f"level must be a number, 'rel:E' or 'theta:E', got '{spec}'")
+    if kind not in ("abs", "rel", "theta", "range"):
+        raise UserError(f"level must be a number, 'rel:E', 'theta:E' or 'range:E', got '{spec}'")
     if not (np.isfinite(e) and e >= 0):
         raise UserError(f"level tolerance must be a finite number >= 0 (a negative one leaves every low-loss "
                         f"region empty), got '{spec}'")
@@ -98,6 +99,8 @@ def resolve_levels(r, level=None) -> dict[str, float]:
     mins = {d: float(np.nanmin(np.where(np.isfinite(r.losses[d]), r.losses[d], np.nan))) for d in names}
     if kind == "abs":
         return {d: mins[d] + e for d in names}
+    if kind == "range":
+        return {d: mins[d] + e * (float(np.nanmax(np.asarray(r.losses[d], dtype=float))) - mins[d]) for d in names}
     if kind == "rel":
         base = abs(_origin_loss(r, TRAIN))
         if base == 0:
@@ -248,7 +251,7 @@ def overlay_axes(ax, r, level=None, label: str | None = None) -> dict:
     t = np.asarray(r.losses[TRAIN], dtype=float)
     lv, ext = _clip_levels(t, 20)
     shade = ax.contourf(X, Y, t, levels=lv, cmap="Greys", alpha=0.35, extend=ext)
-    ax.figure.colorbar(shade, ax=ax, shrink=0.8, ticks=lv[::4], format="%.3g", label="training loss (grey shading)")
+    ax.figure.colorbar(shade, ax=ax, shrink=0.8, ticks=lv[::4], format="%.5g", label="training loss (grey shading)")
     handles = []
     from matplotlib.lines import Line2D
     for d in names:
@@ -270,7 +273,8 @@ def overlay_axes(ax, r, level=None, label: str | None = None) -> dict:
                               label="minimum off the plane (projected)"))
     handles += path_handles(r)
     frac = common_region(r, levels)
-    ax.legend(handles=handles, fontsize=7, loc="best")
+    # below the panel, outside the data (inside, it covered the regions it names)
+    ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     _axis_labels(ax, r)
     verdict = f"common low-loss region: {100 * frac:.1f}% of grid" if frac > 0 else "no common low-loss region"
     ax.set_title((f"{label}\n" if label else "") + verdict, fontsize=9)
@@ -279,11 +283,10 @@ def overlay_axes(ax, r, level=None, label: str | None = None) -> dict:
 
 def overlay_figure(r, level=None, path: str | Path | None = None) -> Figure:
     """Each domain's low-loss region in its colour over the training loss, theta and minima marked."""
-    fig = Figure(figsize=(6.4, 5.6))
+    fig = Figure(figsize=(6.4, 6.6), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     overlay_axes(ax, r, level)
     fig.suptitle(_title(r), fontsize=9)
-    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -296,10 +299,9 @@ def compare_figure(results: Sequence, labels: Sequence[str] | None = None, level
     labels = list(labels) if labels else [f"checkpoint {i + 1}" for i in range(len(results))]
     if len(labels) != len(results):
         raise UserError(f"{len(labels)} labels for {len(results)} surfaces; give one label per surface")
-    fig = Figure(figsize=(6.0 * len(results), 5.6))
+    fig = Figure(figsize=(6.0 * len(results), 6.6), layout="constrained")
     for i, (r, lab) in enumerate(zip(results, labels)):
         overlay_axes(fig.add_subplot(1, len(results), i + 1), r, level, label=lab)
-    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -329,75 +331,17 @@ def write_figures(r, stem: str | Path, formats: Sequence[str] = ("png", "svg"), 
 
 
 # -- interactive ----------------------------------------------------------------------------------------
-def html_figure(r, level=None, label: str | None = None):
-    """A plotly figure: contour (left) and 3-D surface (right) of one domain at a time, chosen by buttons;
-    an 'overlay' button shows every domain's low-loss region boundary together."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
 
-    names = [d for d in r.losses if d != TRAIN] + [TRAIN]
-    colors = domain_colors(names)
-    levels = resolve_levels(r, level)
-    x, y = np.asarray(r.x).tolist(), np.asarray(r.y).tolist()
-    fig = make_subplots(rows=1, cols=2, specs=[[{"type": "xy"}, {"type": "scene"}]],
-                        subplot_titles=("contour", "3-D surface"))
-    owner = []  # which button each trace belongs to: a domain name, "overlay" or None (always shown)
-    pnames = list(r.points)
-    pab = np.array([r.points[k] for k in pnames], dtype=float).reshape(-1, 2)
-    for d in names:
-        z = np.asarray(r.losses[d], dtype=float)
-        zc = np.where(np.isfinite(z), z, None).tolist()
-        hi = float(np.nanpercentile(z, 95))
-        if d == TRAIN:
-            background = {len(owner), len(owner) + 1}  # the training loss also backs the overlay view
-        fig.add_trace(go.Contour(x=x, y=y, z=zc, colorscale="Viridis", ncontours=30, zmax=hi, zmin=float(np.nanmin(z)),
-                                 zauto=False, colorbar=dict(x=0.45, len=0.9, title=dict(text="loss")), name=d, visible=(d == TRAIN)), 1, 1)
-        owner.append(d)
-        fig.add_trace(go.Surface(x=x, y=y, z=np.minimum(z, hi).tolist(), colorscale="Viridis", showscale=False,
-                                 name=d, visible=(d == TRAIN)), 1, 2)
-        owner.append(d)
-        pl = [r.point_losses.get(k, {}).get(d) for k in pnames] if r.point_losses else [None] * len(pnames)
-        fig.add_trace(go.Scatter3d(x=pab[:, 0].tolist(), y=pab[:, 1].tolist(), z=pl, mode="markers+text",
-                                   text=pnames, marker=dict(size=4, color="red"), name=f"points ({d})",
-                                   showlegend=False, visible=(d == TRAIN)), 1, 2)
-        owner.append(d)
-    for d in names:
-        if d == TRAIN:
-            continue
-        c = colors[d]
-        fig.add_trace(go.Contour(x=x, y=y, z=np.asarray(r.losses[d], dtype=float).tolist(), showscale=False,
-                                 contours=dict(start=levels[d], end=levels[d], size=1, coloring="lines"),
-                                 colorscale=[[0, c], [1, c]], line=dict(width=3, dash="dash" if d in r.ood else "solid"),
-                                 name=f"{d} <= {levels[d]:.4g}", showlegend=True, visible=False), 1, 1)
-        owner.append("overlay")
-    fig.add_trace(go.Scatter(x=pab[:, 0].tolist(), y=pab[:, 1].tolist(), mode="markers+text", text=pnames,
-                             textposition="top right", marker=dict(symbol="x", size=9, color="red"),
-                             name="θ, minima and checkpoints", showlegend=False), 1, 1)
-    owner.append(None)
-    buttons = []
-    for choice in names + ["overlay"]:
-        vis = [o is None or o == choice or (choice == "overlay" and i in background) for i, o in enumerate(owner)]
-        lab = "training loss" if choice == TRAIN else ("low-loss regions (all)" if choice == "overlay" else choice)
-        buttons.append(dict(label=lab, method="update", args=[{"visible": vis}]))
-    frac = common_region(r, levels)
-    fig.update_layout(
-        title=(f"{label}: " if label else "") + _title(r) + f" | common low-loss region {100 * frac:.1f}% of grid",
-        updatemenus=[dict(buttons=buttons, direction="down", x=0.0, xanchor="left", y=-0.12, yanchor="top",
-                          active=names.index(TRAIN))],
-        annotations=list(fig.layout.annotations) + [dict(text="show:", x=0.0, xref="paper", xanchor="right",
-                                                         y=-0.12, yref="paper", yanchor="top", showarrow=False)],
-        scene=dict(xaxis_title="d1", yaxis_title="d2", zaxis_title="loss"),
-        height=680, width=1250, margin=dict(t=90, b=120), legend=dict(x=0.25, y=-0.12, orientation="h"))
-    fig.update_xaxes(title_text="d1", row=1, col=1)
-    fig.update_yaxes(title_text="d2", scaleanchor="x", scaleratio=1, row=1, col=1)
-    return fig
+
+def html_figure(r, level=None, label: str | None = None):
+    """The interactive Plotly figure of a surface (see surface_html)."""
+    from .surface_html import html_figure as make
+
+    return make(r, level, label)
 
 
 def html(r, path: str | Path, level=None, label: str | None = None) -> Path:
-    """Write the interactive figure as one self-contained HTML file (plotly.js inline: works offline)."""
-    from nexus_opt.files import atomic_path
+    """Write the interactive figure as one self-contained HTML file (see surface_html)."""
+    from .surface_html import html as write
 
-    path = Path(path)
-    with atomic_path(path, "--plot") as tmp:
-        html_figure(r, level, label).write_html(str(tmp), include_plotlyjs=True, full_html=True, include_mathjax=False)
-    return path
+    return write(r, path, level, label)

@@ -70,7 +70,8 @@ def surface(obj: Objective, *, plane: str = "random", grid=51, span=None, domain
             bias: str = "zero", batch: str = "auto", chunk: int | None = None, out: str | Path | None = None,
             pair: Sequence[str] | None = None, descend_steps: int = 300,
             labels: Sequence[str] | None = None, train_mode: bool = False, trajectories=None,
-            trajectory_basis: str = "all", curvature: str = "hessian", eigen_domain: str | None = None) -> SurfaceResult:
+            trajectory_basis: str = "all", curvature: str = "hessian", eigen_domain: str | None = None,
+            descend_others: bool = True) -> SurfaceResult:
     """Every domain's loss and the training loss on a grid of a plane around the objective's weights.
 
     plane: 'random' (seeded filter-normalised orthogonal directions, seeds seed and seed+1), 'domains'
@@ -86,6 +87,7 @@ def surface(obj: Objective, *, plane: str = "random", grid=51, span=None, domain
     included; training domains are always evaluated for 'train'). batch: 'auto' | 'vmap' | 'loop'. out:
     an .npz path written at the end; finished rows go to a sidecar so an interrupted grid resumes.
     progress: None or a callable progress(done_points, total_points, what) (the CLI passes its rich bar).
+    descend_others: False finds by descent only the pair's missing minima (others are marked where given).
     params: a regex restricting the moved parameters (Objective.select; the others stay at theta).
     Eval mode, or `train_mode=True`: dropout on and BatchNorm batch statistics, batch k's dropout masks drawn
     from objective.batch_seed(seed, k) at every point (a point's value does not depend on chunk, batch or order;
@@ -103,7 +105,7 @@ def surface(obj: Objective, *, plane: str = "random", grid=51, span=None, domain
     pl = make_plane(obj, plane, seed=seed, norm=norm, bias=bias, others=others, minima=minima, pair=pair,
                     domains=want, descend_steps=descend_steps, labels=labels, train_mode=train_mode,
                     trajectories=trajectories, trajectory_basis=trajectory_basis, curvature=curvature,
-                    eigen_domain=eigen_domain)
+                    eigen_domain=eigen_domain, descend_others=descend_others)
     origin = pl.origin.to(device=device, dtype=dtype)
     D = torch.stack([pl.d1, pl.d2]).to(device=device, dtype=dtype)
     if world > 1:  # one plane for all ranks (descent on GPUs need not be bit-identical)

@@ -58,10 +58,13 @@ def _minima(obj: Objective, names: Sequence[str], given, steps: int, seed: int,
 def make_plane(obj: Objective, plane: str, *, seed: int = 0, norm: str = "filter", bias: str = "zero",
                others=None, minima=None, pair=None, domains: Sequence[str] = (), descend_steps: int = 300,
                labels: Sequence[str] | None = None, train_mode: bool = False, trajectories=None,
-               trajectory_basis: str = "all", curvature: str = "hessian", eigen_domain: str | None = None) -> dirs.Plane:
+               trajectory_basis: str = "all", curvature: str = "hessian", eigen_domain: str | None = None,
+               descend_others: bool = True) -> dirs.Plane:
     """The plane of a surface: seeded random, through theta and two domain minima, through checkpoints, a
     training trajectory's PCA plane (`trajectories`: run -> {name: checkpoint}) or the top two curvature
-    eigenvectors of `eigen_domain` (landscape.surface.trajectory)."""
+    eigenvectors of `eigen_domain` (landscape.surface.trajectory).
+    descend_others=False: only the pair's missing minima are found by descent; the other domains' minima are
+    marked where given (a descent on, e.g., an OOD cross-entropy can cost more than the whole grid)."""
     if plane not in PLANES:
         raise UserError(f"unknown plane '{plane}'; choose one of {list(PLANES)}")
     if plane == "random":
@@ -91,7 +94,8 @@ def make_plane(obj: Objective, plane: str, *, seed: int = 0, norm: str = "filter
     bad = [d for d in pair if d not in obj.domains]
     if bad or len(set(pair)) != 2:
         raise UserError(f"the domains plane needs two distinct domains of {list(obj.domains)}, got {pair}")
-    mins = _minima(obj, list(dict.fromkeys(list(pair) + list(domains))), minima, descend_steps, seed, train_mode)
+    marked = list(domains) if descend_others else [d for d in domains if d in (minima or {})]
+    mins = _minima(obj, list(dict.fromkeys(list(pair) + marked)), minima, descend_steps, seed, train_mode)
     ordered = {d: mins[d] for d in list(pair) + [d for d in mins if d not in pair]}
     return dirs.domain_plane(theta, ordered, pair)
 
