@@ -43,6 +43,7 @@ def math_sdpa():
         return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_math=True, enable_mem_efficient=False)
 
 
+BLOCK_BYTES = 2 ** 28  # the most memory one batched product block may take (HessianOperator.max_block)
 SMALL_MODEL = 100_000  # parameters: below this a CPU product is too small to share across threads
 
 
@@ -150,6 +151,10 @@ class HessianOperator(CurvatureOperator):
         self.dtype = next(iter(self._theta.values())).dtype
         self.device = next(iter(self._theta.values())).device
         self.n = sum(t.numel() for t in self._theta.values())
+        # a block's products live together (inputs, outputs and the batched backward's temporaries, about 6
+        # n-vectors each): keep a block within BLOCK_BYTES, so a large model multiplies one vector at a time
+        per = 6 * self.n * self.dtype.itemsize
+        self.max_block = max(1, min(self.max_block, int(BLOCK_BYTES // max(per, 1))))
         self.terms = self.obj.keyed_terms(self.domain)  # (key, coefficient, batch): the key seeds train mode
         self.hvps = 0
         self._graph: tuple[dict[str, torch.Tensor], torch.Tensor | None] | None = None

@@ -76,12 +76,15 @@ def gradient_noise(obj, batch, params) -> float:
     that of L (one extra backward), floored at 4 eps."""
     from .gradients import batch_gradient
 
-    g, _ = batch_gradient(obj, batch, params)
     dt = next(iter(params.values())).dtype
     if dt == torch.float64:
         return 8 * eps(torch.float64)
-    loss = obj.loss_fn(obj.model, batch) * NOISE_SCALE
-    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    with torch.random.fork_rng(devices=[]):  # the same dropout masks in both passes (train mode)
+        torch.manual_seed(0)
+        g, _ = batch_gradient(obj, batch, params)
+        torch.manual_seed(0)
+        loss = obj.loss_fn(obj.model, batch) * NOISE_SCALE
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
     g3 = torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1).to(torch.float64)
                     for x, p in zip(grads, params.values())]) / NOISE_SCALE
     nrm = float(g.norm())
