@@ -124,14 +124,19 @@ class HessianOperator(CurvatureOperator):
     LinearOperator. Parameters that do not reach the loss give zero rows. `cache=True` keeps one gradient
     graph (create_graph) for all products; `cache=False` rebuilds it per call (less memory). `train_mode`: the
     modules' training flags on, each batch's RNG seeded by objective.batch_seed(seed, key) in every evaluation, so
-    dropout masks are fixed and H is the Hessian of one deterministic function.
+    dropout masks are fixed and H is the Hessian of one deterministic function. `precision` ('auto', 'float64',
+    'float32'; landscape.precision) picks the dtype by the policy instead of `dtype`.
     """
 
     kind = "Hessian"
 
     def __init__(self, obj: Objective, domain: str | None = None, dtype: torch.dtype | None = torch.float64,
                  mode: str = "double_backward", train_mode: bool = False, *, cache: bool = True,
-                 batched: str = "auto", max_block: int = 64, device=None, copy: bool = True, seed: int = 0):
+                 batched: str = "auto", max_block: int = 64, device=None, copy: bool = True, seed: int = 0,
+                 precision: str | None = None):
+        if precision is not None:  # the policy of landscape.precision instead of a fixed dtype
+            from .precision import resolve
+            dtype = resolve(precision, obj.num_params(), device if device is not None else obj.device)
         if mode not in MODES:
             raise UserError(f"unknown HVP mode '{mode}'; choose one of {list(MODES)}")
         if batched not in BATCHED:

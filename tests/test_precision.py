@@ -142,3 +142,28 @@ def test_cli_estimate_prints_the_formula_and_stops(tmp_path, tiny_mix_run):
     assert not target.exists()  # nothing was measured, nothing written
     p = run_cli_process("flatness", tiny_mix_run.path, "--estimate", "--precision", "float16")
     assert p.returncode == 2 and "precision" in p.stderr
+
+
+def test_gradsim_rows_streamed_from_disk_equal_rows_in_memory():
+    """The O(n)-memory path (rows in a memory-mapped file, Gram matrices accumulated over column chunks) gives
+    the in-memory numbers."""
+    from landscape import gradsim
+
+    obj = tiny_gpt_objective()
+    text = obj.domains["text"][0]["tokens"]
+    three = Objective(obj.model, {"a": [{"tokens": text[:2]}, {"tokens": text[2:3]}], "b": [{"tokens": text[3:]}]},
+                      obj.loss_fn)
+    mem = gradient_similarity(three, resamples=10, in_memory=True)
+    old = gradsim._Rows.CHUNK_BYTES
+    gradsim._Rows.CHUNK_BYTES = 8 * 4 * 100  # many chunks
+    try:
+        disk = gradient_similarity(three, resamples=10, in_memory=False)
+    finally:
+        gradsim._Rows.CHUNK_BYTES = old
+    assert mem.settings["in_memory"] and not disk.settings["in_memory"]
+    np.testing.assert_allclose(np.array(disk.cosine, dtype=float), np.array(mem.cosine, dtype=float), atol=1e-12)
+    np.testing.assert_allclose(np.array(disk.cosine_stderr, dtype=float), np.array(mem.cosine_stderr, dtype=float),
+                               atol=1e-12)
+    for name, m in mem.per_layer.items():
+        np.testing.assert_allclose(np.array(disk.per_layer[name], dtype=float), np.array(m, dtype=float), atol=1e-12)
+    assert disk.split_half == pytest.approx(mem.split_half, abs=1e-12)
