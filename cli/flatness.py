@@ -95,7 +95,7 @@ def flatness_cmd(
                                                   "_1, _2, ..."),
     trust_remote_code: bool = typer.Option(False, help="Allow a checkpoint's user model factory to be imported."),
     curvature: str = typer.Option("hessian", help="hessian or ggn (Gauss-Newton: cross-entropy, squared error)."),  # [ownmodel]
-    precision: str = typer.Option("auto", help="auto (float64 up to 1M parameters on the CPU, 100k on a GPU; "
+    precision: str = typer.Option("auto", help="auto (float64 up to 100k parameters; "
                                                "float32 products on the model's own weights beyond), float64 "
                                                "or float32."),
     estimate: bool = typer.Option(False, "--estimate", "--dry-run", help="Print the memory and cost estimate "
@@ -135,7 +135,7 @@ def flatness_cmd(
         def announce(est, n_domains):  # the memory formula and cost, printed before the work starts
             for line in est.lines():
                 console.print(line + (f" (x {n_domains} domains)" if n_domains > 1 and "per domain" in line
-                                      else ""), highlight=False)
+                                      else ""), highlight=False, soft_wrap=True)
             if estimate:
                 raise _Estimated
 

@@ -67,7 +67,7 @@ def gradsim_cmd(
                                                               "(checkpoint,step,domain,metric,value; '-': stdout)."),
     plot: Optional[str] = typer.Option(None, help="Write the heatmap figure (PNG, SVG or PDF) to this file."),
     trust_remote_code: bool = typer.Option(False, help="Allow a checkpoint's user model factory to be imported."),
-    precision: str = typer.Option("auto", help="auto (float64 up to 1M parameters on the CPU, 100k on a GPU; the "
+    precision: str = typer.Option("auto", help="auto (float64 up to 100k parameters; the "
                                                "model's own float32 weights beyond), float64 or float32."),
 ):
     """Cosines between full-parameter domain gradients, with a split-half noise floor and bootstrap error bars."""

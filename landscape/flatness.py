@@ -169,7 +169,7 @@ def flatness(obj: Objective, *, domains=None, params: str | None = None, seed: i
     (Objective.validate): a non-finite, non-scalar or parameter-free loss is refused before any work.
 
     Precision (landscape.precision): `precision='auto'` runs the products in float64 where that is cheap (up to
-    AUTO_FLOAT64_MAX_CPU = 1M parameters on the CPU, 100k on an accelerator) and in float32 beyond;
+    AUTO_FLOAT64_MAX_CPU = 100k parameters on the CPU, 100k on an accelerator) and in float32 beyond;
     'float64'/'float32' force one (an explicit `dtype` wins, the older keyword). When the model already is in
     that dtype on that device the products run on its own weights (no private copy; buffers restored after),
     else on a copy. The Lanczos recurrence and basis are float64 either way. A float32 result records the

@@ -167,8 +167,8 @@ def gradient_similarity(obj: Objective, *, domains=None, params: str | None = No
     Under torchrun each rank differentiates its share of the batch rows and the rows are all-reduced, so
     every rank holds the one-process result (bootstraps included; exact in eval mode).
 
-    `precision` (landscape.precision): 'auto' differentiates a copy in float64 up to 1M parameters on the CPU
-    (100k on an accelerator) and the model itself (its own float32 weights) beyond; 'float64'/'float32' force
+    `precision` (landscape.precision): 'auto' differentiates a copy in float64 up to 100k parameters on the CPU
+    (also 100k on an accelerator) and the model itself (its own float32 weights) beyond; 'float64'/'float32' force
     one. `cosine_precision_error` bounds what rounding can move a cosine by (twice the measured relative
     noise of one batch gradient: one extra backward). Memory: the rows are held in memory when they fit, else
     in a memory-mapped temporary file (`in_memory` forces either), streamed in column chunks into the Gram
