@@ -382,6 +382,9 @@ def curvature_along(obj: Objective, directions: Sequence[torch.Tensor], domain: 
     if not len(directions):
         return []
     op = HessianOperator(obj, domain, dtype=dtype, train_mode=train_mode, mode=mode, seed=seed)
+    from . import distributed
+    if distributed.active():  # under torchrun: this rank's batches, the products all-reduced
+        op = distributed.shard_operator(op)
     U = torch.stack([torch.as_tensor(u).reshape(-1).to(device=op.device, dtype=op.dtype) for u in directions], dim=1) \
         if all(torch.as_tensor(u).numel() == op.n for u in directions) else None
     if U is None:
