@@ -167,3 +167,47 @@ def test_gradsim_rows_streamed_from_disk_equal_rows_in_memory():
     for name, m in mem.per_layer.items():
         np.testing.assert_allclose(np.array(disk.per_layer[name], dtype=float), np.array(m, dtype=float), atol=1e-12)
     assert disk.split_half == pytest.approx(mem.split_half, abs=1e-12)
+
+
+def test_basis_plan_keeps_to_its_budget_with_no_floor():
+    from landscape.eigen import basis_plan
+
+    n = 10_000_000
+    m, dt = basis_plan(n, 1, basis_bytes=8 * n * 40)  # 40 float64 rows' worth
+    assert dt == torch.float64 and (m + 1 + 1) * 8 * n <= 8 * n * 40  # rows + restart block within budget
+    m, dt = basis_plan(n, 10, basis_bytes=8 * n * 22)  # 2 kw + 10 = 30 float64 rows do not fit: float32 rows
+    assert dt == torch.float32 and (m + 1 + 10) * 4 * n <= 8 * n * 22 and m >= 30
+    m, dt = basis_plan(n, 10, basis_bytes=8 * n * 12)  # only the least a restart needs (kw + 2), in float32
+    assert dt == torch.float32 and m >= 12 and (m + 1 + 10) * 4 * n <= 8 * n * 12
+    with pytest.raises(UserError, match="Lanczos basis needs"):
+        basis_plan(n, 10, basis_bytes=8 * n * 5)
+
+
+def test_lanczos_basis_grows_only_as_far_as_the_run_goes():
+    """A top-1 run that converges in a few steps allocates a few rows, not the whole budget."""
+    from landscape.basis import Basis
+    from landscape.lanczos import lanczos
+
+    sizes = []
+    orig = Basis.append
+
+    def spy(self, v):
+        orig(self, v)
+        sizes.append(sum(b.shape[0] for b in self.blocks))
+
+    class Diag:
+        n, hvps, dtype = 5000, 0, torch.float64
+        d = torch.linspace(0.0, 1.0, 5000, dtype=torch.float64) ** 4
+        d[-1] = 2.0  # a gap: the top one converges in a few steps
+
+        def matvec(self, v):
+            self.hvps += 1
+            return self.d * v
+
+    Basis.append = spy
+    try:
+        r = lanczos(Diag(), 1, "top", tol=1e-4, basis_bytes=8 * 5000 * 150)
+    finally:
+        Basis.append = orig
+    assert r.all_converged and abs(r.eigenvalues[0] - 2.0) < 1e-3
+    assert max(sizes) <= Basis.BLOCK and max(sizes) < 150  # one block of rows, of a budget of 150
