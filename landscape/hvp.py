@@ -96,13 +96,14 @@ class CurvatureOperator:
         """A scipy.sparse.linalg.LinearOperator view (numpy in, numpy out) for eigsh and friends."""
         from scipy.sparse.linalg import LinearOperator
 
-        np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
+        np_dtype = np.float64  # ARPACK in float64 whatever the products' dtype (float32 products are cast up)
 
         def mv(x):
-            return self.matvec(torch.from_numpy(np.ascontiguousarray(x, dtype=np_dtype)).reshape(-1)).cpu().numpy()
+            v = torch.from_numpy(np.ascontiguousarray(x, dtype=np_dtype)).reshape(-1)
+            return self.matvec(v).to("cpu", torch.float64).numpy()
 
         def mm(X):
-            return self.matmat(torch.from_numpy(np.ascontiguousarray(X, dtype=np_dtype))).cpu().numpy()
+            return self.matmat(torch.from_numpy(np.ascontiguousarray(X, dtype=np_dtype))).to("cpu", torch.float64).numpy()
 
         return LinearOperator(self.shape, matvec=mv, rmatvec=mv, matmat=mm, rmatmat=mm, dtype=np_dtype)
 
