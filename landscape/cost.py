@@ -21,10 +21,10 @@ class CostEstimate(Result):
     own_weights: bool
     model_bytes: float  # the private copy of the model (0 on its own weights)
     graph_bytes: float  # the cached gradient graph of one domain (measured: tensors saved for backward)
-    product_bytes: float  # one product block's temporaries (about 6 n-vectors per vector in the block)
+    product_bytes: float  # one product's temporaries (6 n-vectors and about half the graph per vector)
     basis_bytes: float  # the Lanczos basis as the expected run grows it, with its restart block
     basis_max_bytes: float  # the basis at its largest (a long run)
-    trace_bytes: float  # the trace's sketch and probe block
+    trace_bytes: float  # the trace's sketch and probe block (with the block product's extra vectors)
     peak_bytes: float  # model + graph + product + max(basis, trace) + 4 working n-vectors
     eigen_products: int  # expected for the eigenvalues (a rough figure: it depends on the spectrum)
     eigen_budget: int
@@ -42,7 +42,8 @@ class CostEstimate(Result):
                f"{self.trace_bytes / GiB:.2f}) + vectors"]
         t = "" if self.seconds is None else (f"; one product {self.seconds_per_product:.3g} s, about "
                                              f"{self.seconds / 60:.1f} min per domain")
-        out.append(f"  products ~ {self.eigen_products} for the eigenvalues (budget {self.eigen_budget}) + at most "
+        out.append(f"  products ~ {self.eigen_products} for the eigenvalues (rough: clustered ends take more, up to "
+                   f"the budget {self.eigen_budget}) + at most "
                    f"{self.trace_products} for the trace{t}")
         return out
 
@@ -112,13 +113,15 @@ def flatness_estimate(obj, *, domain=None, k: int = 5, which: str = "both", trac
     rows = min(m_max + 1, int(0.6 * expect) + 1)  # the main run's share; the check's own basis is smaller
     basis = float((rows + kw) * bsize * n)
     basis_max = float((m_max + 1 + kw) * bsize * n)
-    product = float(6 * n * item)
+    per_vector = 6 * n * item + 0.5 * graph  # a batched backward's buffers per vector (about half the graph)
+    product = float(per_vector)  # the eigenvalues multiply one vector at a time
     tr_products = 0 if not trace else int(trace_probes if trace_probes is not None else trace_max_probes)
     tr_bytes = 0.0
     if trace:
         s = max(1, tr_products // 10)
-        block = probe_block(n, 10)
-        tr_bytes = float((4 * s * n * 8 if trace_method == "hutch++" and sketch_fits(n, s) else 0) + 3 * block * n * 8)
+        block = min(probe_block(n, 10), op.max_block)
+        tr_bytes = float((4 * s * n * 8 if trace_method == "hutch++" and sketch_fits(n, s) else 0)
+                         + 3 * block * n * 8 + (block - 1) * per_vector)  # the probes' block product
     peak = model_bytes + graph + product + max(basis, tr_bytes) + 4 * n * 8
     return CostEstimate(num_params=n, precision=prec.name(dt), own_weights=bool(own), model_bytes=model_bytes,
                         graph_bytes=float(graph), product_bytes=product, basis_bytes=basis, basis_max_bytes=basis_max,
