@@ -95,17 +95,19 @@ def _matrix(a: np.ndarray) -> list:
 
 
 class _Rows:
-    """The per-batch gradient rows (M x n): in memory when they fit in the Lanczos basis's share of the memory
-    available, else in a memory-mapped temporary file (float32 rows for a float32 model), so memory stays
+    """The per-batch gradient rows (M x n): in memory when they take at most 1 GiB and fit in the Lanczos
+    basis's share of the memory available, else in a memory-mapped temporary file (float32 rows for a float32 model), so memory stays
     O(n): one gradient plus a column chunk of the rows. Gram matrices are accumulated over column chunks."""
 
     CHUNK_BYTES = 2 ** 27
+    MEMORY_BYTES = 2 ** 30  # rows beyond this (or beyond the basis share of available memory) go to the file
 
     def __init__(self, M: int, n: int, dtype: torch.dtype, device, in_memory: bool | None = None):
         from .precision import BASIS_SHARE, available_bytes
 
         self.M, self.n = int(M), int(n)
-        self.in_memory = (8.0 * M * n <= BASIS_SHARE * available_bytes()) if in_memory is None else in_memory
+        fits = 8.0 * M * n <= min(BASIS_SHARE * available_bytes(), self.MEMORY_BYTES)
+        self.in_memory = fits if in_memory is None else in_memory
         self.dir = None
         if self.in_memory:
             self.X = torch.zeros(M, n, dtype=torch.float64, device=device)
