@@ -91,13 +91,13 @@ def test_float32_runs_on_the_models_own_weights(monkeypatch):
 
 
 MEMORY_SCRIPT = r'''
-import json, resource, sys, torch, torch.nn as nn
+import json, sys, torch, torch.nn as nn
 from landscape import Objective, flatness
 from landscape.cost import flatness_estimate
 torch.set_num_threads(1)
-def rss():
+def status(key):  # VmHWM is this process's own peak (ru_maxrss keeps the forking parent's after exec)
     with open("/proc/self/status") as f:
-        return next(float(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS"))
+        return next(float(l.split()[1]) * 1024 for l in f if l.startswith(key))
 torch.manual_seed(0)
 w = 700
 model = nn.Sequential(nn.Linear(64, w), nn.Tanh(), nn.Linear(w, w), nn.Tanh(), nn.Linear(w, 1))
@@ -105,9 +105,9 @@ g = torch.Generator().manual_seed(0)
 b = {"x": torch.randn(32, 64, generator=g), "y": torch.randn(32, 1, generator=g)}
 obj = Objective(model, {"d": [b]}, lambda m, b: ((m(b["x"]) - b["y"]) ** 2).mean())
 est = flatness_estimate(obj, k=1, which="top", trace=False, precision=sys.argv[1], time_one=False)
-base = rss()
+base = status("VmRSS")
 r = flatness(obj, k=1, which="top", trace=False, precision=sys.argv[1])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+peak = status("VmHWM") - base
 print(json.dumps({"est": est.peak_bytes, "peak": peak, "converged": r.converged}))
 '''
 
