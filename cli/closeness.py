@@ -89,7 +89,9 @@ def closeness_cmd(
                                                      "or sgd."),
     max_evals: Optional[int] = typer.Option(None, help="Budget per domain in gradient/HVP/loss evaluations "
                                                        "(default: newton-cg 5000, lbfgs 2000, adamw/sgd 300)."),
-    rtol: float = typer.Option(1e-8, help="Converged when ||grad|| <= max(rtol * ||grad at the checkpoint||, atol)."),
+    rtol: Optional[float] = typer.Option(None, help="Converged when ||grad|| <= max(rtol * ||grad at the checkpoint||, "
+                                                    "atol) (default 1e-8; 1e-6 with the text suite's proximal "
+                                                    "default)."),
     atol: float = typer.Option(1e-12, help="Absolute floor of the gradient-norm test."),
     steps: Optional[int] = typer.Option(None, "--max-steps", help="Optional cap on iterations (adamw/sgd: steps) "
                                                                   "per domain."),
@@ -109,6 +111,10 @@ def closeness_cmd(
     plot: Optional[str] = typer.Option(None, help="Write the closeness figure (PNG, SVG or PDF) to this file."),
     keep_minima: bool = typer.Option(False, help="Store each theta_k* in the JSON (large for big models)."),
     trust_remote_code: bool = typer.Option(False, help="Allow a checkpoint's user model factory to be imported."),
+    prox_mu: Optional[float] = typer.Option(None, help="Add mu/2 ||theta - theta_ckpt||^2 to every domain loss "
+                                                       "(a finite minimum where the loss has none). Default: 0, "
+                                                       "except on the byte-level text suite without --params: 1 "
+                                                       "over the last MLP projection (as the demo; said on stderr)."),
 ):
     """Descend on each domain from the checkpoint to its nearest minimum (Newton-CG until the gradient norm falls
     by rtol); report distances, spread, cross-losses and the Thm 3.1 bound (n/a where a descent did not converge)."""
@@ -119,17 +125,33 @@ def closeness_cmd(
     steps = merge_alias(steps, old_steps, "steps", "--max-steps", "--steps")
     if lr is not None and not (0 < lr < float("inf")):
         raise UserError(f"--lr must be a positive finite number, got {lr}")
-    check_range(rtol, "--rtol", 0.0, 0.5, "a fraction of the gradient norm at the checkpoint")
+    if rtol is not None:
+        check_range(rtol, "--rtol", 0.0, 0.5, "a fraction of the gradient norm at the checkpoint")
+    if prox_mu is not None:
+        check_range(prox_mu, "--prox-mu", 0.0, 1e6, "the weight of the proximal term")
     check_range(atol, "--atol", 0.0, 1e3, "an absolute gradient norm; larger would call the start converged")
     check_output_file(json_out, "--json")
     check_output_file(csv_out, "--csv")
     check_output_file(plot, "--plot", figure_formats() if plot else None)
     doms = parse_names(domains, "--domains")
-    results, labels, steps_at = analyse_each(
-        checkpoints, lambda obj, bar: closeness(obj, steps=steps, lr=lr, optimizer=optimizer, domains=doms,
-                                                seed=seed, keep_minima=keep_minima, progress=bar,
-                                                max_evals=max_evals, rtol=rtol, atol=atol, train_mode=train_mode),
-        device, trust_remote_code)
+    def run(obj, bar):
+        from landscape.closeness import suggest_objective
+
+        mu, params, rt, budget = (prox_mu or 0.0), None, (1e-8 if rtol is None else rtol), max_evals
+        sug = suggest_objective(obj) if prox_mu is None else None
+        if sug:
+            mu, params = sug["prox_mu"], sug["params"]
+            rt = sug["rtol"] if rtol is None else rtol
+            budget = sug["max_evals"] if max_evals is None else max_evals
+            console.print(f"closeness: {sug['reason']}, so the default descends the proximal objective L_k + "
+                          f"{mu:g}/2 ||theta - theta_ckpt||^2 over the parameters '{params}' to rtol {rt:g} within "
+                          f"{budget} evaluations (as the demo does); --prox-mu 0 for the plain loss, --params to "
+                          "choose the parameters", highlight=False, soft_wrap=True)
+        return closeness(obj, steps=steps, lr=lr, optimizer=optimizer, domains=doms, seed=seed,
+                         keep_minima=keep_minima, progress=bar, max_evals=budget, rtol=rt, atol=atol,
+                         train_mode=train_mode, params=params, prox_mu=mu)
+
+    results, labels, steps_at = analyse_each(checkpoints, run, device, trust_remote_code)
     tables(json_out, csv_out).print(closeness_table(results, labels))
     from .export import emit
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import json
 import tempfile
 from pathlib import Path
@@ -153,9 +154,17 @@ def label(path: str) -> str:
     return "/".join(parts[-2:]) if len(parts) > 1 else str(path)
 
 
+PROGRESS_SECONDS = 5.0  # without a terminal: one progress line per this many seconds (LANDSCAPE_PROGRESS_SECONDS)
+
+
 @contextlib.contextmanager
 def progress_bar(unit: str = "") -> Iterator:
-    """A transient rich progress bar on stderr; yields `progress(done, total, what)` for the analyzers."""
+    """A transient rich progress bar on stderr; yields `progress(done, total, what)` for the analyzers. When
+    stderr is not a terminal (a file, a pipe) it prints a plain line every PROGRESS_SECONDS instead."""
+    if not console.is_terminal:
+        with _progress_lines(unit) as update:
+            yield update
+        return
     count = "{task.completed}/{task.total}" + (f" {unit}" if unit else "")
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn(count), TimeElapsedColumn(),
                   console=console, transient=True, disable=not console.is_terminal) as p:
@@ -165,6 +174,40 @@ def progress_bar(unit: str = "") -> Iterator:
             p.update(task, completed=done, total=total, description=what)
 
         yield update
+
+
+@contextlib.contextmanager
+def _progress_lines(unit: str) -> Iterator:
+    """progress(done, total, what), printed as `what: done/total unit (elapsed)` on stderr every
+    PROGRESS_SECONDS by a timer thread (so a long single product still shows the run is alive)."""
+    import os
+    import threading
+    import time
+
+    try:
+        every = max(0.05, float(os.environ.get("LANDSCAPE_PROGRESS_SECONDS", PROGRESS_SECONDS)))
+    except ValueError:
+        every = PROGRESS_SECONDS
+    t0 = time.monotonic()
+    state: dict = {}
+    stop = threading.Event()
+
+    def update(done, total, what):
+        state.update(done=done, total=total, what=what)
+
+    def tick():
+        while not stop.wait(every):
+            if state:
+                print(f"{state['what']}: {state['done']}/{state['total']}{' ' + unit if unit else ''} "
+                      f"({time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield update
+    finally:
+        stop.set()
+        thread.join()
 
 
 def write_results(command: str, checkpoints, results, path, steps=None) -> None:

@@ -83,6 +83,10 @@ def eigen_table(results: dict, title: str = "Hessian eigenvalues") -> Table:
     return t
 
 
+class _Estimated(Exception):
+    """--estimate: the estimate is printed; skip the work."""
+
+
 @command("flatness")
 @source_options  # [ownmodel]
 def flatness_cmd(
@@ -117,6 +121,11 @@ def flatness_cmd(
                                                   "_1, _2, ..."),
     trust_remote_code: bool = typer.Option(False, help="Allow a checkpoint's user model factory to be imported."),
     curvature: str = typer.Option("hessian", help="hessian or ggn (Gauss-Newton: cross-entropy, squared error)."),  # [ownmodel]
+    precision: str = typer.Option("auto", help="auto (float64 up to 100k parameters; "
+                                               "float32 products on the model's own weights beyond), float64 "
+                                               "or float32."),
+    estimate: bool = typer.Option(False, "--estimate", "--dry-run", help="Print the memory and cost estimate "
+                                                                          "and stop."),
 ):
     """Sharpness of the loss at each checkpoint: extreme Hessian eigenvalues (with multiplicities, to --tol), trace
     with error bars."""
@@ -146,12 +155,27 @@ def flatness_cmd(
         if (density or plot) and density_steps > obj.num_params():  # Lanczos is exact after n steps
             console.print(f"--density-steps {density_steps} capped at the model's {obj.num_params()} parameters")
             steps = obj.num_params()
-        with progress_bar("HVPs") as bar:
-            res = flatness(obj, k=top_k, domains=domains.strip(), trace=trace, density=density or bool(plot),
-                           seed=seed, backend=backend, which=which, tol=tol, max_hvps=max_hvps,
-                           trace_probes=trace_probes, density_probes=density_probes, density_steps=steps,
-                           train_mode=train_mode, progress=bar, trace_target=trace_target,
-                           trace_max_probes=trace_max_probes, curvature=curvature)
+        if estimate and (backend != "lanczos" or curvature != "hessian"):
+            raise UserError("--estimate covers the lanczos backend on the Hessian")
+
+        def announce(est, n_domains):  # the memory formula and cost, printed before the work starts
+            for line in est.lines():
+                console.print(line + (f" (x {n_domains} domains)" if n_domains > 1 and "per domain" in line
+                                      else ""), highlight=False, soft_wrap=True)
+            if estimate:
+                raise _Estimated
+
+        try:
+            with progress_bar("HVPs") as bar:
+                res = flatness(obj, k=top_k, domains=domains.strip(), trace=trace, density=density or bool(plot),
+                               seed=seed, backend=backend, which=which, tol=tol, max_hvps=max_hvps,
+                               trace_probes=trace_probes, density_probes=density_probes, density_steps=steps,
+                               train_mode=train_mode, progress=bar, trace_target=trace_target,
+                               trace_max_probes=trace_max_probes, curvature=curvature, precision=precision,
+                               on_estimate=announce)
+        except _Estimated:
+            del obj
+            continue
         results = res.results
         first = next(iter(results.values()))
         show.print(summary_table(results, f"flatness of {checkpoint} ({first.num_params} parameters, {backend}, "
@@ -167,4 +191,5 @@ def flatness_cmd(
             flatness_figure(res, target, title=f"{matrix} spectrum of {checkpoint}")
             console.print(f"wrote {target}")
         del obj
-    emit("flatness", entries, json_out, csv_out)
+    if not estimate:
+        emit("flatness", entries, json_out, csv_out)

@@ -79,6 +79,8 @@ def gradsim_cmd(
                                                               "(checkpoint,step,domain,metric,value; '-': stdout)."),
     plot: Optional[str] = typer.Option(None, help="Write the heatmap figure (PNG, SVG or PDF) to this file."),
     trust_remote_code: bool = typer.Option(False, help="Allow a checkpoint's user model factory to be imported."),
+    precision: str = typer.Option("auto", help="auto (float64 up to 100k parameters; the "
+                                               "model's own float32 weights beyond), float64 or float32."),
 ):
     """Cosines between full-parameter domain gradients, with bootstrap error bars and each domain's split-half
     self-cosine: the ceiling its cosines can reach at its gradient noise (flagged as noise below 0.1)."""
@@ -89,9 +91,12 @@ def gradsim_cmd(
     check_output_file(csv_out, "--csv")
     check_output_file(plot, "--plot", figure_formats() if plot else None)
     doms = parse_names(domains, "--domains")
+    from landscape.precision import check_precision
+    check_precision(precision)
     results, labels, steps = analyse_each(
         checkpoints, lambda obj, bar: gradient_similarity(obj, seed=seed, domains=doms, resamples=resamples,
-                                                          train_mode=train_mode, progress=bar),
+                                                          train_mode=train_mode, progress=bar,
+                                                          precision=precision),
         device, trust_remote_code)
     show = tables(json_out, csv_out)
     show.print(Columns([cosine_table(r, lab) for r, lab in zip(results, labels)], padding=(0, 3)))

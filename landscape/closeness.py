@@ -21,6 +21,51 @@ from .params import get_flat, layer_slices
 from .result import Result, num
 
 
+def proximal(obj: Objective, mu: float) -> Objective:
+    """The objective with mu/2 ||theta - theta_ckpt||^2 added to every domain's loss (theta_ckpt: the weights
+    now): its per-domain minimum is the proximal point of the domain loss, finite even where the loss itself
+    decreases without bound (cross-entropy on a few memorisable batches), so a descent can converge. mu = 0:
+    the objective itself."""
+    if mu <= 0:
+        return obj
+    ref = {n: p.detach().to(torch.float64).clone() for n, p in obj.model.named_parameters()}
+    base = obj.loss_fn
+
+    def loss_fn(model, batch):
+        pen = sum(((p - ref[n].to(p)) ** 2).sum() for n, p in model.named_parameters())
+        return base(model, batch) + 0.5 * mu * pen
+
+    out = Objective(obj.model, obj.domains, loss_fn, train_domains=obj.train_domains, weights=obj.weights,
+                    ood=obj.ood, meta=dict(obj.meta, closeness_prox=mu))
+    out.param_regex = getattr(obj, "param_regex", None)
+    return out
+
+
+def last_mlp_projection(obj: Objective) -> str | None:
+    """A regex naming the last transformer block's MLP output projection (blocks.<last>.mlp.2.), or None."""
+    import re
+
+    blocks = sorted({int(m.group(1)) for n in obj.params() for m in [re.match(r"blocks\.(\d+)\.mlp\.2\.", n)] if m})
+    return rf"blocks\.{blocks[-1]}\.mlp\.2\." if blocks else None
+
+
+def suggest_objective(obj: Objective) -> dict | None:
+    """The closeness settings that converge where the plain loss cannot, or None where the plain loss is fine:
+    on the built-in byte-level text suite (cross-entropy with no finite minimum near the checkpoint; the
+    Newton-CG descent of the whole loss runs for hours and does not converge) the demo's choice, the proximal
+    objective (mu = 1) over the last MLP projection, to rtol 1e-6 within 600 evaluations per domain. Only when
+    no parameter subset was chosen (a --params choice is the user's)."""
+    spec = obj.meta.get("suite")
+    name = spec.get("name") if isinstance(spec, dict) else None
+    if name != "text" or getattr(obj, "param_regex", None) is not None:
+        return None
+    regex = last_mlp_projection(obj)
+    if regex is None:
+        return None
+    return {"prox_mu": 1.0, "params": regex, "rtol": 1e-6, "max_evals": 600,
+            "reason": "byte-level cross-entropy has no finite minimum near the checkpoint"}
+
+
 @dataclasses.dataclass
 class ClosenessResult(Result):
     """Where the per-domain minima near a checkpoint lie: distances, spread, cross-losses, barriers, Thm 3.1.
@@ -80,7 +125,7 @@ def closeness(obj: Objective, *, domains=None, params: str | None = None, seed: 
               progress: Progress | None = None, steps: int | None = None, lr: float | None = None,
               optimizer: str = "newton-cg", keep_minima: bool = False, barrier_points: int = 11,
               curvature: bool = True, max_evals: int | None = None, rtol: float = 1e-8,
-              atol: float = 1e-12, train_mode: bool = False) -> ClosenessResult:
+              atol: float = 1e-12, train_mode: bool = False, prox_mu: float = 0.0) -> ClosenessResult:
     """Closeness of the per-domain minima theta_k* found by `descend` from the checkpoint theta (see
     NEAREST_MINIMUM for what the minimum is and how convergence is decided).
 
@@ -105,10 +150,16 @@ def closeness(obj: Objective, *, domains=None, params: str | None = None, seed: 
     `train_mode`: every number (descents, losses, cross-losses, barriers, gradients, curvature) is of the one
     train-mode objective whose batch k draws its dropout masks from objective.batch_seed(seed, k) (see
     `descend`); `optimizer`: newton-cg, lbfgs, adamw ('adam' accepted) or sgd. The caller's model, buffers,
-    flags and RNG are unchanged.
+    flags and RNG are unchanged. `prox_mu` > 0: every domain's loss gets mu/2 ||theta - theta_ckpt||^2 added
+    (`proximal`), whose minimum is finite where the loss has none near the checkpoint (byte-level cross-entropy);
+    every number is then of that objective. `suggest_objective` says when and what the CLI uses by default.
     """
     t0 = time.perf_counter()
+    if prox_mu is None or not (float(prox_mu) >= 0.0) or float(prox_mu) == float("inf"):
+        raise UserError(f"prox_mu must be a finite number >= 0, got {prox_mu}")
+    obj = proximal(obj, float(prox_mu))
     obj = obj.select(params)
+    regex = params
     names = obj.resolve_domains(domains, default="train", train="expand")
     _check_settings(optimizer, steps, max_evals, lr, rtol, atol)
     optimizer = optimizer_name(optimizer)
@@ -227,8 +278,8 @@ def closeness(obj: Objective, *, domains=None, params: str | None = None, seed: 
         settings={"steps": steps, "max_evals": budget, "lr": first.lr, "optimizer": optimizer, "rtol": float(rtol),
                   "atol": float(atol), "tol": first.tol, "window": first.window, "barrier_points": n_pts,
                   "curvature": bool(curvature), "num_params": int(theta.numel()), "device": str(obj.device),
-                  "dtype": str(obj.dtype).replace("torch.", ""), "descent_dtype": "float64", "params": params,
-                  "keep_minima": bool(keep_minima), "train_mode": train_mode},
+                  "dtype": str(obj.dtype).replace("torch.", ""), "descent_dtype": "float64", "params": regex,
+                  "keep_minima": bool(keep_minima), "train_mode": train_mode, "prox_mu": float(prox_mu)},
         seed=int(seed), seconds=time.perf_counter() - t0, minima={d: ends[d].tolist() for d in names if conv[d]} if keep_minima else None)
 
 

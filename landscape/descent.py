@@ -77,19 +77,27 @@ def loss_at(obj: Objective, theta: torch.Tensor, domain: str | None, *, seed: in
 
 def _loss(obj: Objective, named: dict, terms, seed: int | None) -> float:
     """The weighted loss over keyed `terms` at named parameters (batch_rng(seed, key) around each batch)."""
+    from . import distributed as dist
+
+    sharded = dist.active()  # under torchrun: this rank's share of the batches, summed over ranks
     total = 0.0
     with torch.no_grad():
-        for k, c, b in terms:
+        for k, c, b in (dist.shard(list(terms)) if sharded else terms):
             with batch_rng(seed, k, obj.device):
                 total += c * float(obj.functional_loss(named, b))
+    if sharded:
+        total = float(dist.allreduce(torch.tensor([total], dtype=torch.float64))[0])
     return total
 
 
 def _loss_grad(obj: Objective, leaves: dict, terms, seed: int | None) -> float:
     """Full-batch loss at `leaves` over keyed terms; writes its gradient into each leaf's .grad (one graph per
     batch, each on batch_rng(seed, key))."""
+    from . import distributed as dist
+
+    sharded = dist.active()  # under torchrun: this rank's share of the batches, summed over ranks
     total, grads = 0.0, [torch.zeros_like(v) for v in leaves.values()]
-    for k, c, b in terms:
+    for k, c, b in (dist.shard(list(terms)) if sharded else terms):
         with batch_rng(seed, k, obj.device):
             loss = obj.functional_loss(leaves, b)
         gs = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
@@ -97,6 +105,9 @@ def _loss_grad(obj: Objective, leaves: dict, terms, seed: int | None) -> float:
             if g is not None:
                 acc.add_(g, alpha=c)
         total += c * float(loss.detach())
+    if sharded:
+        grads = [dist.allreduce(g) for g in grads]
+        total = float(dist.allreduce(torch.tensor([total], dtype=torch.float64))[0])
     for v, g in zip(leaves.values(), grads):
         v.grad = g
     return total
@@ -178,8 +189,8 @@ class _Counter:
 def _newton_cg(work: Objective, name: str, domain, x: torch.Tensor, *, rtol, atol, max_evals, steps, seed,
                train_mode, progress):
     """Trust-region Newton-CG on the float64 copy `work`, from flat x: (x, losses, grads, steps, stop, evals)."""
+    from . import distributed
     from .hvp import HessianOperator
-
     params = work.params()
     cnt = _Counter(max_evals, progress, name)
     terms, rng = work.keyed_terms(domain), (seed if train_mode else None)
@@ -187,6 +198,8 @@ def _newton_cg(work: Objective, name: str, domain, x: torch.Tensor, *, rtol, ato
     def at(xv):
         set_flat(params, xv)
         op = HessianOperator(work, domain, dtype=None, copy=False, cache=True, seed=seed, train_mode=train_mode)
+        if distributed.active():  # under torchrun the products are sharded like flatness's
+            op = distributed.shard_operator(op)
         g = op.gradient().to("cpu", torch.float64)
         cnt.add()
         return op, g

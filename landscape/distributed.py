@@ -60,6 +60,17 @@ def allreduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast_choice(value: str, choices) -> str:
+    """Rank 0's `value` (one of `choices`) on every rank: a choice made once (e.g. by timing) for the run."""
+    import torch.distributed as dist
+    choices = list(choices)
+    nccl = dist.get_backend() == "nccl"
+    dev = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    t = torch.tensor([choices.index(value) if dist.get_rank() == 0 else 0], dtype=torch.int64, device=dev)
+    dist.broadcast(t, src=0)
+    return choices[int(t.item())]
+
+
 def shard(terms: list) -> list:
     """This rank's share of the terms ((coefficient, batch) or keyed (key, coefficient, batch)), unchanged."""
     import torch.distributed as dist

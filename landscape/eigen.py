@@ -93,10 +93,33 @@ def _ends(which: str) -> list[str]:
     return ["top", "bottom"] if which == "both" else [which]
 
 
-def _budget_basis(n: int, kw: int, basis_bytes: float) -> int:
-    """Default basis size: as many float64 vectors as fit in basis_bytes, at least 2 kw + 10, at most 200 or n."""
-    fit = int(basis_bytes // (8 * max(n, 1)))
-    return max(2, min(n, max(min(fit, 200), 2 * kw + 10)))
+def _budget_basis(n: int, kw: int, basis_bytes: float | None) -> int:
+    """Default basis size (float64 rows): basis_plan's count."""
+    return basis_plan(n, kw, basis_bytes)[0]
+
+
+MAX_BASIS = 200  # the most basis vectors a run keeps before it restarts
+
+
+def basis_plan(n: int, kw: int, basis_bytes: float | None = None) -> tuple[int, torch.dtype]:
+    """(most basis vectors, their dtype) for a Lanczos run over n parameters with kw wanted pairs, within
+    `basis_bytes` (None: precision.BASIS_SHARE of the memory available now). The rows are counted with the kw
+    restart vectors that briefly live beside them. Float64 rows when at least min(n, 2 kw + 10) fit, else
+    float32 rows; the fewest a restart needs (kw + 2) in either, else a UserError saying what it would take.
+    No floor overrides the budget."""
+    from .precision import BASIS_SHARE, available_bytes
+
+    n = max(int(n), 1)
+    budget = BASIS_SHARE * available_bytes() if basis_bytes is None else float(basis_bytes)
+    want, least = min(n, 2 * kw + 10), min(n, kw + 2)
+    fits = {dt: int(budget // (size * n)) - kw - 1 for dt, size in ((torch.float64, 8), (torch.float32, 4))}
+    for need in (want, least):
+        for dt in (torch.float64, torch.float32):
+            if fits[dt] >= need:
+                return max(2, min(n, fits[dt], MAX_BASIS)), dt
+    raise UserError(f"the Lanczos basis needs at least {least + kw + 1} vectors of {n} float32 entries "
+                    f"({(least + kw + 1) * 4 * n / 2 ** 30:.2f} GiB) but {budget / 2 ** 30:.2f} GiB are allowed; "
+                    "free memory, ask for fewer eigenvalues (k, which='top') or pass basis_bytes")
 
 
 def _result(which: str, out: dict[str, RitzPairs], ends, **info) -> EigenResult:

@@ -1,6 +1,7 @@
 """Flatness of the loss at a point: extreme Hessian eigenvalues, the trace and the spectral density, per domain."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Callable
@@ -13,12 +14,14 @@ from nexus_opt.util import check_seed
 from .density import SpectralDensity, spectral_density
 from .hvp import cpu_threads_for
 from .eigen import dense, eigsh
+from .eigen import start_vector
 from .lanczos import lanczos, verify_extremes
 from .objective import Objective
 from .result import Result
 from .trace import METHODS as TRACE_METHODS, estimate_trace
 
 BACKENDS = ("lanczos", "eigsh", "dense", "pyhessian")
+_nothing = contextlib.nullcontext
 Progress = Callable[[int, int, str], None]  # progress(done, total, what), as the other analyzers
 
 
@@ -54,6 +57,9 @@ class DomainCurvature(Result):
     settings: dict
     trace_target: float | None = None  # adaptive trace: target relative standard error (None: fixed probes)
     trace_stop: str | None = None  # 'target', 'budget', 'exact' or 'probes' (fixed count)
+    precision: str = "float64"  # the dtype of the products (landscape.precision)
+    precision_error: float | None = None  # eigenvalue error product rounding can cause (included in `errors`)
+    trace_precision_error: float | None = None  # bound on the trace error from product rounding
 
     @property
     def lambda_max(self) -> float | None:
@@ -143,10 +149,11 @@ def _combine(results: dict[str, DomainCurvature], seconds: float, settings: dict
 def flatness(obj: Objective, *, domains=None, params: str | None = None, seed: int = 0,
              progress: Progress | None = None, k: int = 5, trace: bool = True, density: bool = False,
              backend: str = "lanczos", which: str = "both", tol: float = 1e-4, max_hvps: int | None = None,
-             trace_method: str = "hutch++", trace_probes: int | None = None, dtype: torch.dtype = torch.float64,
+             trace_method: str = "hutch++", trace_probes: int | None = None, dtype: torch.dtype | None = None,
              train_mode: bool = False, density_probes: int = 4, density_steps: int = 80,
              mode: str = "double_backward", cache: bool = True, device=None, trace_target: float = 0.01,
-             trace_max_probes: int = 200, curvature: str = "hessian", domain=None) -> FlatnessResult:
+             trace_max_probes: int = 200, curvature: str = "hessian", domain=None,
+             precision: str = "auto", on_estimate: Callable | None = None) -> FlatnessResult:
     """Top/bottom Hessian eigenvalues (to `tol` relative accuracy; default 1e-4, tight on request, e.g. 1e-8),
     trace and optional spectral density of a domain's loss
     (`curvature='ggn'`: the Gauss-Newton matrix instead of the Hessian), for each domain of `domains`
@@ -161,10 +168,18 @@ def flatness(obj: Objective, *, domains=None, params: str | None = None, seed: i
     spent (`trace_stop` says which); `trace_probes` fixes the count instead. The loss is checked first
     (Objective.validate): a non-finite, non-scalar or parameter-free loss is refused before any work.
 
-    Works on a copy in `dtype` (float64) in eval mode (`train_mode=True`: batch statistics, fixed dropout
-    masks); the caller's model is never changed. `max_hvps` bounds the eigenvalue part; `mode` picks exact
+    Precision (landscape.precision): `precision='auto'` runs the products in float64 where that is cheap (up to
+    AUTO_FLOAT64_MAX_CPU = 100k parameters on the CPU, 100k on an accelerator) and in float32 beyond;
+    'float64'/'float32' force one (an explicit `dtype` wins, the older keyword). When the model already is in
+    that dtype on that device the products run on its own weights (no private copy; buffers restored after),
+    else on a copy. The Lanczos recurrence and basis are float64 either way. A float32 result records the
+    rounding noise of its products (measured: 2 extra products per domain) as `precision_error`, added to the
+    eigenvalue `errors`, and `trace_precision_error` for the trace. Eval mode unless `train_mode=True` (batch
+    statistics, fixed dropout masks); the caller's model is never changed. `max_hvps` bounds the eigenvalue part; `mode` picks exact
     (double backward) or finite-difference products; `cache=False` rebuilds the gradient graph per product
     block (less memory); `progress(done, total, what)` is called as products are spent.
+    `on_estimate(estimate, n_domains)`: called after the checks and before any work with the memory formula and
+    cost (landscape.cost.flatness_estimate: one gradient graph and one timed product); lanczos on the Hessian.
     """
     if domain is not None:
         import warnings
@@ -213,9 +228,21 @@ def flatness(obj: Objective, *, domains=None, params: str | None = None, seed: i
     if k > n:
         raise UserError(f"k={k} eigenvalues asked for, but the model has only {n} parameters; use k <= {n}")
     t0 = time.perf_counter()
-    work = obj.to(device=device, dtype=dtype)  # one private copy for every domain
+    from . import precision as prec
+    requested = prec.check_precision(precision) if dtype is None else prec.name(dtype)
+    dtype = prec.resolve(precision, n, device if device is not None else obj.device, dtype)
+    same_device = device is None or torch.device(device) == obj.device
+    own = obj.dtype == dtype and same_device  # products on the model's own weights: no private copy
+    if on_estimate is not None and backend == "lanczos" and curvature == "hessian":
+        from .cost import flatness_estimate
+        with obj.preserved(train_mode, seed=None):
+            est = flatness_estimate(obj, domain=names[0], k=k, which=which, trace=trace, trace_method=trace_method,
+                                    trace_probes=trace_probes, trace_max_probes=trace_max_probes, max_hvps=max_hvps,
+                                    dtype=dtype, device=device, train_mode=train_mode, seed=seed)
+        on_estimate(est, len(names))
+    work = obj if own else obj.to(device=device, dtype=dtype)  # else one private copy for every domain
     results = {}
-    with cpu_threads_for(n, work.device):
+    with cpu_threads_for(n, work.device), (obj.preserved(train_mode, seed=None) if own else _nothing()):
         for name in names:
             results[name] = _one(obj, work, name, k=k, trace=trace, density=density, seed=seed, backend=backend,
                                  which=which, tol=tol, max_hvps=max_hvps, trace_method=trace_method,
@@ -226,7 +253,8 @@ def flatness(obj: Objective, *, domains=None, params: str | None = None, seed: i
     settings = dict(next(iter(results.values())).settings)
     for key in ("eigen_iterations", "eigen_restarts"):  # per domain, in each DomainCurvature
         settings.pop(key, None)
-    settings.update(backend=backend, trace=bool(trace), density=bool(density), trace_probes=trace_probes,
+    settings.update(precision=requested, dtype=prec.name(dtype), own_weights=bool(own), backend=backend,
+                    trace=bool(trace), density=bool(density), trace_probes=trace_probes,
                     trace_target=trace_target if trace and trace_probes is None else None,
                     trace_max_probes=trace_max_probes if trace and trace_probes is None else None, params=params)
     return _combine(results, time.perf_counter() - t0, settings, seed)
@@ -258,12 +286,26 @@ def _one(obj: Objective, work: Objective, name: str, *, k, trace, density, seed,
     elif backend == "eigsh":
         eig = eigsh(op, k, which, tol=tol, max_hvps=max_hvps, seed=seed, progress=tick("eigenvalues"))
     else:
-        eig = lanczos(op, k, which, tol=tol, max_hvps=max_hvps, seed=seed, progress=tick("eigenvalues"))
+        eig = lanczos(op, k, which, tol=tol, max_hvps=max_hvps, seed=seed, progress=tick("eigenvalues"),
+                      return_vectors=op.dtype != torch.float64)
     timings["eigenvalues"] = time.perf_counter() - t
     hvps["eigenvalues"] = eig.hvps
     top, bottom = eig.end("top"), eig.end("bottom")
+    from . import precision as prec
+    vals = (top.values if top else []) + (bottom.values if bottom else [])
+    p_err = None
+    if op.dtype != torch.float64 and vals:  # the rounding noise of the products, at the top eigenvector
+        v = eig.vectors[:, 0] if eig.vectors is not None else start_vector(op.n, seed + 3)
+        noise, rel, spent = prec.product_noise(op, v)
+        noise = rel * max(abs(x) for x in vals)  # relative noise at the largest |lambda|
+        p_err = prec.eigen_error(vals, noise, op.dtype)
+        hvps["precision"] = spent
+        add = lambda errs: None if errs is None else [float(e) + p_err for e in errs]  # noqa: E731
+        top = top and dataclasses.replace(top, errors=add(top.errors))
+        bottom = bottom and dataclasses.replace(bottom, errors=add(bottom.errors))
+    eig.vectors = eig.bottom_vectors = None
 
-    tr = None
+    tr, tr_err = None, None
     if trace:
         t = time.perf_counter()
         if backend == "pyhessian":
@@ -275,6 +317,12 @@ def _one(obj: Objective, work: Objective, name: str, *, k, trace, density, seed,
                                 max_probes=trace_max_probes, progress=tick("trace"))
         timings["trace"] = time.perf_counter() - t
         hvps["trace"] = tr.hvps
+        if op.dtype != torch.float64:  # |z^T E z| <= ||z|| ||E z||: the noise at a probe, times sqrt(n)
+            from .trace import rademacher
+            z = rademacher(op.n, 1, seed, 10 ** 6)[:, 0]
+            noise, _, spent = prec.product_noise(op, z)
+            tr_err = max(noise * float(z.norm()), 16.0 * prec.eps(op.dtype) * abs(tr.estimate))
+            hvps["precision"] = hvps.get("precision", 0) + spent
 
     dens = None
     if density:
@@ -299,7 +347,11 @@ def _one(obj: Objective, work: Objective, name: str, *, k, trace, density, seed,
         trace_method=tr.method if tr else None, trace_probes=tr.probes if tr else None, density=dens,
         hvps=hvps, seconds=time.perf_counter() - t_start, timings=timings, backend=backend, seed=seed,
         settings=settings, trace_target=getattr(tr, "target_rel_stderr", None) if tr else None,
-        trace_stop=getattr(tr, "stop", None) if tr else None)
+        trace_stop=getattr(tr, "stop", None) if tr else None, precision=prec.name(op.dtype),
+        precision_error=p_err if p_err is not None else (
+            prec.eigen_error(vals, 0.0, op.dtype) if vals else None),
+        trace_precision_error=tr_err if tr_err is not None else (
+            16.0 * prec.eps(op.dtype) * abs(tr.estimate) if tr else None))
 
 
 __all__ = ["flatness", "FlatnessResult", "DomainCurvature", "SpectralDensity"]

@@ -42,6 +42,7 @@ class GradSimResult(Result):
     settings: dict = dataclasses.field(default_factory=dict)
     seed: int = 0
     seconds: float = 0.0  # wall-clock time of the measurement
+    cosine_precision_error: Optional[float] = None  # how far rounding (the dtype used) can move a cosine
 
 
 # -- gradients: landscape.gradients (batch_gradient, domain_gradient) --------------------------------------
@@ -93,9 +94,64 @@ def _matrix(a: np.ndarray) -> list:
     return [[num(v) for v in row] for row in a]
 
 
+class _Rows:
+    """The per-batch gradient rows (M x n): in memory when they take at most 1 GiB and fit in the Lanczos
+    basis's share of the memory available, else in a memory-mapped temporary file (float32 rows for a float32 model), so memory stays
+    O(n): one gradient plus a column chunk of the rows. Gram matrices are accumulated over column chunks."""
+
+    CHUNK_BYTES = 2 ** 27
+    MEMORY_BYTES = 2 ** 30  # rows beyond this (or beyond the basis share of available memory) go to the file
+
+    def __init__(self, M: int, n: int, dtype: torch.dtype, device, in_memory: bool | None = None):
+        from .precision import BASIS_SHARE, available_bytes
+
+        self.M, self.n = int(M), int(n)
+        fits = 8.0 * M * n <= min(BASIS_SHARE * available_bytes(), self.MEMORY_BYTES)
+        self.in_memory = fits if in_memory is None else in_memory
+        self.dir = None
+        if self.in_memory:
+            self.X = torch.zeros(M, n, dtype=torch.float64, device=device)
+        else:
+            import tempfile
+            self.dir = tempfile.mkdtemp(prefix="landscape-gradsim-")
+            np_dt = np.float64 if dtype == torch.float64 else np.float32
+            self.X = np.lib.format.open_memmap(f"{self.dir}/rows.npy", mode="w+", dtype=np_dt, shape=(M, n))
+
+    def set(self, i: int, row: torch.Tensor) -> None:
+        if self.in_memory:
+            self.X[i] = row
+        else:
+            self.X[i] = row.detach().cpu().numpy().astype(self.X.dtype, copy=False)
+
+    def allreduce_in_memory(self) -> None:
+        from . import distributed as dist
+        self.X = dist.allreduce(self.X)
+
+    def gram(self, sl: slice | None = None) -> np.ndarray:
+        """X[:, sl] X[:, sl]^T (float64, M x M)."""
+        if self.in_memory:
+            Xs = self.X if sl is None else self.X[:, sl]
+            return (Xs @ Xs.T).cpu().numpy()
+        a, b = (0, self.n) if sl is None else (sl.start, sl.stop)
+        step = max(1, int(self.CHUNK_BYTES // (8 * max(self.M, 1))))
+        G = np.zeros((self.M, self.M))
+        for c in range(a, b, step):
+            blk = np.asarray(self.X[:, c:min(b, c + step)], dtype=np.float64)
+            G += blk @ blk.T
+        return G
+
+    def close(self) -> None:
+        if self.dir is not None:
+            import shutil
+            del self.X
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+
 def gradient_similarity(obj: Objective, *, domains=None, params: str | None = None, seed: int = 0,
                         progress: Progress | None = None, resamples: int = 200, per_layer: bool = True,
-                        train_mode: bool = False) -> GradSimResult:
+                        train_mode: bool = False, precision: str = "auto",
+                        in_memory: bool | None = None) -> GradSimResult:
     """Cosine matrix of full-parameter domain gradients at the current weights, with split-half noise floor.
 
     Each domain's gradient is its loss gradient over its fixed batches, weighted as `obj.terms` defines
@@ -112,6 +168,13 @@ def gradient_similarity(obj: Objective, *, domains=None, params: str | None = No
     ('train' = the trained domains); `params`: a regex restricting the parameters (Objective.select).
     Under torchrun each rank differentiates its share of the batch rows and the rows are all-reduced, so
     every rank holds the one-process result (bootstraps included; exact in eval mode).
+
+    `precision` (landscape.precision): 'auto' differentiates a copy in float64 up to 100k parameters on the CPU
+    (also 100k on an accelerator) and the model itself (its own float32 weights) beyond; 'float64'/'float32' force
+    one. `cosine_precision_error` bounds what rounding can move a cosine by (twice the measured relative
+    noise of one batch gradient: one extra backward). Memory: the rows are held in memory when they fit, else
+    in a memory-mapped temporary file (`in_memory` forces either), streamed in column chunks into the Gram
+    matrices, so memory is O(n) rather than O(rows x n).
     """
     t0 = time.perf_counter()
     obj = obj.select(params)
@@ -127,6 +190,13 @@ def gradient_similarity(obj: Objective, *, domains=None, params: str | None = No
     if not weights_:
         raise UserError("the model has no trainable parameters")
     obj.validate(names, train_mode=train_mode)
+    from . import precision as prec
+    requested = prec.check_precision(precision)
+    n_par = sum(p.numel() for p in weights_.values())
+    want = prec.resolve(requested, n_par, obj.device)
+    if obj.dtype != want:
+        obj = obj.to(dtype=want)  # a float64 copy where that is cheap (or float32 where asked)
+        weights_ = obj.params()
 
     # Plan: rows of X are per-batch (or per-half) gradients; each domain is a weighted sum of rows.
     plan = {}  # domain -> dict(full=[(row, coef)], units=[(row, coef)], halves=([...], [...]) | None, reason)
@@ -155,28 +225,53 @@ def gradient_similarity(obj: Objective, *, domains=None, params: str | None = No
                                    "split even/odd")
         plan[d] = entry
 
-    X = torch.empty(len(jobs), sum(p.numel() for p in weights_.values()), dtype=torch.float64, device=obj.device)
-    losses = torch.zeros(len(jobs), dtype=torch.float64, device=obj.device)
     from . import distributed as dist
 
     rank, world = (dist.rank(), torch.distributed.get_world_size()) if dist.active() else (0, 1)
-    if world > 1:
-        X.zero_()  # under torchrun each rank differentiates rows i = rank mod world; the sum is every row
+    rows = _Rows(len(jobs), n_par, obj.dtype, obj.device, in_memory=in_memory)
+    losses = torch.zeros(len(jobs), dtype=torch.float64, device=obj.device)
     rng = seed if train_mode else None
-    with obj.preserved(train_mode, seed):
-        for i, (d, key, b, chunk) in enumerate(jobs):
-            if i % world == rank:
-                # a chunk of a single batch draws its own masks (shared masks would inflate the split-half floor)
-                s = rng if rng is None or chunk is None else mix_seed(rng, key, chunk + 1) % 2 ** 40
-                with batch_rng(s, key, obj.device):
-                    X[i], losses[i] = batch_gradient(obj, b, weights_)
-            if progress:
-                progress(i + 1, len(jobs), f"gradients {d}")
-    if world > 1:
-        X, losses = dist.allreduce(X), dist.allreduce(losses)
+    try:
+        with obj.preserved(train_mode, seed):
+            for i, (d, key, b, chunk) in enumerate(jobs):
+                # under torchrun each rank differentiates rows i = rank mod world; the sum is every row
+                row = None
+                if i % world == rank:
+                    # a chunk of a single batch draws its own masks (shared masks would inflate the split-half floor)
+                    s = rng if rng is None or chunk is None else mix_seed(rng, key, chunk + 1) % 2 ** 40
+                    with batch_rng(s, key, obj.device):
+                        row, losses[i] = batch_gradient(obj, b, weights_)
+                if world > 1 and not rows.in_memory:  # streamed rows: each is summed over ranks as it comes
+                    row = dist.allreduce(row if row is not None else torch.zeros(n_par, dtype=torch.float64,
+                                                                                 device=obj.device))
+                if row is not None:
+                    rows.set(i, row)
+                del row
+                if progress:
+                    progress(i + 1, len(jobs), f"gradients {d}")
+            noise = prec.gradient_noise(obj, jobs[0][2], weights_) if obj.dtype != torch.float64 else \
+                8 * prec.eps(torch.float64)
+        if world > 1:
+            if rows.in_memory:
+                rows.allreduce_in_memory()
+            losses = dist.allreduce(losses)
+        result = _from_rows(rows, losses, jobs, plan, names, obj, weights_, seed, resamples, per_layer,
+                            train_mode, params, t0)
+    finally:
+        rows.close()
+    result.settings.update(precision=requested, in_memory=bool(rows.in_memory))
+    result.cosine_precision_error = float(2.0 * noise)
+    return result
+
+
+def _from_rows(rows: "_Rows", losses, jobs, plan, names, obj, weights_, seed, resamples, per_layer, train_mode,
+               params, t0) -> GradSimResult:
+    """The cosines, floors, bootstraps and per-layer matrices from the gradient rows' Gram matrices."""
     batch_loss = {i: float(v) for i, v in enumerate(losses.tolist())}
-    G = (X @ X.T).cpu().numpy()
-    M = X.shape[0]
+    M = rows.M
+    slices = layer_slices(weights_)
+    layer_grams = {name: rows.gram(sl) for name, sl in slices.items()} if per_layer else {}
+    G = rows.gram() if rows.in_memory or not per_layer else sum(layer_grams.values())
 
     def weights(pairs) -> np.ndarray:
         w = np.zeros(M)
@@ -228,9 +323,8 @@ def gradient_similarity(obj: Objective, *, domains=None, params: str | None = No
     layers, layer_norms = None, None
     if per_layer:
         layers, layer_norms = {}, {}
-        for name, sl in layer_slices(weights_).items():
-            Xl = X[:, sl]
-            lc, ln = _cosines(W, (Xl @ Xl.T).cpu().numpy())
+        for name in slices:
+            lc, ln = _cosines(W, layer_grams[name])
             np.fill_diagonal(lc, [1.0 if n > 0 else np.nan for n in ln])
             layers[name] = _matrix(lc)
             layer_norms[name] = {d: float(ln[k]) for k, d in enumerate(names)}
@@ -248,6 +342,6 @@ def gradient_similarity(obj: Objective, *, domains=None, params: str | None = No
         settings={"resamples": resamples, "per_layer": bool(per_layer), "train_mode": bool(train_mode),
                   "batches": {d: len(plan[d]["full"]) for d in names},
                   "bootstrap_units": {d: len(plan[d]["units"]) for d in names},
-                  "num_params": int(X.shape[1]), "device": str(obj.device),
+                  "num_params": int(rows.n), "device": str(obj.device),
                   "dtype": str(obj.dtype).replace("torch.", ""), "params": params},
         seed=int(seed), seconds=time.perf_counter() - t0)

@@ -43,6 +43,7 @@ def math_sdpa():
         return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_math=True, enable_mem_efficient=False)
 
 
+BLOCK_BYTES = 2 ** 28  # the most memory one batched product block may take (HessianOperator.max_block)
 SMALL_MODEL = 100_000  # parameters: below this a CPU product is too small to share across threads
 
 
@@ -95,13 +96,14 @@ class CurvatureOperator:
         """A scipy.sparse.linalg.LinearOperator view (numpy in, numpy out) for eigsh and friends."""
         from scipy.sparse.linalg import LinearOperator
 
-        np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
+        np_dtype = np.float64  # ARPACK in float64 whatever the products' dtype (float32 products are cast up)
 
         def mv(x):
-            return self.matvec(torch.from_numpy(np.ascontiguousarray(x, dtype=np_dtype)).reshape(-1)).cpu().numpy()
+            v = torch.from_numpy(np.ascontiguousarray(x, dtype=np_dtype)).reshape(-1)
+            return self.matvec(v).to("cpu", torch.float64).numpy()
 
         def mm(X):
-            return self.matmat(torch.from_numpy(np.ascontiguousarray(X, dtype=np_dtype))).cpu().numpy()
+            return self.matmat(torch.from_numpy(np.ascontiguousarray(X, dtype=np_dtype))).to("cpu", torch.float64).numpy()
 
         return LinearOperator(self.shape, matvec=mv, rmatvec=mv, matmat=mm, rmatmat=mm, dtype=np_dtype)
 
@@ -123,14 +125,19 @@ class HessianOperator(CurvatureOperator):
     LinearOperator. Parameters that do not reach the loss give zero rows. `cache=True` keeps one gradient
     graph (create_graph) for all products; `cache=False` rebuilds it per call (less memory). `train_mode`: the
     modules' training flags on, each batch's RNG seeded by objective.batch_seed(seed, key) in every evaluation, so
-    dropout masks are fixed and H is the Hessian of one deterministic function.
+    dropout masks are fixed and H is the Hessian of one deterministic function. `precision` ('auto', 'float64',
+    'float32'; landscape.precision) picks the dtype by the policy instead of `dtype`.
     """
 
     kind = "Hessian"
 
     def __init__(self, obj: Objective, domain: str | None = None, dtype: torch.dtype | None = torch.float64,
                  mode: str = "double_backward", train_mode: bool = False, *, cache: bool = True,
-                 batched: str = "auto", max_block: int = 64, device=None, copy: bool = True, seed: int = 0):
+                 batched: str = "auto", max_block: int = 64, device=None, copy: bool = True, seed: int = 0,
+                 precision: str | None = None):
+        if precision is not None:  # the policy of landscape.precision instead of a fixed dtype
+            from .precision import resolve
+            dtype = resolve(precision, obj.num_params(), device if device is not None else obj.device)
         if mode not in MODES:
             raise UserError(f"unknown HVP mode '{mode}'; choose one of {list(MODES)}")
         if batched not in BATCHED:
@@ -150,6 +157,10 @@ class HessianOperator(CurvatureOperator):
         self.dtype = next(iter(self._theta.values())).dtype
         self.device = next(iter(self._theta.values())).device
         self.n = sum(t.numel() for t in self._theta.values())
+        # a block's products live together (inputs, outputs and the batched backward's temporaries, about 6
+        # n-vectors each): keep a block within BLOCK_BYTES, so a large model multiplies one vector at a time
+        per = 6 * self.n * self.dtype.itemsize
+        self.max_block = max(1, min(self.max_block, int(BLOCK_BYTES // max(per, 1))))
         self.terms = self.obj.keyed_terms(self.domain)  # (key, coefficient, batch): the key seeds train mode
         self.hvps = 0
         self._graph: tuple[dict[str, torch.Tensor], torch.Tensor | None] | None = None
@@ -372,6 +383,9 @@ def curvature_along(obj: Objective, directions: Sequence[torch.Tensor], domain: 
     if not len(directions):
         return []
     op = HessianOperator(obj, domain, dtype=dtype, train_mode=train_mode, mode=mode, seed=seed)
+    from . import distributed
+    if distributed.active():  # under torchrun: this rank's batches, the products all-reduced
+        op = distributed.shard_operator(op)
     U = torch.stack([torch.as_tensor(u).reshape(-1).to(device=op.device, dtype=op.dtype) for u in directions], dim=1) \
         if all(torch.as_tensor(u).numel() == op.n for u in directions) else None
     if U is None:

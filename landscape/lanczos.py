@@ -13,13 +13,14 @@ import torch
 
 from nexus_opt.errors import UserError
 
+from .basis import Basis as _Basis
 from .eigen import (DENSE_MAX_N, WHICH, EigenResult, RitzPairs, _all_converged, _converged, _ends, _keep,  # noqa: F401
-                    _budget_basis, _result, _select, _thresh, _which, dense, eigsh, error_estimates, start_vector)
+                    _budget_basis, _result, basis_plan, _select, _thresh, _which, dense, eigsh, error_estimates, start_vector)
 
 
 def lanczos(op, k: int = 5, which: str = "both", *, tol: float = 1e-8, max_hvps: int | None = None,
             max_basis: int | None = None, seed: int = 0, v0: torch.Tensor | None = None,
-            return_vectors: bool = False, basis_bytes: float = 2 ** 31, strict: bool = False,
+            return_vectors: bool = False, basis_bytes: float | None = None, strict: bool = False,
             verify: bool = True, progress: Callable[[int, int], None] | None = None) -> EigenResult:
     """k extreme eigenpairs of a symmetric operator (`op.n`, `op.matvec`) by thick-restart Lanczos, with
     multiplicities: once converged, the found eigenvectors are locked (deflated) and a fresh Lanczos run from
@@ -44,17 +45,19 @@ def lanczos(op, k: int = 5, which: str = "both", *, tol: float = 1e-8, max_hvps:
 
 def _lanczos_run(op, k: int = 5, which: str = "both", *, tol: float = 1e-8, max_hvps: int | None = None,
                  max_basis: int | None = None, seed: int = 0, v0: torch.Tensor | None = None,
-                 return_vectors: bool = False, basis_bytes: float = 2 ** 31, strict: bool = False,
+                 return_vectors: bool = False, basis_bytes: float | None = None, strict: bool = False,
                  deflate: torch.Tensor | None = None,
                  progress: Callable[[int, int], None] | None = None) -> EigenResult:
     """k extreme eigenpairs of a symmetric operator (`op.n`, `op.matvec`) by thick-restart Lanczos, restricted
     to the orthogonal complement of the orthonormal columns of `deflate` (n, L) when given.
 
-    The basis (at most `max_basis` vectors, default what fits in `basis_bytes`) lives on the CPU in float64
-    and is re-orthogonalised in full (two Gram-Schmidt passes) at every step, so both ends converge together
-    from one Krylov space. Stops when every wanted pair has an eigenvalue error bound min(r, r^2/gap) <=
-    tol * |lambda| and a residual r <= sqrt(tol) * |lambda| (`strict`: r <= tol * |lambda|, as ARPACK), when
-    the space is exhausted, or at max_hvps. The start vector is a Gaussian from `seed`.
+    The basis (at most `max_basis` vectors, default what fits in `basis_bytes`: eigen.basis_plan) lives on the
+    CPU, grows as needed, in float64 (float32 rows when only those fit) and is re-orthogonalised in full (two
+    Gram-Schmidt passes in float64, the second where the first lost digits: DGKS) at every step, so both ends converge together from one Krylov space; the
+    products may be float32 (the operator's dtype), the recurrence is float64. Stops when every wanted pair
+    has an eigenvalue error bound min(r, r^2/gap) <= tol * |lambda| and a residual r <= sqrt(tol) * |lambda|
+    (`strict`: r <= tol * |lambda|, as ARPACK), when the space is exhausted, or at max_hvps. The start vector
+    is a Gaussian from `seed`.
     """
     which = _which(which)
     n_full = int(op.n)
@@ -67,7 +70,11 @@ def _lanczos_run(op, k: int = 5, which: str = "both", *, tol: float = 1e-8, max_
     k = min(int(k), n)
     ends = _ends(which)
     kw = min(n, k * len(ends))
-    m_max = min(n, int(max_basis)) if max_basis else _budget_basis(n, kw, basis_bytes)
+    if max_basis:
+        m_max, bdt = min(n, int(max_basis)), torch.float64
+    else:
+        m_max, bdt = basis_plan(n_full, kw, basis_bytes)
+        m_max = min(m_max, n)
     if m_max < min(n, kw + 2):
         raise UserError(f"max_basis {m_max} is too small for {kw} wanted eigenvalues; use at least {kw + 2}")
     max_hvps = int(max_hvps) if max_hvps else max(500, 20 * kw)
@@ -80,26 +87,30 @@ def _lanczos_run(op, k: int = 5, which: str = "both", *, tol: float = 1e-8, max_
                 x = x - D @ (D.T @ x)
         return x
 
-    V = torch.zeros(m_max + 1, n_full, dtype=torch.float64)  # rows are the basis vectors (contiguous)
+    V = _Basis(n_full, bdt, m_max + 1)  # rows are the basis vectors
     T = np.zeros((m_max + 1, m_max + 1))
     v = start_vector(n_full, seed) if v0 is None else v0.detach().reshape(-1).to("cpu", torch.float64)
     if v.numel() != n_full or not float(v.norm()) > 0:
         raise UserError(f"start vector must be a non-zero vector of {n_full} entries")
     v = project(v)
-    V[0] = v / v.norm()
+    V.append(v / v.norm())
+    cur = V.row(0)
     j, used, restarts, iterations = 0, 0, 0, 0
     theta = S = res = None
     beta = 0.0
     while True:
-        w = project(op.matvec(V[j]).detach().to("cpu", torch.float64))
+        w = project(op.matvec(cur).detach().to("cpu", torch.float64))
+        del cur
         used += 1
         iterations += 1
-        B = V[:j + 1]
-        h = B @ w
-        w -= B.T @ h
-        h2 = B @ w  # second pass: full re-orthogonalisation to working precision
-        w -= B.T @ h2
-        h = (h + h2).numpy()
+        before = float(w.norm())
+        h = V.dots(w)
+        V.subtract(w, h)
+        if float(w.norm()) < 0.7071 * before:  # DGKS: a second pass only where the first lost digits (ARPACK)
+            h2 = V.dots(w)
+            V.subtract(w, h2)
+            h = h + h2
+        h = h.numpy()
         T[:j + 1, j] = h
         T[j, :j + 1] = h
         beta = float(w.norm())
@@ -115,23 +126,28 @@ def _lanczos_run(op, k: int = 5, which: str = "both", *, tol: float = 1e-8, max_
         if beta <= 64 * np.finfo(float).eps * scale * math.sqrt(m):  # invariant subspace: continue elsewhere
             w = project(torch.randn(n_full, generator=gen, dtype=torch.float64))
             for _ in range(2):
-                w -= V[:m].T @ (V[:m] @ w)
+                V.subtract(w, V.dots(w))
             if float(w.norm()) <= 1e-8:
                 break
             beta = 0.0
             res = np.zeros_like(res)
         if m == m_max:  # thick restart: keep the wanted Ritz vectors and the best of the rest
             keep = _keep(theta, k, ends, m)
-            Y = torch.from_numpy(S[:, keep].T.copy()) @ V[:m]
+            Y = V.combine(S[:, keep])
             kk = len(keep)
-            V[:kk] = Y
+            V.reset(Y)  # the old rows are released here
+            del Y
             T[:] = 0.0
             T[np.arange(kk), np.arange(kk)] = theta[keep]
             j = kk
             restarts += 1
         else:
             j = m
-        V[j] = w / float(w.norm())
+        cur = w / float(w.norm())
+        V.append(cur)
+        if bdt != torch.float64:
+            cur = V.row(j)  # the product is of the stored (rounded) row, so the recurrence stays consistent
+        del w
 
     m = len(theta)
     scale = max(float(np.max(np.abs(theta))), np.finfo(float).tiny)
@@ -142,11 +158,13 @@ def _lanczos_run(op, k: int = 5, which: str = "both", *, tol: float = 1e-8, max_
         conv = [_converged(theta, res, est, i, tol, scale, strict) for i in idx]
         if m == n and beta <= 1e-6 * scale:  # the whole space: Ritz pairs are eigenpairs
             conv = [True] * len(conv)
-        vecs = (V[:m].T @ torch.from_numpy(S[:, idx].copy())) if return_vectors else None
+        vecs = V.combine(S[:, idx]) if return_vectors else None
         out[end] = RitzPairs(theta[idx].tolist(), res[idx].tolist(), est[idx].tolist(), conv, vecs)
     hvps = getattr(op, "hvps", start_hvps + used) - start_hvps
     return _result(which, out, ends, hvps=hvps, iterations=iterations, restarts=restarts, backend="lanczos")
 
+
+CHECK_TOL = 1e-2  # the multiplicity check's first, cheap pass (verify_extremes)
 
 
 def _end_lists(res: EigenResult, which: str) -> dict[str, RitzPairs]:
@@ -164,15 +182,27 @@ def _further(end: str, a: float, b: float) -> bool:
     return a > b if end == "top" else a < b if end == "bottom" else abs(a) > abs(b)
 
 
+def _inside(end: str, kth: float, v: float, err: float, thresh: float) -> bool:
+    """Does the value v (error bound err) lie inside the k-th found value kth by more than thresh + err?"""
+    d = kth - v if end == "top" else v - kth if end == "bottom" else abs(kth) - abs(v)
+    return d > thresh + err
+
+
 def verify_extremes(op, res: EigenResult, k: int, which: str, *, tol: float = 1e-8, seed: int = 0,
                     strict: bool = False, max_hvps: int | None = None, repair: bool = True, max_rounds: int | None = None,
-                    basis_bytes: float = 2 ** 31, progress=None) -> EigenResult:
+                    basis_bytes: float | None = None, progress=None,
+                    check_tol: float | None = CHECK_TOL) -> EigenResult:
     """Check that no eigenvalue beyond the found ones is missing (a repeated or clustered eigenvalue that one
     Krylov space holds only once). The found eigenvectors are deflated and a Lanczos run from a fresh random
     start finds the extreme eigenvalue of the rest at each end; if it lies further out than the k-th found value
     (by more than the tolerance) it is locked in (`repair`) and the check repeats, else the result stands.
     `converged` becomes False when a check does not converge, the budget runs out, or (repair=False) something
-    was missing. `res` must carry its vectors."""
+    was missing. `res` must carry its vectors.
+
+    Each round first runs the check to the loose `check_tol` (default CHECK_TOL): when the deflated extreme,
+    with its error bound, lies inside the k-th found value by more than the tolerance, that settles it for a
+    fraction of the products; only an undecided round (a copy or a near neighbour of the k-th value) goes on
+    to a full-tolerance run. check_tol=None: every round at full tolerance."""
     ends = _ends(which)
     lists = _end_lists(res, which)
     n = int(op.n)
@@ -193,8 +223,31 @@ def verify_extremes(op, res: EigenResult, k: int, which: str, *, tol: float = 1e
         if left is not None and left < 4:
             ok = False
             break
+        chk_seed = int(seed) + 7919 * (rounds + 1)
+        v0 = None
+        if check_tol is not None and check_tol > tol:
+            # the cheap pass: the deflated extreme to a loose tolerance; it settles the question whenever that
+            # value, with its error bound, lies inside the k-th found one by more than the tolerance (the usual
+            # case: a gap); a copy of the k-th value cannot pass (its Ritz value approaches from inside)
+            before = getattr(op, "hvps", 0)
+            chk = _lanczos_run(op, 1, which, tol=check_tol, seed=chk_seed, return_vectors=True, max_hvps=left,
+                               strict=False, deflate=D, basis_bytes=basis_bytes, progress=progress)
+            spent += getattr(op, "hvps", before + chk.hvps) - before
+            if chk.all_converged:
+                loose = _end_lists(chk, which)
+                scale = max([abs(x) for e in ends for x in lists[e].values + loose[e].values] +
+                            [np.finfo(float).tiny])
+                inside = all(_inside(e, lists[e].values[-1], loose[e].values[0], loose[e].errors[0],
+                                     _thresh(lists[e].values[-1], tol, scale)) for e in ends)
+                if inside:
+                    break  # nothing further out: the result stands
+                v0 = sum(loose[e].vectors[:, 0] for e in ends)  # go on from where the loose pass got to
+            left = None if max_hvps is None else max_hvps - spent
+            if left is not None and left < 4:
+                ok = False
+                break
         before = getattr(op, "hvps", 0)
-        chk = _lanczos_run(op, 1, which, tol=tol, seed=int(seed) + 7919 * (rounds + 1), return_vectors=True,
+        chk = _lanczos_run(op, 1, which, tol=tol, seed=chk_seed, v0=v0, return_vectors=True,
                            max_hvps=left, strict=strict, deflate=D, basis_bytes=basis_bytes, progress=progress)
         spent += getattr(op, "hvps", before + chk.hvps) - before
         if not chk.all_converged:
@@ -230,7 +283,7 @@ def verify_extremes(op, res: EigenResult, k: int, which: str, *, tol: float = 1e
 
 
 def lanczos_tridiagonals(op, starts: torch.Tensor, steps: int, *, reorth: bool | None = None,
-                         basis_bytes: float = 2 ** 31,
+                         basis_bytes: float | None = None,
                          progress: Callable[[int, int], None] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Plain Lanczos from each column of `starts` (n, b), all advanced together by one matmat per step.
 
@@ -241,7 +294,9 @@ def lanczos_tridiagonals(op, starts: torch.Tensor, steps: int, *, reorth: bool |
     n, b = starts.shape
     steps = max(1, min(int(steps), n))
     if reorth is None:
-        reorth = 8.0 * b * steps * n <= basis_bytes
+        from .precision import BASIS_SHARE, available_bytes
+        budget = BASIS_SHARE * available_bytes() if basis_bytes is None else basis_bytes
+        reorth = 8.0 * b * steps * n <= budget
     Q = starts.detach().to("cpu", torch.float64).T.contiguous()  # (b, n): current vectors
     Q = Q / Q.norm(dim=1, keepdim=True)
     basis = torch.zeros(b, steps, n, dtype=torch.float64) if reorth else None

@@ -41,6 +41,22 @@ def rademacher(n: int, count: int, seed: int, start: int = 0, salt: int = _SALT)
     return (torch.stack(cols, dim=1).to(torch.float64) * 2.0 - 1.0) if cols else torch.zeros(n, 0, dtype=torch.float64)
 
 
+PROBE_BYTES = 2 ** 28  # the most memory one block of trace probes (and their products) may take
+
+
+def probe_block(n: int, block: int) -> int:
+    """Probes per block: at most `block`, and few enough that the block and its products (3 float64 n-vectors
+    per probe) stay within PROBE_BYTES: one at a time on a large model."""
+    return max(1, min(int(block), int(PROBE_BYTES // (24 * max(int(n), 1)))))
+
+
+def sketch_fits(n: int, s: int) -> bool:
+    """Does Hutch++'s sketch (S, H S, Q, H Q: 4 blocks of s float64 n-vectors) fit in the Lanczos basis's share
+    of the memory available?"""
+    from .precision import BASIS_SHARE, available_bytes
+    return 4 * 8 * s * n <= BASIS_SHARE * available_bytes()
+
+
 def _quadratic_forms(op, Z: torch.Tensor, block: int, progress=None, done: int = 0, total: int = 0) -> np.ndarray:
     """z^T H z for each column of Z (CPU float64), through op.matmat in blocks."""
     out = []
@@ -62,6 +78,7 @@ def hutchinson(op, probes: int = 100, *, seed: int = 0, block: int = 32,
     """mean of z^T H z over Rademacher z; standard error = sample std / sqrt(probes)."""
     if probes < 2:
         raise UserError(f"Hutchinson needs at least 2 probes for an error bar, got {probes}")
+    block = probe_block(op.n, block)
     x = np.concatenate([_quadratic_forms(op, rademacher(op.n, min(block, probes - s), seed, s), block,
                                          progress, s, probes) for s in range(0, probes, block)])
     return TraceEstimate(method="hutchinson", estimate=float(x.mean()), stderr=_stderr(x), probes=probes,
@@ -78,6 +95,7 @@ def hutchpp(op, probes: int = 99, *, seed: int = 0, block: int = 32,
     s = max(1, probes // 3)
     s = min(s, n)
     rest = probes - 2 * s
+    block = probe_block(n, block)
     S = rademacher(n, s, seed, 0)
     HS = op.matmat(S).detach().to("cpu", torch.float64)
     Q, _ = torch.linalg.qr(HS)
@@ -104,7 +122,9 @@ def adaptive(op, method: str = "hutch++", *, target: float = 0.01, max_probes: i
              block: int = 10, min_samples: int = 10, progress=None) -> TraceEstimate:
     """Probes until the standard error is at most `target` x |estimate| or `max_probes` products are spent
     (`stop` says which). Hutch++: first the exact trace on a sketched top subspace (2s products, s = about a
-    tenth of the budget), then Hutchinson on the deflated rest in blocks of `block` (seeded probe streams)."""
+    tenth of the budget), then Hutchinson on the deflated rest in blocks of `block` (seeded probe streams).
+    Where the sketch would not fit in memory (sketch_fits) the estimate is plain Hutchinson (`method` says
+    so), and probe blocks shrink with the model (probe_block)."""
     if method not in METHODS:
         raise UserError(f"unknown trace method '{method}'; choose one of {list(METHODS)}")
     if not (0 < float(target) < 1):
@@ -114,7 +134,10 @@ def adaptive(op, method: str = "hutch++", *, target: float = 0.01, max_probes: i
         raise UserError(f"max_probes must be at least {least + min_samples - 2} for an adaptive {method} trace, "
                         f"got {max_probes}")
     n, max_probes = op.n, int(max_probes)
+    block = probe_block(n, block)
     Q, exact, s, used = None, 0.0, 0, 0
+    if method == "hutch++" and not sketch_fits(n, min(n, max(1, max_probes // 10))):
+        method = "hutchinson"  # the sketch (4 blocks of s n-vectors) would not fit: plain probes, one block
     if method == "hutch++":
         s = min(n, max(1, max_probes // 10))
         S = rademacher(n, s, seed, 0)

@@ -238,6 +238,7 @@ DOCUMENTED_SUCCESS = {(c, o, v) for c in ("train", "flatness", "gradsim", "close
     ("gradsim", "--resamples", "0"),        # no bootstrap: cosines without error bars
     ("closeness", "--rtol", "0"),           # stop on the absolute gradient norm (--atol) alone
     ("closeness", "--atol", "0"),           # stop on the relative gradient norm (--rtol) alone
+    ("closeness", "--prox-mu", "0"),        # the plain loss, no proximal term
     ("train", "--weight-decay", "0"),       # plain Adam
     ("train", "--warmup", "0"),             # no warmup
     ("train", "--min-lr-ratio", "0"),       # cosine down to 0

@@ -49,6 +49,18 @@ def _measure(d: str) -> dict:
     gs = gradient_similarity(obj, seed=3, resamples=20, per_layer=False)  # rows sharded over ranks
     out.update(gs_cos=gs.cosine, gs_split=[gs.split_half[d] for d in gs.domains], gs_se=gs.cosine_stderr,
                gs_loss=[gs.loss[d] for d in gs.domains])
+    from landscape.closeness import closeness
+    calls = [0]
+    base = obj.loss_fn
+
+    def counted(m, b):
+        calls[0] += 1
+        return base(m, b)
+    cobj = Objective(model, doms, counted)
+    cl = closeness(cobj, max_evals=25, barrier_points=3)  # descents, losses and curvature sharded like flatness
+    out["calls"] = calls[0]
+    out.update(cl_reached=[cl.reached[d] for d in cl.domains], cl_loss=[cl.loss_min[d] for d in cl.domains],
+               cl_grad=[cl.bound.get("stationarity") or 0.0])
     for c in ("hessian", "ggn"):
         out[f"{c}_eig"] = flatness(obj, k=1, which="top", trace=False, curvature=c, max_hvps=12).eigenvalues
         op = make_operator(obj, "code", c)
@@ -63,8 +75,13 @@ def _worker(rank: int, port: int, d: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=60))
     try:
+        out = _measure(d)
+        from landscape.surface import engine
+        # each rank's own timing would pick differently here; the run must still use rank 0's one choice
+        engine.probe = lambda *a, **k: {"pick": "loop" if rank == 0 else "vmap"}
+        out["engine"] = engine.choose_batch("auto", "cpu", object(), names=["code"])
         with open(os.path.join(d, f"rank{rank}.json"), "w") as f:
-            json.dump(_measure(d), f)
+            json.dump(out, f)
     finally:
         dist.destroy_process_group()
 
@@ -79,9 +96,13 @@ def test_two_gloo_processes_equal_one(tmp_path, one_thread):
     single = _measure(str(tmp_path / "single"))
     spawn_and_wait(_worker, (free_port(), str(tmp_path)), WORLD, 180, "workers")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    engines = [r.pop("engine") for r in ranks]
+    assert engines == ["loop", "loop"]  # rank 0's pick, broadcast (rank 1's own probe said vmap)
+    calls = [r.pop("calls") for r in ranks]
+    assert max(calls) < single.pop("calls")  # each rank evaluates only its share of closeness's batches
     assert ranks[0] == ranks[1]  # every rank holds the same all-reduced numbers
     for k, v in single.items():
-        assert _close(ranks[0][k], v), k
+        assert _close(ranks[0][k], v, 1e-8 if k.startswith("cl_") else 1e-10), k
     assert single["hessian_eig"][0] != single["ggn_eig"][0]
 
 

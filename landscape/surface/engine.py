@@ -29,7 +29,8 @@ _OOM = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
 def choose_batch(batch: str, device, obj: Objective | None = None, names: Sequence[str] | None = None,
                  chunk: int | None = None, train_mode: bool = False) -> str:
     """'auto' -> 'vmap' on CUDA (measured 9-19x faster there); elsewhere the faster of the two as measured
-    once on this objective by `probe` (without an objective: 'loop')."""
+    once on this objective by `probe` (without an objective: 'loop'). Under torchrun the probe runs on rank 0
+    only and its pick is broadcast, so every rank uses one engine and results do not depend on timing noise."""
     if batch not in BATCH_MODES:
         raise UserError(f"unknown batch mode '{batch}'; choose one of {list(BATCH_MODES)}")
     if batch != "auto":
@@ -38,7 +39,12 @@ def choose_batch(batch: str, device, obj: Objective | None = None, names: Sequen
         return "vmap"
     if obj is None:
         return "loop"
-    return probe(obj, names or list(obj.domains), chunk, train_mode=train_mode)["pick"]
+    from .. import distributed as dist
+
+    if not dist.active():
+        return probe(obj, names or list(obj.domains), chunk, train_mode=train_mode)["pick"]
+    pick = probe(obj, names or list(obj.domains), chunk, train_mode=train_mode)["pick"] if dist.is_main() else "loop"
+    return dist.broadcast_choice(pick, ("vmap", "loop"))
 
 
 def probe(obj: Objective, names: Sequence[str], chunk: int | None = None, points: int = 16, repeats: int = 2,
