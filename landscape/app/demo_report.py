@@ -7,6 +7,7 @@ from pathlib import Path
 from ..closeness import ClosenessResult
 from ..gradsim import GradSimResult
 from ..render.demo_curves import ARM_NAMES, training_figure
+from ..render.forest import forest_figure
 from ..render.geometry import closeness_figure, gradsim_figure
 from ..render.mechanism import mechanism_figure
 from ..render.style import METRICS, domain_label
@@ -40,6 +41,14 @@ def _ci(p: dict) -> str:
     return f"[{p['ci_low']:+.3g}, {p['ci_high']:+.3g}]"
 
 
+def _g(v) -> str:
+    return "n/a" if v is None else f"{v:.3g}"
+
+
+def _mean(p: dict) -> str:
+    return "n/a" if p.get("mean") is None else f"{p['mean']:+.3g}"
+
+
 def reading(summary: dict) -> str:
     """What the paired intervals support, nothing else: the same sentence template whichever way they fall."""
     lines = []
@@ -60,11 +69,20 @@ def reading(summary: dict) -> str:
                 continue
             if p["verdict"] in ("above zero", "below zero"):
                 lines.append(f"<li>{html.escape(_label(p['metric']))}: {html.escape(p['reading'])}</li>")
+        nulls = [p for p in s["paired"] if p["verdict"] == "includes zero" and p["metric"] != "train_loss"
+                 and not p["metric"].startswith("loss:")]
+        for p in nulls:
+            lines.append(f"<li>{html.escape(_label(p['metric']))}, {html.escape(p['arm'])} - "
+                         f"{html.escape(p['baseline'])}: {_mean(p)} {_ci(p)}: "
+                         + ("exactly zero in every seed" if p.get("sd") == 0 else
+                            f"not detectable at this power (MDE {_g(p.get('mde'))})") + "</li>")
         lines.append("</ul>")
         sup = sum(p["verdict"] in ("above zero", "below zero") for p in s["paired"])
-        lines.append(f"<p>{sup} of {len(s['paired'])} paired comparisons have a 95% interval that excludes zero "
-                     f"(listed above); for every other metric and pair the interval includes zero or fewer than two "
-                     f"seeds were measured, so no difference is supported (full table below).</p>")
+        lines.append(f"<p>{sup} of {len(s['paired'])} paired comparisons have a 95% interval that excludes zero; "
+                     f"where it includes zero the study could not have seen an effect smaller than its minimum "
+                     f"detectable effect (MDE: the true mean difference a two-sided paired t-test on these "
+                     f"{seeds} seeds detects with 80% power, from the differences' standard deviation); the forest "
+                     f"plot and the full table are below.</p>")
     lines.append(f"<p>Mechanism toy: {html.escape(MechanismResult.from_dict(summary['mechanism']).reading())}</p>")
     return "".join(lines)
 
@@ -165,20 +183,25 @@ def write_report(summary: dict, out: Path) -> Path:
         rep.table(["seed", *[ARM_NAMES[a] for a in ARMS]],
                   [[r["seed"], *[st[a][i] if st[a][i] is not None else "-" for a in ARMS]]
                    for i, r in enumerate(s["per_seed"])], caption=suite)
-        rep.table(["pair", "mean", "95% CI", "seeds + / - of n", "reading"],
+        rep.table(["pair", "mean", "95% CI", "seeds + / - of n", "MDE (80%)", "reading"],
                   [[f"{p['arm']} - {p['baseline']}", "n/a" if p["mean"] is None else p["mean"], _ci(p),
-                    f"{p['positive']} / {p['negative']} of {p['n']}", p["reading"]] for p in s["speed"]["paired"]])
+                    f"{p['positive']} / {p['negative']} of {p['n']}", _g(p.get("mde")), p["reading"]]
+                   for p in s["speed"]["paired"]])
 
     rep.section("paired", "Paired differences over seeds",
                 "Every metric at the matched checkpoints: per-seed difference, mean, 95% t-interval and how many "
-                "seeds agree in sign. n counts the seeds where both values exist (an unconverged closeness has none).")
+                "seeds agree in sign, and the minimum detectable effect (MDE) at 80% power for the seeds it had. n "
+                "counts the seeds where both values exist (an unconverged closeness has none).")
+    for suite, s in summary["suites"].items():
+        fig(forest_figure(s["paired"], _label, title=suite), f"forest-{suite}",
+            f"{suite}: every paired comparison, 95% interval, MDE band")
     for suite, s in summary["suites"].items():
         rows = [[_label(p["metric"]), f"{p['arm']} - {p['baseline']}",
                  ", ".join("-" if d is None else f"{d:+.3g}" for d in p["diffs"]),
                  "n/a" if p["mean"] is None else p["mean"], _ci(p), f"{p['positive']} / {p['negative']} of {p['n']}",
-                 p["verdict"]] for p in s["paired"]]
-        rep.table(["metric", "pair", "per-seed differences", "mean", "95% CI", "seeds + / - of n", "interval"], rows,
-                  caption=suite)
+                 _g(p.get("mde")), p["verdict"]] for p in s["paired"]]
+        rep.table(["metric", "pair", "per-seed differences", "mean", "95% CI", "seeds + / - of n", "MDE (80%)",
+                   "interval"], rows, caption=suite)
 
     rep.section("geometry", "Geometry at equal training loss, per arm",
                 "Flatness (top Hessian eigenvalue, Hutch++ trace), gradient similarity (mean cosine between trained "
