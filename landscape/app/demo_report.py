@@ -14,7 +14,7 @@ from ..render.style import METRICS, domain_label
 from ..render.surface import compare_figure, html_figure
 from ..render.toys import figure2_plot, trajectory_plot
 from ..surface import SurfaceResult
-from .mechanism import MechanismResult
+from .mechanism import MechanismResult, sweep_reading
 from .report import Report
 from .toys import Figure2Result, TrajectoryToyResult
 
@@ -84,6 +84,8 @@ def reading(summary: dict) -> str:
                      f"{seeds} seeds detects with 80% power, from the differences' standard deviation); the forest "
                      f"plot and the full table are below.</p>")
     lines.append(f"<p>Mechanism toy: {html.escape(MechanismResult.from_dict(summary['mechanism']).reading())}</p>")
+    if summary.get("mechanism_distance"):
+        lines.append(f"<p>Mechanism toy against the start distance: {html.escape(sweep_reading(summary['mechanism_distance']))}</p>")
     return "".join(lines)
 
 
@@ -120,11 +122,33 @@ def write_report(summary: dict, out: Path) -> Path:
     mech = MechanismResult.from_dict(summary["mechanism"])
     cols = ["arm", "gamma", "n", "frac_shared", "frac_separated", "train_mean", "downstream_mean", "drift_mean"]
     rep.table(cols, [[r.get(c) if r.get(c) is not None else "-" for c in cols] for r in mech.table])
-    rep.table(["gamma", "Nexus - control: shared fraction", "runs moved in / out", "downstream loss", "drift"],
-              [[sh["gamma"], sh["d_frac_shared"], f"{sh['n_more_shared']} / {sh['n_less_shared']}",
-                f"{sh['d_downstream']:+.3g} ± {sh['d_downstream_stderr'] or 0:.2g}",
-                f"{sh['d_drift']:+.3g} ± {sh['d_drift_stderr'] or 0:.2g}"] for sh in mech.shifts])
+    def ci(v, fmt="+.3g"):
+        return "n/a" if not v or v[0] is None else f"[{v[0]:{fmt}}, {v[1]:{fmt}}]"
+
+    rep.table(["gamma", "Nexus - control: shared fraction [95% CI]", "runs (starts) moved in / out",
+               "downstream loss [95% CI]", "drift [95% CI]"],
+              [[sh["gamma"], f"{sh['d_frac_shared']:+.0%} {ci(sh.get('d_frac_shared_ci'), '+.0%')}",
+                f"{sh['n_more_shared']} ({sh.get('starts_more_shared', '?')}) / {sh['n_less_shared']} "
+                f"({sh.get('starts_less_shared', '?')})",
+                f"{sh['d_downstream']:+.3g} {ci(sh.get('d_downstream_ci'))}",
+                f"{sh['d_drift']:+.3g} {ci(sh.get('d_drift_ci'))}"] for sh in mech.shifts],
+              caption="Intervals are over starts (t, n_starts - 1 df): the domain orders of one start are not "
+                      "independent runs, and AdamW and the control run once per start")
+    if mech.expansion_check:
+        rep.table(["gamma", "median |exact - first - second| / |second| over starts", "max"],
+                  [[e["gamma"], e["median_residual_over_second"], e["max_residual_over_second"]]
+                   for e in mech.expansion_check], caption="one outer step's exact mean displacement against the "
+                                                           "second-order expansion, at each start")
     rep.text(html.escape(mech.reading()).replace("\n", "<br>"))
+    if summary.get("mechanism_distance"):
+        sw = summary["mechanism_distance"]
+        gs = [p["gamma"] for p in sw[0]["per_gamma"]]
+        rep.table(["start distance from the ridge", "runs (starts)", "AdamW",
+                   *[f"{arm} gamma={g:g}" for g in gs for arm in ("control", "Nexus")]],
+                  [[e["distance"], f"{e['runs']} ({e['n_starts']})", f"{e['adamw']:.0%}",
+                    *[f"{p[arm]:.0%}" for p in e["per_gamma"] for arm in ("control", "nexus")]] for e in sw],
+                  caption="fraction of runs ending in the shared basin against how far from the ridge they start")
+        rep.text(html.escape(sweep_reading(sw)).replace("\n", "<br>"))
     fig(mechanism_figure(mech), "mechanism", "Mechanism toy: contours, basins, sample paths, fractions vs gamma")
 
     rep.section("figure2", "Figure 2 of the paper, reproduced exactly",

@@ -106,7 +106,7 @@ def mechanism_figure(r: MechanismResult) -> Figure:
     for key, ls in (("shared", "-."), ("separated", ":")):
         ax2.axhline(bl[key]["downstream"], color="grey", ls=ls, lw=1, label=f"at the {key} minimum")
     _gamma_axis(ax2, g)
-    ax2.set_ylabel("downstream loss at the end (mean +- stderr over runs)")
+    ax2.set_ylabel("downstream loss at the end (mean +- stderr, clustered by start)")
     ax2.set_title("(c) downstream loss reached")
     ax2.legend(fontsize=7, loc="best")
 
@@ -121,7 +121,7 @@ def mechanism_figure(r: MechanismResult) -> Figure:
     ax3.plot(g, [x["d_frac_shared"] for x in sh], color="tab:green", ls="--", marker="s",
              label="shared-basin fraction")
     _gamma_axis(ax3, g)
-    ax3.set_ylabel(f"Nexus minus control (paired over the {n} runs)")
+    ax3.set_ylabel(f"Nexus minus control (paired; +- stderr over {r.settings.get('n_starts', '?')} starts)")
     ax3.set_title("(d) what the walk adds")
     ax3.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), frameon=False)
     fig.suptitle(f"The mechanism on a 2-D toy: AdamW vs the control (Nexus without the walk) vs Nexus; "
