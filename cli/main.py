@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 # each module registers its command(s) on the app
-from . import alignment, closeness, demo, flatness, gradsim, mechanism, surface, train  # noqa: F401
+from . import alignment, closeness, demo, flatness, gradsim, mechanism, study, surface, train  # noqa: F401
 from .app import app
 
 

@@ -1,6 +1,8 @@
 """Minimum detectable effects of the paired t-test against scipy's own power computation and a simulation."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -44,3 +46,8 @@ def test_reading_states_the_power_of_a_null():
     s = paired("m", "a", "b", [0, 1, 2, 3], [1.0, 1.1, 0.9, 1.05], [0.0] * 4)
     assert s.verdict == "above zero" and "(MDE" in s.reading
     assert p.to_dict()["mde"] == p.mde
+
+
+def test_mde_with_two_seeds_is_finite():
+    e = mde(1.0, 2)  # one degree of freedom: scipy's far tail is NaN there, the power is not
+    assert math.isfinite(e) and power_t(e, 1.0, 2) == pytest.approx(0.8, abs=1e-9)

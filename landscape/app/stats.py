@@ -59,8 +59,9 @@ def power_t(effect: float, sd: float, n: int, level: float = 0.95) -> float:
     difference is `effect` and the differences' standard deviation `sd` (noncentral t, n - 1 df)."""
     df = n - 1
     crit = float(_st.t.ppf(0.5 + level / 2, df))
-    nc = effect * math.sqrt(n) / sd
-    return float(_st.nct.sf(crit, df, nc) + _st.nct.cdf(-crit, df, nc))
+    nc = abs(effect) * math.sqrt(n) / sd
+    lower = float(_st.nct.cdf(-crit, df, nc))  # the far tail: scipy returns NaN where it is below ~1e-16
+    return float(_st.nct.sf(crit, df, nc)) + (lower if math.isfinite(lower) else 0.0)
 
 
 def mde(sd: Optional[float], n: int, level: float = 0.95, power: float = 0.8) -> Optional[float]:
