@@ -23,7 +23,8 @@ def test_k1_null_is_zero(study):
     from landscape.app.study import NULL_TOL
 
     mx = study["null_max_abs_diff"]
-    assert set(mx) == {"train_loss", "ood_loss", "mean_cosine", "rate_difference"}
+    assert set(mx) == {"train_loss", "ood_loss", "mean_cosine", "rate_difference", "end:train_loss",
+                       "end:ood_loss", "end:mean_cosine"}
     assert all(v <= NULL_TOL for v in mx.values()), mx
     assert mx["rate_difference"] < 1e-12  # K = 1 has no second-order term: the directions coincide
     assert next(o for o in study["outcomes"] if o["id"] == "null")["outcome"] == "held"

@@ -39,6 +39,8 @@ PREDICTIONS = [
     ("cosine_positive", "At equal training loss Nexus's mean cross-domain gradient cosine is higher than the "
                         "control's, the more so the larger gamma."),
     ("ood_lower", "At equal training loss Nexus's OOD loss is lower than the control's."),
+    ("end_cosine", "At the end of training (same steps, not equal loss) Nexus's tracked gradient cosine is higher "
+                   "than the control's."),
 ]
 
 
@@ -116,8 +118,21 @@ def _measure(path: str, cfg: StudyConfig, gamma: float, K: int, seed: int) -> di
 
 
 METRICS = ("train_loss", "ood_loss", "mean_cosine", "rate_difference")
+END_METRICS = ("end:train_loss", "end:ood_loss", "end:mean_cosine")  # at the last step: not at equal loss
 METRIC_LABELS = {"train_loss": "training loss (matched)", "ood_loss": "OOD loss", "mean_cosine":
-                 "mean cross-domain gradient cosine", "rate_difference": "alignment rate difference at the checkpoint"}
+                 "mean cross-domain gradient cosine", "rate_difference": "alignment rate difference at the checkpoint",
+                 "end:train_loss": "training loss at the end (not matched)",
+                 "end:ood_loss": "OOD loss at the end (not matched)",
+                 "end:mean_cosine": "gradient cosine at the end (tracker; not matched)"}
+
+
+def _end(run: Path) -> dict:
+    """The last evaluation's training and OOD losses and the tracker's last mean cosine of a run."""
+    ev = eval_records(run)[-1]
+    cos = gradsim_records(run)
+    ood = [v for d, v in ev["losses"].items() if d == "ood"] or [None]
+    return {"end:train_loss": ev["train_loss"], "end:ood_loss": ood[0],
+            "end:mean_cosine": cos[-1]["mean_cosine"] if cos else None}
 
 
 def _value(m: dict, key: str):
@@ -156,9 +171,11 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = lambda m: None) -> 
             nx = _run(cfg, f"nexus-g{g:g}-s{s}", "nexus", g, s, log)
             cp = _copy_run(ctrl, out / "runs" / f"control-g{g:g}-s{s}")
             rec["gammas"][f"{g:g}"] = _arm_pair(cfg, {"nexus": nx, "control": cp}, "nexus", "control", g, K, s, log)
+            rec["gammas"][f"{g:g}"]["end"] = {"nexus": _end(nx), "control": _end(ctrl)}
         n1 = _run(cfg, f"nexus-K1-s{s}", "nexus", cfg.null_gamma, s, log, accum=1)
         c1 = _run(cfg, f"control-K1-s{s}", "nexus-parallel", cfg.null_gamma, s, log, accum=1)
         rec["null"] = _arm_pair(cfg, {"nexus": n1, "control": c1}, "nexus", "control", cfg.null_gamma, 1, s, log)
+        rec["null"]["end"] = {"nexus": _end(n1), "control": _end(c1)}
         per_seed.append(rec)
     seeds = [r["seed"] for r in per_seed]
 
@@ -171,6 +188,9 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = lambda m: None) -> 
                 out_.append(paired(k, arm_name, "zero", seeds, a, [0.0] * len(a)).to_dict())
             else:
                 out_.append(paired(k, arm_name, base_name, seeds, a, b).to_dict())
+        for k in END_METRICS:
+            a, b = ([get(r)["end"][x][k] for r in per_seed] for x in ("nexus", "control"))
+            out_.append(paired(k, arm_name, base_name, seeds, a, b).to_dict())
         return out_
 
     comparisons = []
@@ -209,6 +229,8 @@ def _null_max(per_seed: list) -> dict:
             a, b = (_value(r["null"]["matched"][x]["metrics"], k) for x in ("nexus", "control"))
             vals.append(abs(a) if k == "rate_difference" else abs(a - b))
         out[k] = max(vals)
+    for k in END_METRICS:
+        out[k] = max(abs(r["null"]["end"]["nexus"][k] - r["null"]["end"]["control"][k]) for r in per_seed)
     return out
 
 
@@ -266,4 +288,7 @@ def outcomes(summary: dict) -> list[dict]:
     ood = [_find(comps, "ood_loss", g) for g in gammas]
     res.append({"id": "ood_lower", "outcome": "; ".join(f"gamma {g:g} {_word(p, -1)}" for g, p in zip(gammas, ood)),
                 "detail": "; ".join(p["reading"] for p in ood)})
+    end = [_find(comps, "end:mean_cosine", g) for g in gammas]
+    res.append({"id": "end_cosine", "outcome": "; ".join(f"gamma {g:g} {_word(p, +1)}" for g, p in zip(gammas, end)),
+                "detail": "; ".join(p["reading"] for p in end)})
     return res
