@@ -220,7 +220,7 @@ def alignment(obj: Objective, *, gammas: Sequence[float] = DEFAULT_GAMMAS, K: in
     work = obj.to(dtype=torch.float64)
     f = _Fields(work)
     x0 = get_flat(f.params, torch.float64)
-    per_gamma_work = (N * (n_orders - 1) // max(N - 1, 1) if N > 1 else K) if exact else samples
+    per_gamma_work = ((n_orders - 1) // (N - 1) if N > 1 else K) if exact else samples  # tree nodes / orders
     total, done = len(gammas) * per_gamma_work + 2 * N, 0
 
     def tick(what="walk"):

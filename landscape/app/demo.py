@@ -20,6 +20,7 @@ from nexus_opt.checkpoint import list_checkpoints, read_checkpoint
 from nexus_opt.suites import make_suite
 from nexus_opt.train import TrainConfig, resume, train
 
+from ..alignment import alignment
 from ..closeness import closeness
 from ..flatness import flatness
 from ..gradsim import gradient_similarity
@@ -192,6 +193,9 @@ def _analyse(path: str, plan: SuitePlan, device: str, seed: int, surf_minima: bo
     t0 = time.time()
     res = {"path": path, "step": obj.meta["step"], "losses": obj.losses(), "ood": obj.ood}
     res["gradsim"] = gradient_similarity(obj, seed=seed, per_layer=False).to_dict()
+    # the mechanism at this checkpoint, noise-free: the cosine's rate along Nexus's vs the control's expected step
+    res["alignment"] = alignment(small, gammas=[float(plan.nexus.get("inner_lr", 0.01))],
+                                 K=int(plan.train.get("accum", 4)), seed=seed, samples=64).to_dict()
     cobj = _proximal(small, plan.closeness_prox).select(plan.closeness_params)
     cl = closeness(cobj, seed=seed, keep_minima=surf_minima and not plan.closeness_params, **plan.closeness,
                    progress=task(f"closeness {name}") if task else None)
@@ -216,7 +220,10 @@ def _metrics(a: dict) -> dict:
             "ood_loss": statistics.fmean(a["losses"][d] for d in ood) if ood else None,
             "mean_cosine": gs.get("mean_offdiag_cosine"), "conflict_rate": gs.get("conflict_rate"),
             "spread": cl.get("spread"), "mean_sq_distance": cl.get("mean_sq_distance"),
-            "thm31_bound": bound, "top_eigenvalue": (fl.get("eigenvalues") or [None])[0],
+            "thm31_bound": bound,
+            "alignment_rate": ((a.get("alignment") or {}).get("per_gamma") or [{}])[0].get("rate_cosine", {}).get(
+                "difference"),
+            "top_eigenvalue": (fl.get("eigenvalues") or [None])[0],
             "trace": fl.get("trace")}
 
 
