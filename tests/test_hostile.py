@@ -213,6 +213,8 @@ def _base_args(command: str, run: Path, tmp: Path) -> list[str]:
         "closeness": [str(run), "--device", "cpu", "--max-steps", "20"],
         "plot-surface": [str(run), "--device", "cpu", "--grid", "5", "--descent-steps", "20", "--out", str(tmp / "surf")],
         "mechanism": ["--gammas", "0.2", "--orders", "1", "--starts", "2", "--steps", "4", "--out", str(tmp / "mech")],
+        "alignment": [str(run), "--device", "cpu", "--gammas", "0.1", "--K", "2"],
+        "study": ["--quick", "--out", str(tmp / "study")],  # every hostile value is refused before any training
     }[command]
 
 
@@ -225,7 +227,8 @@ def _with(args: list[str], option: str, value: str) -> list[str]:
 
 
 # The only hostile option values that succeed: each is a meaningful setting.
-DOCUMENTED_SUCCESS = {(c, o, v) for c in ("train", "flatness", "gradsim", "closeness", "plot-surface", "mechanism")
+DOCUMENTED_SUCCESS = {(c, o, v) for c in ("train", "flatness", "gradsim", "closeness", "plot-surface", "mechanism",
+                                          "alignment")
                       for o in ("--seed", "--data-seed") for v in ("0", "-1")} | {
     ("gradsim", "--resamples", "0"),        # no bootstrap: cosines without error bars
     ("closeness", "--rtol", "0"),           # stop on the absolute gradient norm (--atol) alone
