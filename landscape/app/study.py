@@ -195,7 +195,7 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = lambda m: None) -> 
 
     comparisons = []
     for g in gammas:
-        for p in pairs_for(lambda r, g=g: r["gammas"][f"{g:g}"], f"nexus gamma={g:g}", f"control gamma={g:g}"):
+        for p in pairs_for(lambda r, g=g: r["gammas"][f"{g:g}"], f"nexus gamma={g:g}", "control"):
             comparisons.append({**p, "gamma": g, "K": K})
     null = [{**p, "gamma": cfg.null_gamma, "K": 1}
             for p in pairs_for(lambda r: r["null"], "nexus K=1", "control K=1")]

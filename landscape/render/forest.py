@@ -21,7 +21,8 @@ def forest_figure(pairs: Sequence[dict], label: Callable[[str], str] = str, titl
         fig.text(0.5, 0.5, "no paired comparisons", ha="center")
         return _save(fig, path)
     rows = -(-len(metrics) // cols)
-    fig = Figure(figsize=(4.2 * cols, 0.35 + 1.25 * rows))
+    fig = Figure(figsize=(4.6 * cols, 0.6 + 0.3 * max(len([p for p in pairs if p["metric"] == m]) for m in metrics) * rows
+                          + 0.6 * rows))
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, m in zip(axes, metrics):
         ps = [p for p in pairs if p["metric"] == m]
