@@ -284,9 +284,9 @@ def alignment(obj: Objective, *, gammas: Sequence[float] = DEFAULT_GAMMAS, K: in
         rows.append({
             "gamma": gamma, "norm_exact": point["norm_exact"], "norm_first": float(first.norm()),
             "norm_second": snorm, "norm_remainder": point["norm_remainder"],
-            "remainder_over_second": num(point["remainder_over_second"]) if point["remainder_over_second"] is not None else None,
+            "remainder_over_second": num(point["remainder_over_second"]),
             "second_cosine_with_cosine_gradient": sc,
-            "rate_cosine": {"nexus": num(point["rate_cosine.nexus"]) if rn["cosine"] is not None else None,
+            "rate_cosine": {"nexus": num(point["rate_cosine.nexus"]),
                             "control": rcc,
                             "difference": point["rate_cosine.difference"],
                             "predicted_difference": None if rp["cosine"] is None else float(rp["cosine"]) - rcc},

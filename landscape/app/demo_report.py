@@ -229,7 +229,8 @@ def write_report(summary: dict, out: Path) -> Path:
 
     rep.section("geometry", "Geometry at equal training loss, per arm",
                 "Flatness (top Hessian eigenvalue, Hutch++ trace), gradient similarity (mean cosine between trained "
-                "domains, conflict rate) and closeness (spread of the per-domain minima, Theorem 3.1 bound), "
+                "domains, conflict rate) and closeness (spread of the per-domain minima, Theorem 3.1 bound: "
+                "reported only where the checkpoint is a stationary point of the average loss, else n/a), "
                 "mean ± std over seeds; closeness objective and convergence per suite below.")
     for suite, s in summary["suites"].items():
         agg = s["aggregate"]
