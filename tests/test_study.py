@@ -84,3 +84,16 @@ def test_control_is_the_same_at_every_gamma(tmp_path):
 def test_cli_bad_input_is_one_line(tmp_path, args, contains):
     r = invoke_cli("study", "--out", str(tmp_path / "s"), "--quick", *args)
     assert_one_line_error(r.exit_code, r.stderr, contains=contains)
+
+
+def test_a_finished_run_is_reused_only_with_the_same_config(tmp_path):
+    from landscape.app.study import StudyConfig, _run
+
+    tr = dict(suite="mix", suite_options={"eval_batches": 1, "eval_batch_size": 8}, steps=4, batch_size=4, accum=2,
+              warmup=1, lr=0.01, weight_decay=0.0, eval_every=2, ckpt_every=2)
+    cfg = StudyConfig(out=str(tmp_path), device="cpu", train=tr, gradsim_every=2)
+    log = []
+    _run(cfg, "r", "nexus", 0.1, 0, log.append)
+    _run(cfg, "r", "nexus", 0.1, 0, log.append)
+    _run(cfg, "r", "nexus", 0.2, 0, log.append)  # another gamma: not the same run
+    assert log == ["train r", "reuse r", "train r"]

@@ -79,9 +79,14 @@ def _run(cfg: StudyConfig, name: str, optimizer: str, gamma: float, seed: int, l
     out = Path(cfg.out) / "runs" / name
     tc = TrainConfig(**{**cfg.train, **over}, optimizer=optimizer, inner_lr=gamma, seed=seed, device=cfg.device,
                      out=str(out))
-    if list_checkpoints(out) and read_checkpoint(out).step >= tc.steps:
-        log(f"reuse {name}")
-        return out
+    if list_checkpoints(out):
+        last = read_checkpoint(out)
+        saved = dict(last.manifest.get("trainer", {}).get("config") or {})
+        want = json.loads(json.dumps(dataclasses.asdict(tc)))
+        same = all(saved.get(k) == v for k, v in want.items() if k not in ("out", "device"))
+        if same and last.step >= tc.steps:
+            log(f"reuse {name}")
+            return out
     if out.exists():
         shutil.rmtree(out)
     log(f"train {name}")
