@@ -36,6 +36,8 @@ PREDICTIONS = [
     ("rate_positive", "At the matched checkpoints the mean cross-domain cosine rises faster along Nexus's "
                       "expected step than along the control's (alignment rate difference > 0) at every gamma."),
     ("rate_grows", "That rate difference grows with gamma."),
+    ("rate_fixed_point", "At the control's matched checkpoint (the same trained point for every gamma of a seed) the "
+                         "rate difference is positive at every gamma and grows with gamma in every seed."),
     ("cosine_positive", "At equal training loss Nexus's mean cross-domain gradient cosine is higher than the "
                         "control's, the more so the larger gamma."),
     ("ood_lower", "At equal training loss Nexus's OOD loss is lower than the control's."),
@@ -125,7 +127,8 @@ def _measure(path: str, cfg: StudyConfig, gamma: float, K: int, seed: int) -> di
 METRICS = ("train_loss", "ood_loss", "mean_cosine", "rate_difference")
 END_METRICS = ("end:train_loss", "end:ood_loss", "end:mean_cosine")  # at the last step: not at equal loss
 METRIC_LABELS = {"train_loss": "training loss (matched)", "ood_loss": "OOD loss", "mean_cosine":
-                 "mean cross-domain gradient cosine", "rate_difference": "alignment rate difference at the checkpoint",
+                 "mean cross-domain gradient cosine", "rate_difference": "alignment rate difference at Nexus's checkpoint",
+                 "rate_difference@control": "alignment rate difference at the control's checkpoint",
                  "end:train_loss": "training loss at the end (not matched)",
                  "end:ood_loss": "OOD loss at the end (not matched)",
                  "end:mean_cosine": "gradient cosine at the end (tracker; not matched)"}
@@ -189,8 +192,9 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = lambda m: None) -> 
         for k in METRICS:
             a = [_value(get(r)["matched"]["nexus"]["metrics"], k) for r in per_seed]
             b = [_value(get(r)["matched"]["control"]["metrics"], k) for r in per_seed]
-            if k == "rate_difference":  # one quantity per checkpoint: Nexus's matched point against zero
+            if k == "rate_difference":  # one quantity per checkpoint, against zero: at Nexus's and the control's
                 out_.append(paired(k, arm_name, "zero", seeds, a, [0.0] * len(a)).to_dict())
+                out_.append(paired("rate_difference@control", arm_name, "zero", seeds, b, [0.0] * len(b)).to_dict())
             else:
                 out_.append(paired(k, arm_name, base_name, seeds, a, b).to_dict())
         for k in END_METRICS:
@@ -253,6 +257,10 @@ def _find(comps: list, metric: str, gamma: float) -> dict:
     return next(c for c in comps if c["metric"] == metric and math.isclose(c["gamma"], gamma))
 
 
+def _ci_text(p: dict) -> str:
+    return "" if p.get("ci_low") is None else f"[{p['ci_low']:+.3g}, {p['ci_high']:+.3g}]"
+
+
 def _word(p: dict, sign: int) -> str:
     """held / contradicted / not detectable for a prediction of sign `sign` on one paired comparison."""
     v = p["verdict"]
@@ -287,6 +295,19 @@ def outcomes(summary: dict) -> list[dict]:
     res.append({"id": "rate_grows", "outcome": ("held" if sep else "held in the means (intervals overlap)" if grows
                                                 else "contradicted" if len(means) > 1 else "not tested"),
                 "detail": "means " + ", ".join("n/a" if m is None else f"{m:+.3g}" for m in means)})
+    fixed = [_find(comps, "rate_difference@control", g) for g in gammas]
+    fw = [_word(p, +1) for p in fixed]
+    per_seed_vals = list(zip(*[p["diffs"] for p in fixed]))  # per seed: the rates over gamma
+    mono = sum(all(v is not None for v in row) and all(b > a for a, b in zip(row, row[1:])) for row in per_seed_vals)
+    pos = all(w == "held" for w in fw)
+    res.append({"id": "rate_fixed_point",
+                "outcome": ("held" if pos and mono == len(per_seed_vals) else
+                            "contradicted" if any(w == "contradicted" for w in fw) else
+                            f"partly: interval above zero at {sum(w == 'held' for w in fw)} of {len(fw)} gammas; "
+                            f"grows with gamma in {mono} of {len(per_seed_vals)} seeds"),
+                "detail": "; ".join(f"gamma {g:g}: {p['mean']:+.3g} {_ci_text(p)} ({w})"
+                                    for g, p, w in zip(gammas, fixed, fw) if p["mean"] is not None)
+                          + f"; grows with gamma in {mono} of {len(per_seed_vals)} seeds"})
     cos = [_find(comps, "mean_cosine", g) for g in gammas]
     res.append({"id": "cosine_positive", "outcome": "; ".join(f"gamma {g:g} {_word(p, +1)}" for g, p in zip(gammas, cos)),
                 "detail": "; ".join(p["reading"] for p in cos)})

@@ -11,6 +11,7 @@ from scipy import stats
 from .style import OPTIMIZER_COLORS
 
 PANELS = (("rate_difference", "alignment rate difference\n(Nexus's matched checkpoint)"),
+          ("rate_difference@control", "alignment rate difference\n(the control's matched checkpoint)"),
           ("mean_cosine", "mean gradient cosine,\nNexus - control at equal loss"),
           ("ood_loss", "OOD loss,\nNexus - control at equal loss"),
           ("end:mean_cosine", "gradient cosine at the end,\nNexus - control (not at equal loss)"))
