@@ -73,8 +73,22 @@ def closeness_table(results: list, labels: list[str]) -> Table:
     row("spread sigma^2", lambda r: unconv if r.spread is None else _g(r.spread), style="bold")
     row("mean sq distance (measured)", lambda r: unconv if r.mean_sq_distance is None else _g(r.mean_sq_distance),
         style="bold")
-    row("Theorem 3.1 bound", lambda r: _g(r.bound.get("value")) if r.bound.get("value") is not None
-        else f"n/a ({r.bound.get('note', '')})", style="bold")
+    def applicable(r):
+        a = r.bound.get("applicable")
+        rel = r.bound.get("relative_stationarity")
+        what = "" if rel is None else f" (||mean g|| / mean ||g_k|| = {rel:.2g})"
+        return ("yes" if a else "[yellow]no: not a stationary point[/yellow]" if a is not None else "n/a") + what
+
+    def bound(r):
+        b = r.bound
+        if b.get("value") is not None:
+            return _g(b["value"])
+        if b.get("applicable") is False:
+            return "not applicable" + (f" (formula gives {_g(b['evaluated'])})" if b.get("evaluated") is not None
+                                       else "")
+        return f"n/a ({b.get('note', '')})"
+    row("Thm 3.1 applicable (||mean g|| <= 0.05 mean ||g_k||)", applicable, style="bold")
+    row("Theorem 3.1 bound", bound, style="bold")
     row("bound holds", lambda r: {True: "yes", False: "[red]no[/red]", None: "n/a"}[r.bound.get("holds")])
     row("stationarity ||mean_k g_k||", lambda r: _g(r.bound.get("stationarity")))
     return t

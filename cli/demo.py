@@ -77,7 +77,7 @@ def demo_cmd(
     names = {"adamw": "AdamW", "control": "control", "nexus": "Nexus"}
     for suite, s in summary["suites"].items():
         t = Table(title=f"{suite}: at equal training loss (mean ± std over {len(cfg.seeds)} seeds) and paired "
-                        "differences (mean [95% CI], seeds +/-)")
+                        "differences (mean [95% CI], seeds +/-, minimum detectable effect at 80% power)")
         for c in ("metric", *names.values(), "Nexus - AdamW", "Nexus - control", "control - AdamW"):
             t.add_column(c, justify="left" if c == "metric" else "right")
         pairs = {(p["metric"], p["arm"], p["baseline"]): p for p in s["paired"]}
@@ -100,7 +100,9 @@ def demo_cmd(
 def _ci(p: dict) -> str:
     if p["ci_low"] is None:
         return "n/a"
-    return f"{p['mean']:+.3g} [{p['ci_low']:+.3g}, {p['ci_high']:+.3g}] {p['positive']}/{p['negative']}"
+    mde = p.get("mde")
+    return (f"{p['mean']:+.3g} [{p['ci_low']:+.3g}, {p['ci_high']:+.3g}] {p['positive']}/{p['negative']}"
+            + ("" if mde is None else f" MDE {mde:.2g}"))
 
 
 def _pm(s: dict) -> str:

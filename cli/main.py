@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 # each module registers its command(s) on the app
-from . import closeness, demo, flatness, gradsim, mechanism, surface, train  # noqa: F401
+from . import alignment, closeness, demo, flatness, gradsim, mechanism, study, surface, train  # noqa: F401
 from . import connect, sharpness  # noqa: F401  (issue 21: the researcher views)
 from .app import app
 

@@ -6,6 +6,7 @@ from .result import Result
 from .load import load, suite_of
 from .gradsim import GradSimResult, gradient_similarity
 from .closeness import ClosenessResult, closeness
+from .alignment import AlignmentResult, alignment
 from .descent import DescentResult, descend
 from .surface import LineResult, SurfaceResult, line, surface
 from .flatness import DomainCurvature, FlatnessResult, SpectralDensity, flatness
@@ -19,7 +20,7 @@ from .sharpness import DomainSharpness, SharpnessResult, sharpness  # issue 21: 
 from .connect import ConnectResult, connect
 
 __all__ = ["Objective", "TRAIN", "Result", "UserError", "load", "suite_of",
-           "gradient_similarity", "GradSimResult", "closeness", "descend", "ClosenessResult", "DescentResult",
+           "gradient_similarity", "GradSimResult", "alignment", "AlignmentResult", "closeness", "descend", "ClosenessResult", "DescentResult",
            "surface", "line", "SurfaceResult", "LineResult",
            "flatness", "FlatnessResult", "DomainCurvature", "SpectralDensity", "EigenResult", "RitzPairs",
            "domain_gradient", "CurvatureOperator", "HessianOperator", "GGNOperator", "curvature_along",

@@ -138,11 +138,13 @@ def closeness(obj: Objective, *, domains=None, params: str | None = None, seed: 
     equispaced t in [0, 1]; and the curvature u^T H_k(theta) u / u^T u along u = theta_k* - theta
     (landscape.hvp.curvature_along on domain k's loss, at the checkpoint).
 
-    Theorem 3.1, evaluated at the checkpoint theta: g_k = grad L_k(theta) (full-batch), G = max_k ||g_k||,
+    Theorem 3.1, at the checkpoint theta: g_k = grad L_k(theta) (full-batch), G = max_k ||g_k||,
     lambda_min = min_k of that curvature along theta - theta_k*, bound = G^2 / (N lambda_min^2) *
     sum_{i != j} (1 - cos(g_i, g_j)) over ordered pairs; measured = (1/N) sum_k ||theta - theta_k*||^2.
-    The theorem assumes theta is a stationary point of the average loss, so `bound` also reports
-    ||(1/N) sum_k g_k|| (stationarity) and the force balance sum_k ||g_k||^2 vs -sum_{i != j} g_i.g_j.
+    The theorem assumes theta is a stationary point of the average loss: `bound` reports ||(1/N) sum_k g_k||
+    (stationarity), its ratio to the mean ||g_k|| and the force balance sum_k ||g_k||^2 vs -sum_{i != j} g_i.g_j;
+    `value` and `holds` are set only where that ratio is at most STATIONARY_RTOL (`applicable`), otherwise the
+    bound is 'not applicable' and the formula's number is kept as `evaluated`.
     The bound is null when lambda_min <= 0 or curvature=False. `minima` holds theta_k* only with keep_minima.
     Unconverged descents: see ClosenessResult (their numbers are null, never printed as minima).
     `domains`: see Objective.resolve_domains ('train' = the trained domains, the default); `params`: a regex
@@ -283,8 +285,27 @@ def closeness(obj: Objective, *, domains=None, params: str | None = None, seed: 
         seed=int(seed), seconds=time.perf_counter() - t0, minima={d: ends[d].tolist() for d in names if conv[d]} if keep_minima else None)
 
 
+STATIONARY_RTOL = 0.05  # Theorem 3.1 applies where ||(1/N) sum_k g_k|| <= this fraction of (1/N) sum_k ||g_k||
+
+
+def stationarity_check(grads, rtol: float = STATIONARY_RTOL) -> dict:
+    """Is theta a stationary point of the average loss, as Theorem 3.1 assumes? The criterion, stated: the mean
+    domain gradient's norm is at most `rtol` of the mean of the domain gradients' norms (the per-domain gradients
+    nearly cancel), or every domain gradient is zero. Returns the two norms, their ratio and the verdict."""
+    g = torch.stack(list(grads))
+    mean_norm = float(g.mean(0).norm())
+    scale = float(g.norm(dim=1).mean())
+    rel = mean_norm / scale if scale > 0 else 0.0
+    return {"stationarity": mean_norm, "mean_grad_norm": scale, "relative_stationarity": rel,
+            "applicable": bool(rel <= rtol),
+            "criterion": f"||(1/N) sum_k g_k|| <= {rtol:g} * (1/N) sum_k ||g_k|| (a stationary point of the "
+                         f"average loss)"}
+
+
 def _theorem31(names: list[str], grads: dict, curv: dict, measured: float, curvature: bool) -> dict:
-    """Theorem 3.1's bound at theta beside the measured mean squared distance, with its assumptions checked."""
+    """Theorem 3.1's bound at theta beside the measured mean squared distance, with its assumptions checked: the
+    bound is reported (value, holds) only where theta is a stationary point by `stationarity_check`; elsewhere it
+    is 'not applicable' and the number the formula gives is kept apart as `evaluated`."""
     N = len(names)
     g = torch.stack([grads[d] for d in names])
     norms = g.norm(dim=1)
@@ -296,11 +317,11 @@ def _theorem31(names: list[str], grads: dict, curv: dict, measured: float, curva
     dissim = float((1 - cos)[off].sum())
     lam = [curv[d] for d in names]
     lam_min = min(lam) if curvature and all(v is not None for v in lam) and measured is not None else None
+    st = stationarity_check([grads[d] for d in names])
     out = {"measured": measured, "G": G, "grad_norms": {d: float(norms[k]) for k, d in enumerate(names)},
-           "cos_dissimilarity": dissim, "lambda_min": lam_min, "N": N,
-           "stationarity": float(g.mean(0).norm()),
+           "cos_dissimilarity": dissim, "lambda_min": lam_min, "N": N, **st,
            "force_balance": {"sum_sq_norms": float((norms ** 2).sum()), "minus_sum_cross": float(-dots[off].sum())},
-           "value": None, "holds": None, "note": ""}
+           "value": None, "holds": None, "evaluated": None, "note": ""}
     if measured is None:
         out["note"] = "not every descent converged"
     elif not curvature:
@@ -311,6 +332,12 @@ def _theorem31(names: list[str], grads: dict, curv: dict, measured: float, curva
         out["note"] = "non-positive curvature along some theta - theta_k*: the bound does not apply"
     else:
         value = G ** 2 / (N * lam_min ** 2) * dissim
-        out.update(value=value, holds=bool(measured <= value * (1 + 1e-9) + 1e-12),
-                   note="evaluated at theta; the theorem assumes theta is a stationary point of the average loss")
+        out["evaluated"] = value
+        if st["applicable"]:
+            out.update(value=value, holds=bool(measured <= value * (1 + 1e-9) + 1e-12),
+                       note="theta is a stationary point of the average loss by the criterion: the theorem applies")
+        else:
+            out["note"] = (f"not applicable: theta is not a stationary point of the average loss "
+                           f"(||mean_k g_k|| = {st['stationarity']:.3g}, {st['relative_stationarity']:.2g} of the "
+                           f"mean ||g_k||; the theorem needs <= {STATIONARY_RTOL:g})")
     return out

@@ -17,6 +17,7 @@ TINY = {
     "gradsim": ["--resamples", "2"],
     "closeness": ["--max-steps", "5", "--optimizer", "adamw"],
     "plot-surface": ["--grid", "3"],
+    "alignment": ["--gammas", "0.01,0.1", "--K", "2"],
 }
 
 

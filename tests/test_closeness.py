@@ -197,7 +197,8 @@ def test_figure_and_cli(tmp_path):
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "c.json").read_text())
     assert len(data["results"]) == 2 and data["results"][0]["result"]["domains"] == ["bowl0", "bowl1"]
-    assert data["results"][0]["result"]["bound"]["holds"] is not None
+    b0 = data["results"][0]["result"]["bound"]  # step 0: not a stationary point, so Theorem 3.1 does not apply
+    assert b0["applicable"] is False and b0["holds"] is None and b0["evaluated"] is not None
     assert (tmp_path / "c2.png").exists()
     bad = CliRunner().invoke(app, ["closeness", ckpts[0], "--optimizer", "rmsprop"])
     assert bad.exit_code == 2 and "optimizer" in bad.output and "Traceback" not in bad.output

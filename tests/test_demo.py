@@ -177,3 +177,21 @@ def test_surfaces_through_the_domain_minima_on_every_suite(summary):
             r = SurfaceResult.load(s["surfaces"][a])
             assert r.plane == "domains", (suite, a, r.plane)
             assert min(r.settings["grid"]) >= 13, (suite, r.settings["grid"])
+
+
+def test_every_null_with_its_power_forest_plot_and_toy_start_distance(demo_dir, summary):
+    from landscape.app.stats import mde
+
+    for suite in ("text", "mix"):
+        assert (demo_dir / "figures" / f"forest-{suite}.png").stat().st_size > 10_000
+        for p in summary["suites"][suite]["paired"]:
+            if p["n"] >= 2:
+                assert p["mde"] == pytest.approx(mde(p["sd"], p["n"]))
+                if p["verdict"] == "includes zero" and p["sd"] > 0:
+                    assert f"not detectable at this power (MDE {p['mde']:.3g}" in p["reading"]
+        agg = summary["suites"][suite]["aggregate"]
+        assert all(v is not None for v in agg["nexus"]["alignment_rate"]["values"])  # at every matched checkpoint
+    sweep = summary["mechanism_distance"]
+    assert [e["distance"] for e in sweep] == [0.05, 0.2]
+    html = (demo_dir / "report.html").read_text()
+    assert "not detectable at this power" in html and "start distance" in html

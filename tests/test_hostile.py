@@ -220,6 +220,8 @@ def _base_args(command: str, run: Path, tmp: Path) -> list[str]:
         "mechanism": ["--gammas", "0.2", "--orders", "1", "--starts", "2", "--steps", "4", "--out", str(tmp / "mech")],
         "sharpness": [str(run), "--device", "cpu", "--samples", "4", "--steps", "3"],
         "connect": [str(run / "ckpt-000000"), str(run), "--device", "cpu", "--points", "5"],
+        "alignment": [str(run), "--device", "cpu", "--gammas", "0.1", "--K", "2"],
+        "study": ["--quick", "--out", str(tmp / "study")],  # every hostile value is refused before any training
     }[command]
 
 
@@ -233,7 +235,7 @@ def _with(args: list[str], option: str, value: str) -> list[str]:
 
 # The only hostile option values that succeed: each is a meaningful setting.
 DOCUMENTED_SUCCESS = {(c, o, v) for c in ("train", "flatness", "gradsim", "closeness", "plot-surface", "mechanism",
-                                           "sharpness", "connect")
+                                           "sharpness", "connect", "alignment")
                       for o in ("--seed", "--data-seed") for v in ("0", "-1")} | {
     ("gradsim", "--resamples", "0"),        # no bootstrap: cosines without error bars
     ("closeness", "--rtol", "0"),           # stop on the absolute gradient norm (--atol) alone

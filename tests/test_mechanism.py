@@ -3,6 +3,8 @@ control, and the exact expected outer step against the second-order expansion at
 from __future__ import annotations
 
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -154,12 +156,16 @@ def test_expected_outer_step_matches_second_order_expansion_on_the_paths(small):
 # -- the CLI -----------------------------------------------------------------------------------------------------
 def test_cli_writes_json_and_png(tmp_path):
     r = invoke_cli("mechanism", "--out", tmp_path / "m", "--gammas", "0.1,0.4", "--starts", "1", "--orders", "1",
-                   "--steps", "12")
+                   "--steps", "12", "--start-distance", "0.1", "--distances", "0.05")
     assert r.exit_code == 0, r.output
     res = MechanismResult.from_json(tmp_path / "m" / "mechanism.json")
     assert res.gammas == [0.1, 0.4] and res.settings["runs_per_arm"] == 2
+    assert res.settings["start_distance"] == 0.1
     assert (tmp_path / "m" / "mechanism.png").stat().st_size > 10_000
-    assert "shared-basin fraction" in r.stdout
+    flat = " ".join(r.stdout.split())
+    assert "ends in the shared basin: AdamW" in flat and "starts 0.05 from the ridge" in flat
+    sweep = json.loads((tmp_path / "m" / "mechanism-distance.json").read_text())["start_distance_sweep"]
+    assert [e["distance"] for e in sweep] == [0.05, 0.1]
 
 
 @pytest.mark.parametrize("args,contains", [(["--gammas", "0.1,-1"], "--gammas"), (["--gammas", "a,b"], "--gammas"),
@@ -169,3 +175,59 @@ def test_cli_bad_input_is_one_line(tmp_path, args, contains):
     r = invoke_cli("mechanism", "--out", tmp_path / "m", *args)
     assert_one_line_error(r.exit_code, r.stderr, contains=contains)
     assert not (tmp_path / "m" / "mechanism.json").exists()
+
+
+# -- honest statistics: clustered by start, AdamW beside the arms, signs as measured ---------------------------
+def test_clustered_interval_is_the_t_interval_over_start_means():
+    from scipy import stats as st
+
+    from landscape.app.mechanism import clustered
+
+    rng = np.random.default_rng(3)
+    clusters = np.repeat(np.arange(6), 3)
+    v = rng.normal(size=18) + np.repeat(rng.normal(size=6), 3)
+    c = clustered(v, clusters)
+    means = v.reshape(6, 3).mean(1)
+    ci = st.ttest_1samp(means, 0.0).confidence_interval(0.95)
+    assert c["n_starts"] == 6 and c["mean"] == pytest.approx(v.mean())
+    assert (c["ci_low"], c["ci_high"]) == pytest.approx((ci.low, ci.high))
+    assert c["stderr"] == pytest.approx(st.sem(means))
+
+
+def test_toy_intervals_are_over_starts_and_the_reading_names_adamw_and_the_measured_signs(small):
+    S = small.settings["n_starts"]
+    assert S == len(small.starts) == 8 and small.settings["runs_per_arm"] == 16
+    for sh in small.shifts:
+        assert sh["n_starts"] == S and sh["starts_more_shared"] <= sh["n_more_shared"]
+        lo, hi = sh["d_drift_ci"]
+        assert lo <= sh["d_drift"] <= hi
+        from scipy import stats as st
+        assert (hi - lo) / 2 == pytest.approx(st.t.ppf(0.975, S - 1) * sh["d_drift_stderr"])
+    lines = [ln for ln in small.reading().splitlines() if ln.startswith("gamma=")]
+    assert len(lines) == len(small.gammas) and all("AdamW" in ln for ln in lines)
+    for ln, sh in zip(lines, small.shifts):
+        assert ("(towards the shared basin)" in ln) == (sh["d_drift"] > 0)
+        assert ("(away from the shared basin)" in ln) == (sh["d_drift"] < 0)
+
+
+def test_expansion_claim_only_where_checked_and_small(small):
+    chk = {e["gamma"]: e["median_residual_over_second"] for e in small.expansion_check}
+    assert set(chk) == {0.005, 0.01, *small.gammas}
+    assert chk[0.005] < chk[0.01] < chk[max(small.gammas)]
+    text = small.reading().splitlines()[-1]
+    ok = [g for g, v in chk.items() if v < 0.25]
+    assert f"only at gamma {', '.join(f'{g:g}' for g in sorted(ok))}." in text
+
+
+def test_start_distance_is_an_option_and_the_sweep_reports_every_arm():
+    from landscape.app.mechanism import start_distance_sweep, sweep_reading
+
+    sw = start_distance_sweep((0.05, 0.2), (0.4,), n_along=2, n_orders=1, steps=20)
+    assert [e["distance"] for e in sw] == [0.05, 0.2] and all(e["n_starts"] == 4 for e in sw)
+    r = mechanism_toy((0.4,), n_along=2, n_orders=1, steps=20, start_distance=0.05)
+    assert r.settings["offsets"] == [-0.05, 0.05] and r.row("adamw")["frac_shared"] == sw[0]["adamw"]
+    text = sweep_reading(sw)
+    assert text.count("AdamW") == 2 and "control" in text and "Nexus" in text
+    from nexus_opt.errors import UserError
+    with pytest.raises(UserError):
+        mechanism_toy((0.4,), start_distance=2.0)

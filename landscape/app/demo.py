@@ -20,6 +20,7 @@ from nexus_opt.checkpoint import list_checkpoints, read_checkpoint
 from nexus_opt.suites import make_suite
 from nexus_opt.train import TrainConfig, resume, train
 
+from ..alignment import alignment
 from ..closeness import closeness
 from ..flatness import flatness
 from ..gradsim import gradient_similarity
@@ -68,6 +69,7 @@ class DemoConfig:
     plans: list = dataclasses.field(default_factory=list)
     quick: bool = False
     mechanism: dict = dataclasses.field(default_factory=dict)  # mechanism_toy() keywords
+    mechanism_distances: tuple = (0.05, 0.1)  # further start distances of the toy (beside its own), fraction vs distance
 
 
 def preset(quick: bool = False, out: str = "demo", device: str = "auto", seeds=None) -> DemoConfig:
@@ -86,7 +88,7 @@ def preset(quick: bool = False, out: str = "demo", device: str = "auto", seeds=N
                         analysis_batches=1, flatness_k=2, trace_probes=10, flatness_tol=1e-4, surface_grid=21,
                         closeness={"max_evals": 2000})
         return DemoConfig(out, device, tuple(seeds or (0, 1)), [text, mix], quick=True,
-                          mechanism={"n_orders": 2, "n_along": 4, "steps": 30})
+                          mechanism={"n_orders": 2, "n_along": 4, "steps": 30}, mechanism_distances=(0.05,))
     text = SuitePlan("text", dict(suite_options=text_data, model_config=text_model, steps=80, batch_size=8, accum=4,
                                   warmup=8, eval_every=5, ckpt_every=5, lr=3e-3), nexus={"inner_lr": 0.01}, adamw={},
                      gradsim_every=16, analysis_batches=1, trace_probes=20, flatness_k=3, flatness_tol=1e-5,
@@ -191,6 +193,9 @@ def _analyse(path: str, plan: SuitePlan, device: str, seed: int, surf_minima: bo
     t0 = time.time()
     res = {"path": path, "step": obj.meta["step"], "losses": obj.losses(), "ood": obj.ood}
     res["gradsim"] = gradient_similarity(obj, seed=seed, per_layer=False).to_dict()
+    # the mechanism at this checkpoint, noise-free: the cosine's rate along Nexus's vs the control's expected step
+    res["alignment"] = alignment(small, gammas=[float(plan.nexus.get("inner_lr", 0.01))],
+                                 K=int(plan.train.get("accum", 4)), seed=seed, samples=64).to_dict()
     cobj = _proximal(small, plan.closeness_prox).select(plan.closeness_params)
     # the minima (over the analysed parameters) span the surface plane through the domain minima, on every suite
     cl = closeness(cobj, seed=seed, keep_minima=surf_minima, **plan.closeness,
@@ -216,7 +221,10 @@ def _metrics(a: dict) -> dict:
             "ood_loss": statistics.fmean(a["losses"][d] for d in ood) if ood else None,
             "mean_cosine": gs.get("mean_offdiag_cosine"), "conflict_rate": gs.get("conflict_rate"),
             "spread": cl.get("spread"), "mean_sq_distance": cl.get("mean_sq_distance"),
-            "thm31_bound": bound, "top_eigenvalue": (fl.get("eigenvalues") or [None])[0],
+            "thm31_bound": bound,
+            "alignment_rate": ((a.get("alignment") or {}).get("per_gamma") or [{}])[0].get("rate_cosine", {}).get(
+                "difference"),
+            "top_eigenvalue": (fl.get("eigenvalues") or [None])[0],
             "trace": fl.get("trace")}
 
 
@@ -306,7 +314,7 @@ def run_demo(cfg: DemoConfig, log: Callable = print, progress: Callable[[str], C
     `progress(name)` returns a callback for the trainer's events of run `name`; `task(name)` one for an
     analysis's `(done, total, what)` reports (progress bars in the CLI).
     """
-    from .mechanism import mechanism_toy
+    from .mechanism import mechanism_toy, start_distance_sweep, sweep_entry
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -314,7 +322,8 @@ def run_demo(cfg: DemoConfig, log: Callable = print, progress: Callable[[str], C
     clock = _Clock()
     summary: dict = {"settings": {"quick": cfg.quick, "device": cfg.device, "seeds": list(cfg.seeds),
                                   "arms": dict(ARMS), "plans": [dataclasses.asdict(p) for p in cfg.plans],
-                                  "mechanism": cfg.mechanism, "match_tol": MATCH_TOL,
+                                  "mechanism": cfg.mechanism, "mechanism_distances": list(cfg.mechanism_distances),
+                                  "match_tol": MATCH_TOL,
                                   "match_window": MATCH_WINDOW},
                      "versions": {"package": nexus_opt.__version__, "torch": torch.__version__,
                                   "python": platform.python_version(), "platform": platform.platform()},
@@ -324,7 +333,12 @@ def run_demo(cfg: DemoConfig, log: Callable = print, progress: Callable[[str], C
         summary["figure2"] = figure2().to_dict()
         summary["trajectory_toy"] = trajectory_toy().to_dict()
     with clock("mechanism toy"):
-        summary["mechanism"] = mechanism_toy(**cfg.mechanism).to_dict()
+        mech = mechanism_toy(**cfg.mechanism)
+        summary["mechanism"] = mech.to_dict()
+        others = [d for d in cfg.mechanism_distances if d != mech.settings["start_distance"]]
+        sweep = start_distance_sweep(others, mech.gammas, **{k: v for k, v in cfg.mechanism.items()
+                                                             if k not in ("gammas", "offsets", "start_distance")})
+        summary["mechanism_distance"] = sorted(sweep + [sweep_entry(mech)], key=lambda e: e["distance"])
     for plan in cfg.plans:
         summary["suites"][plan.suite] = run_suite(cfg, plan, clock, log, progress, task)
     from .demo_report import write_report

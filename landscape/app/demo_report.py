@@ -7,13 +7,14 @@ from pathlib import Path
 from ..closeness import ClosenessResult
 from ..gradsim import GradSimResult
 from ..render.demo_curves import ARM_NAMES, training_figure
+from ..render.forest import forest_figure
 from ..render.geometry import closeness_figure, gradsim_figure
 from ..render.mechanism import mechanism_figure
 from ..render.style import METRICS, domain_label
 from ..render.surface import common_region, compare_figure, html_figure, resolve_levels
 from ..render.toys import figure2_plot, trajectory_plot
 from ..surface import SurfaceResult
-from .mechanism import MechanismResult
+from .mechanism import MechanismResult, sweep_reading
 from .report import Report
 from .toys import Figure2Result, TrajectoryToyResult
 
@@ -40,6 +41,14 @@ def _ci(p: dict) -> str:
     return f"[{p['ci_low']:+.3g}, {p['ci_high']:+.3g}]"
 
 
+def _g(v) -> str:
+    return "n/a" if v is None else f"{v:.3g}"
+
+
+def _mean(p: dict) -> str:
+    return "n/a" if p.get("mean") is None else f"{p['mean']:+.3g}"
+
+
 def reading(summary: dict) -> str:
     """What the paired intervals support, nothing else: the same sentence template whichever way they fall."""
     lines = []
@@ -60,17 +69,23 @@ def reading(summary: dict) -> str:
                 continue
             if p["verdict"] in ("above zero", "below zero"):
                 lines.append(f"<li>{html.escape(_label(p['metric']))}: {html.escape(p['reading'])}</li>")
+        nulls = [p for p in s["paired"] if p["verdict"] == "includes zero" and p["metric"] != "train_loss"
+                 and not p["metric"].startswith("loss:")]
+        for p in nulls:
+            lines.append(f"<li>{html.escape(_label(p['metric']))}, {html.escape(p['arm'])} - "
+                         f"{html.escape(p['baseline'])}: {_mean(p)} {_ci(p)}: "
+                         + ("exactly zero in every seed" if p.get("sd") == 0 else
+                            f"not detectable at this power (MDE {_g(p.get('mde'))})") + "</li>")
         lines.append("</ul>")
         sup = sum(p["verdict"] in ("above zero", "below zero") for p in s["paired"])
-        if sup:
-            lines.append(f"<p>{sup} of {len(s['paired'])} paired comparisons have a 95% interval that excludes "
-                         f"zero (listed above); for every other metric and pair the interval includes zero or fewer "
-                         f"than two seeds were measured, so no difference is supported (full table below).</p>")
-        else:
-            lines.append(f"<p>None of the {len(s['paired'])} paired comparisons has a 95% interval that excludes "
-                         f"zero: every interval includes zero or fewer than two seeds were measured, so no "
-                         f"difference is supported (full table below).</p>")
+        lines.append(f"<p>{sup} of {len(s['paired'])} paired comparisons have a 95% interval that excludes zero; "
+                     f"where it includes zero the study could not have seen an effect smaller than its minimum "
+                     f"detectable effect (MDE: the true mean difference a two-sided paired t-test on these "
+                     f"{seeds} seeds detects with 80% power, from the differences' standard deviation); the forest "
+                     f"plot and the full table are below.</p>")
     lines.append(f"<p>Mechanism toy: {html.escape(MechanismResult.from_dict(summary['mechanism']).reading())}</p>")
+    if summary.get("mechanism_distance"):
+        lines.append(f"<p>Mechanism toy against the start distance: {html.escape(sweep_reading(summary['mechanism_distance']))}</p>")
     return "".join(lines)
 
 
@@ -110,11 +125,33 @@ def write_report(summary: dict, out: Path) -> Path:
     mech = MechanismResult.from_dict(summary["mechanism"])
     cols = ["arm", "gamma", "n", "frac_shared", "frac_separated", "train_mean", "downstream_mean", "drift_mean"]
     rep.table(cols, [[r.get(c) if r.get(c) is not None else "-" for c in cols] for r in mech.table])
-    rep.table(["gamma", "Nexus - control: shared fraction", "runs moved in / out", "downstream loss", "drift"],
-              [[sh["gamma"], sh["d_frac_shared"], f"{sh['n_more_shared']} / {sh['n_less_shared']}",
-                f"{sh['d_downstream']:+.3g} ± {sh['d_downstream_stderr'] or 0:.2g}",
-                f"{sh['d_drift']:+.3g} ± {sh['d_drift_stderr'] or 0:.2g}"] for sh in mech.shifts])
+    def ci(v, fmt="+.3g"):
+        return "n/a" if not v or v[0] is None else f"[{v[0]:{fmt}}, {v[1]:{fmt}}]"
+
+    rep.table(["gamma", "Nexus - control: shared fraction [95% CI]", "runs (starts) moved in / out",
+               "downstream loss [95% CI]", "drift [95% CI]"],
+              [[sh["gamma"], f"{sh['d_frac_shared']:+.0%} {ci(sh.get('d_frac_shared_ci'), '+.0%')}",
+                f"{sh['n_more_shared']} ({sh.get('starts_more_shared', '?')}) / {sh['n_less_shared']} "
+                f"({sh.get('starts_less_shared', '?')})",
+                f"{sh['d_downstream']:+.3g} {ci(sh.get('d_downstream_ci'))}",
+                f"{sh['d_drift']:+.3g} {ci(sh.get('d_drift_ci'))}"] for sh in mech.shifts],
+              caption="Intervals are over starts (t, n_starts - 1 df): the domain orders of one start are not "
+                      "independent runs, and AdamW and the control run once per start")
+    if mech.expansion_check:
+        rep.table(["gamma", "median |exact - first - second| / |second| over starts", "max"],
+                  [[e["gamma"], e["median_residual_over_second"], e["max_residual_over_second"]]
+                   for e in mech.expansion_check], caption="one outer step's exact mean displacement against the "
+                                                           "second-order expansion, at each start")
     rep.text(html.escape(mech.reading()).replace("\n", "<br>"))
+    if summary.get("mechanism_distance"):
+        sw = summary["mechanism_distance"]
+        gs = [p["gamma"] for p in sw[0]["per_gamma"]]
+        rep.table(["start distance from the ridge", "runs (starts)", "AdamW",
+                   *[f"{arm} gamma={g:g}" for g in gs for arm in ("control", "Nexus")]],
+                  [[e["distance"], f"{e['runs']} ({e['n_starts']})", f"{e['adamw']:.0%}",
+                    *[f"{p[arm]:.0%}" for p in e["per_gamma"] for arm in ("control", "nexus")]] for e in sw],
+                  caption="fraction of runs ending in the shared basin against how far from the ridge they start")
+        rep.text(html.escape(sweep_reading(sw)).replace("\n", "<br>"))
     fig(mechanism_figure(mech), "mechanism", "Mechanism toy: contours, basins, sample paths, fractions vs gamma")
 
     rep.section("figure2", "Figure 2 of the paper, reproduced exactly",
@@ -173,24 +210,30 @@ def write_report(summary: dict, out: Path) -> Path:
         rep.table(["seed", *[ARM_NAMES[a] for a in ARMS]],
                   [[r["seed"], *[st[a][i] if st[a][i] is not None else "-" for a in ARMS]]
                    for i, r in enumerate(s["per_seed"])], caption=suite)
-        rep.table(["pair", "mean", "95% CI", "seeds + / - of n", "reading"],
+        rep.table(["pair", "mean", "95% CI", "seeds + / - of n", "MDE (80%)", "reading"],
                   [[f"{p['arm']} - {p['baseline']}", "n/a" if p["mean"] is None else p["mean"], _ci(p),
-                    f"{p['positive']} / {p['negative']} of {p['n']}", p["reading"]] for p in s["speed"]["paired"]])
+                    f"{p['positive']} / {p['negative']} of {p['n']}", _g(p.get("mde")), p["reading"]]
+                   for p in s["speed"]["paired"]])
 
     rep.section("paired", "Paired differences over seeds",
                 "Every metric at the matched checkpoints: per-seed difference, mean, 95% t-interval and how many "
-                "seeds agree in sign. n counts the seeds where both values exist (an unconverged closeness has none).")
+                "seeds agree in sign, and the minimum detectable effect (MDE) at 80% power for the seeds it had. n "
+                "counts the seeds where both values exist (an unconverged closeness has none).")
+    for suite, s in summary["suites"].items():
+        fig(forest_figure(s["paired"], _label, title=suite), f"forest-{suite}",
+            f"{suite}: every paired comparison, 95% interval, MDE band")
     for suite, s in summary["suites"].items():
         rows = [[_label(p["metric"]), f"{p['arm']} - {p['baseline']}",
                  ", ".join("-" if d is None else f"{d:+.3g}" for d in p["diffs"]),
                  "n/a" if p["mean"] is None else p["mean"], _ci(p), f"{p['positive']} / {p['negative']} of {p['n']}",
-                 p["verdict"]] for p in s["paired"]]
-        rep.table(["metric", "pair", "per-seed differences", "mean", "95% CI", "seeds + / - of n", "interval"], rows,
-                  caption=suite)
+                 _g(p.get("mde")), p["verdict"]] for p in s["paired"]]
+        rep.table(["metric", "pair", "per-seed differences", "mean", "95% CI", "seeds + / - of n", "MDE (80%)",
+                   "interval"], rows, caption=suite)
 
     rep.section("geometry", "Geometry at equal training loss, per arm",
                 "Flatness (top Hessian eigenvalue, Hutch++ trace), gradient similarity (mean cosine between trained "
-                "domains, conflict rate) and closeness (spread of the per-domain minima, Theorem 3.1 bound), "
+                "domains, conflict rate) and closeness (spread of the per-domain minima, Theorem 3.1 bound: "
+                "reported only where the checkpoint is a stationary point of the average loss, else n/a), "
                 "mean ± std over seeds; closeness objective and convergence per suite below.")
     for suite, s in summary["suites"].items():
         agg = s["aggregate"]

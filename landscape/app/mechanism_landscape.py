@@ -186,6 +186,25 @@ def expected_displacement(land: Landscape, theta, gamma: float, K: int) -> np.nd
     return total / len(names) ** K
 
 
+def mean_displacement(land: Landscape, theta, gamma: float, K: int) -> np.ndarray:
+    """E[theta_0 - theta_K] over all N^K orders by a plain numpy walk sharing prefixes (the same number as
+    expected_displacement, which drives the real optimizer; this one is fast enough for every start)."""
+    names = land.train_domains
+
+    def mean_end(x, m):
+        if m == K:
+            return x
+        out = np.zeros(2)
+        for d in names:
+            g = land.grad(d, x)
+            n = np.linalg.norm(g)
+            out += mean_end(x - gamma * g / n if n > 0 else x, m + 1)
+        return out / len(names)
+
+    x0 = np.asarray(theta, dtype=float)
+    return x0 - mean_end(x0, 0)
+
+
 def expansion_terms(land: Landscape, theta, gamma: float, K: int) -> tuple[np.ndarray, np.ndarray]:
     """(first, second) order terms of E[theta_0 - theta_K] (nexus.md): gamma K mean_i u_i and
     -gamma^2 K(K-1)/(2 N^2) sum_{i,j} J_i u_j with J_i = (I - u_i u_i^T) H_i / ||g_i||."""

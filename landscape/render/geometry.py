@@ -160,6 +160,8 @@ def closeness_figure(results: Sequence, labels: Sequence[str] | None = None, pat
                f"mean sq dist {r['mean_sq_distance']:.3g}" if r.get("mean_sq_distance") is not None else "n/a"]
         if bound.get("value") is not None:
             sub.append(f"Thm 3.1 bound {bound['value']:.3g}")
+        elif bound.get("applicable") is False:
+            sub.append("Thm 3.1: not applicable (not stationary)")
         if r.get("train_loss") is not None:
             sub.append(f"train loss {r['train_loss']:.4f}")
         ax.set_title(lab + "\n" + ", ".join(sub[:2]) + "\n" + ", ".join(sub[2:]), fontsize=8)

@@ -112,7 +112,7 @@ def mechanism_figure(r: MechanismResult) -> Figure:
     for key, ls in (("shared", "-."), ("separated", ":")):
         ax2.axhline(bl[key]["downstream"], color="grey", ls=ls, lw=1, label=f"at the {key} minimum")
     _gamma_axis(ax2, g)
-    ax2.set_ylabel("downstream loss at the end (mean +- stderr over runs)")
+    ax2.set_ylabel("downstream loss at the end (mean +- stderr, clustered by start)")
     ax2.set_title("(c) downstream loss reached")
     ax2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=1, frameon=False)
 
@@ -134,7 +134,8 @@ def mechanism_figure(r: MechanismResult) -> Figure:
         if ax is not ax3[-1]:
             ax.tick_params(labelbottom=False)
             ax.set_xlabel("")
-    ax3[0].set_title(f"(d) what the walk adds: Nexus minus control, paired over the {n} runs\n"
+    ax3[0].set_title(f"(d) what the walk adds: Nexus minus control, paired, +- stderr over "
+                     f"{r.settings.get('n_starts', '?')} starts\n"
                      + rows[0][6], fontsize=9)
     fig.suptitle(f"The mechanism on a 2-D toy: AdamW vs the control (Nexus without the walk) vs Nexus; "
                  f"K={r.settings.get('K')} micro-batches per step, {n} runs per arm and gamma", fontsize=11)

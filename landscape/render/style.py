@@ -24,7 +24,8 @@ METRICS = {
     "conflict_rate": ("conflict rate", -1),
     "spread": ("closeness spread sigma^2", -1),
     "mean_sq_distance": ("mean sq. distance to the minima (Thm 3.1 lhs)", -1),
-    "thm31_bound": ("Thm 3.1 bound (rhs; n/a if a curvature is <= 0)", -1),
+    "thm31_bound": ("Thm 3.1 bound (rhs; n/a unless stationary, curvatures > 0)", -1),
+    "alignment_rate": ("alignment rate: d cos / d step along Nexus's minus the control's direction", +1),
     "top_eigenvalue": ("top Hessian eigenvalue", -1),
     "trace": ("Hessian trace", -1),
 }
