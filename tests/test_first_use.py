@@ -254,12 +254,14 @@ def test_report_reading_lists_nothing_it_does_not_list(monkeypatch):
     suite = {"per_seed": [{"seed": 0, "gaps": {"a-b": 0.001}, "flagged": []}], "match_tol": 0.002,
              "closeness_converged": {"a": True},
              "paired": [{"metric": "ood_loss", "arm": "nexus", "baseline": "adamw", "verdict": "includes zero",
-                         "reading": "r"}]}
+                         "reading": "r", "mean": 0.01, "ci_low": -0.02, "ci_high": 0.04, "sd": 0.03, "mde": 0.05}]}
     text = demo_report.reading({"suites": {"text": suite}, "mechanism": {}})
-    assert "listed above" not in text and "None of the 1 paired comparisons" in text
+    # the null is listed with its power; nothing refers to a list that is not there
+    assert "listed above" not in text and "0 of 1 paired comparisons" in text
+    assert "not detectable at this power (MDE 0.05)" in text
     suite["paired"][0]["verdict"] = "below zero"
     text = demo_report.reading({"suites": {"text": suite}, "mechanism": {}})
-    assert "(listed above)" in text and "<li>" in text
+    assert "listed above" not in text and "1 of 1 paired comparisons" in text and "<li>OOD" in text
 
 
 # --- figures a reader can judge sum vs intersection from -----------------------------------------------------

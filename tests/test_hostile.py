@@ -289,7 +289,7 @@ def test_the_suite_counts_its_cases():
     assert c["manifest_cases_full"] == c["manifest_fields"] * len(MUTATIONS)
     assert 20 <= c["manifest_cases_sample"] <= c["manifest_fields"]
     assert {o for _, o, _ in OPTION_SAMPLE} == {o for _, o in OPTIONS}
-    assert {c for c, _ in WRITERS} == {"closeness", "connect", "flatness", "gradsim", "plot-surface", "sharpness"}
+    assert {c for c, _ in WRITERS} == {"alignment", "closeness", "connect", "flatness", "gradsim", "plot-surface", "sharpness"}
     assert c["output_cases_full"] >= 100 and {(c, o) for c, o, _, _ in OUTPUT_SAMPLE} == set(WRITERS)
     assert {e for _, e in LINK_SAMPLE} == set(LINK_ENTRIES) | {".lock"}
 

@@ -34,7 +34,8 @@ def forest_figure(pairs: Sequence[dict], label: Callable[[str], str] = str, titl
                 ax.fill_betweenx([yi - 0.35, yi + 0.35], -p["mde"], p["mde"], color="0.88", lw=0)
                 span = max(span, p["mde"])
             if p.get("ci_low") is None:
-                ax.text(0, yi, f"n={p.get('n', 0)}: no interval", ha="center", va="center", fontsize=7)
+                ax.text(0.5, yi, f"no interval (n/a at {p.get('n', 0)} seeds)", ha="center", va="center", fontsize=7,
+                        transform=ax.get_yaxis_transform())  # centred in the panel, whatever its x range
                 continue
             sig = p["ci_low"] > 0 or p["ci_high"] < 0
             ax.plot([p["ci_low"], p["ci_high"]], [yi, yi], color="k", lw=1.2)
