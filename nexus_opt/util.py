@@ -28,6 +28,9 @@ def check_seed(seed, what: str = "--seed") -> int:
 
 def choose(value, choices, what: str, aliases: Mapping | None = None):
     """`value` (or the name an alias stands for) when it is one of `choices`, else a UserError listing them."""
+    if not isinstance(value, (str, int, float, type(None))):  # a list or dict from a forged manifest: unhashable
+        raise UserError(f"{what} must be a name, got a {type(value).__name__}; choose one of "
+                        f"{', '.join(map(str, choices))}")
     name = (aliases or {}).get(value, value)
     if name not in choices:
         raise UserError(f"unknown {what} '{value}'; choose one of {', '.join(map(str, choices))}")

@@ -363,3 +363,14 @@ def test_error_lines_are_short(bowls_run, args):
     args = [str(bowls_run) if a == "R" else a for a in args]
     line = _fast_error(*args)
     assert len(line) <= 1000 + len("error: ")
+
+
+def test_a_forged_manifest_name_that_is_a_list_is_a_user_error():
+    """trainer.config.optimizer: [...] in a resealed manifest ended in 'unhashable type' (hostile_full found it)."""
+    from nexus_opt.errors import UserError
+    from nexus_opt.util import choose
+
+    for bad in ([1, 2], {"a": 1}):
+        with pytest.raises(UserError, match="optimizer must be a name"):
+            choose(bad, ("adamw", "nexus"), "optimizer", aliases={"adam": "adamw"})
+    assert choose("adam", ("adamw",), "optimizer", aliases={"adam": "adamw"}) == "adamw"
