@@ -125,25 +125,30 @@ def clean_stale(run_dir: Path) -> list[str]:
 
 
 # -- nested state <-> (JSON skeleton, flat tensors) ------------------------------------------------
-def pack(obj, tensors: dict[str, torch.Tensor], path: str = "s"):
-    """A JSON skeleton of a nested state; tensors move into `tensors` under path keys."""
+def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu").contiguous().clone()
+
+
+def pack(obj, tensors: dict[str, torch.Tensor], path: str = "s", keep=_cpu_copy, where: str = "a checkpoint"):
+    """A JSON skeleton of a nested state; tensors move into `tensors` under path keys, as `keep` returns them
+    (default a CPU copy; the sharded save keeps them as they are, so DTensors stay sharded)."""
     if isinstance(obj, torch.Tensor):
-        tensors[path] = obj.detach().to("cpu").contiguous().clone()
+        tensors[path] = keep(obj)
         return {"__tensor__": path}
     if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
         return obj
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else {"__float__": repr(obj)}
     if isinstance(obj, tuple):
-        return {"__tuple__": [pack(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+        return {"__tuple__": [pack(v, tensors, f"{path}.{i}", keep, where) for i, v in enumerate(obj)]}
     if isinstance(obj, list):
-        return [pack(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+        return [pack(v, tensors, f"{path}.{i}", keep, where) for i, v in enumerate(obj)]
     if isinstance(obj, dict):
         if all(isinstance(k, str) and not k.startswith("__") for k in obj):
-            return {k: pack(v, tensors, f"{path}.{k}") for k, v in obj.items()}
-        return {"__items__": [[pack(k, tensors, f"{path}.k{i}"), pack(v, tensors, f"{path}.{i}")]
+            return {k: pack(v, tensors, f"{path}.{k}", keep, where) for k, v in obj.items()}
+        return {"__items__": [[pack(k, tensors, f"{path}.k{i}", keep, where), pack(v, tensors, f"{path}.{i}", keep, where)]
                               for i, (k, v) in enumerate(obj.items())]}
-    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint (at {path})")
+    raise TypeError(f"cannot store a {type(obj).__name__} in {where} (at {path})")
 
 
 def unpack(obj, tensors: dict[str, torch.Tensor]):

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from .checkpoint import pack, unpack
 
 __all__ = ["save_sharded", "load_sharded"]
 
@@ -24,41 +25,8 @@ FORMAT = "nexus-sharded-checkpoint"
 
 
 def _pack(obj: Any, tensors: dict, path: str) -> Any:
-    """A JSON skeleton of a nested state dict; tensors (kept as they are: no copy, DTensors stay sharded) move into
-    `tensors` under their path."""
-    if isinstance(obj, torch.Tensor):
-        tensors[path] = obj
-        return {"__tensor__": path}
-    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else {"__float__": repr(obj)}
-    if isinstance(obj, tuple):
-        return {"__tuple__": [_pack(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [_pack(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
-    if isinstance(obj, dict):
-        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
-            return {k: _pack(v, tensors, f"{path}.{k}") for k, v in obj.items()}
-        return {"__items__": [[_pack(k, tensors, f"{path}.k{i}"), _pack(v, tensors, f"{path}.{i}")]
-                              for i, (k, v) in enumerate(obj.items())]}
-    raise TypeError(f"cannot store a {type(obj).__name__} in a sharded checkpoint (at {path})")
-
-
-def _unpack(obj: Any, tensors: dict) -> Any:
-    if isinstance(obj, list):
-        return [_unpack(v, tensors) for v in obj]
-    if isinstance(obj, dict):
-        if "__tensor__" in obj:
-            return tensors[obj["__tensor__"]]
-        if "__float__" in obj:
-            return float(obj["__float__"])
-        if "__tuple__" in obj:
-            return tuple(_unpack(v, tensors) for v in obj["__tuple__"])
-        if "__items__" in obj:
-            return {_unpack(k, tensors): _unpack(v, tensors) for k, v in obj["__items__"]}
-        return {k: _unpack(v, tensors) for k, v in obj.items()}
-    return obj
+    """checkpoint.pack keeping tensors as they are (no copy: DTensors stay sharded)."""
+    return pack(obj, tensors, path, keep=lambda t: t, where="a sharded checkpoint")
 
 
 def _tensor_keys(obj: Any, out: list) -> list:
@@ -169,5 +137,5 @@ def load_sharded(path: str | os.PathLike, model: torch.nn.Module, opt) -> dict:
     dest = {k: torch.empty_like(template[k]) for k in wanted}
     with _one_process_is_intended():
         dcp.load({"model": model.state_dict(), "optim": dest}, checkpoint_id=str(path), no_dist=_no_dist())
-    opt.load_state_dict(_unpack(meta["optim"], dest))
+    opt.load_state_dict(unpack(meta["optim"], dest))
     return meta.get("extra") or {}

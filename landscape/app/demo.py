@@ -21,7 +21,7 @@ from nexus_opt.suites import make_suite
 from nexus_opt.train import TrainConfig, resume, train
 
 from ..alignment import alignment
-from ..closeness import closeness
+from ..closeness import closeness, proximal
 from ..flatness import flatness
 from ..gradsim import gradient_similarity
 from ..load import load
@@ -106,23 +106,6 @@ def _subset(obj: Objective, n: int) -> Objective:
                      train_domains=obj.train_domains, weights=obj.weights, ood=obj.ood, meta=obj.meta)
 
 
-def _proximal(obj: Objective, mu: float) -> Objective:
-    """The objective with mu/2 ||theta - theta_ckpt||^2 added to every domain's loss: its per-domain minimum is the
-    proximal point of the domain loss, finite even where the loss itself decreases to infinity (cross-entropy on a
-    few memorisable batches), so that a descent can converge."""
-    if mu <= 0:
-        return obj
-    ref = {n: p.detach().to(torch.float64).clone() for n, p in obj.model.named_parameters()}
-    base = obj.loss_fn
-
-    def loss_fn(model, batch):
-        pen = sum(((p - ref[n].to(p)) ** 2).sum() for n, p in model.named_parameters())
-        return base(model, batch) + 0.5 * mu * pen
-
-    return Objective(obj.model, obj.domains, loss_fn, train_domains=obj.train_domains, weights=obj.weights,
-                     ood=obj.ood, meta=dict(obj.meta, closeness_prox=mu))
-
-
 def _cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -196,7 +179,7 @@ def _analyse(path: str, plan: SuitePlan, device: str, seed: int, surf_minima: bo
     # the mechanism at this checkpoint, noise-free: the cosine's rate along Nexus's vs the control's expected step
     res["alignment"] = alignment(small, gammas=[float(plan.nexus.get("inner_lr", 0.01))],
                                  K=int(plan.train.get("accum", 4)), seed=seed, samples=64).to_dict()
-    cobj = _proximal(small, plan.closeness_prox).select(plan.closeness_params)
+    cobj = proximal(small, plan.closeness_prox).select(plan.closeness_params)
     # the minima (over the analysed parameters) span the surface plane through the domain minima, on every suite
     cl = closeness(cobj, seed=seed, keep_minima=surf_minima, **plan.closeness,
                    progress=task(f"closeness {name}") if task else None)
