@@ -17,6 +17,7 @@ the box's load is printed with the table.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -113,7 +114,7 @@ def plain_cosines(obj: Objective) -> list:
     return ((G @ G.T) / torch.outer(n, n)).tolist()
 
 
-def row(size: str, reference: bool, probes_max: int) -> dict:
+def row(size: str, reference: bool, probes_max: int, peers: bool = True) -> dict:
     obj = objective(size)
     n = obj.num_params()
     one = Objective(obj.model, {"code": obj.domains["code"]}, obj.loss_fn)
@@ -125,16 +126,19 @@ def row(size: str, reference: bool, probes_max: int) -> dict:
     out["ours_top1"] = {"value": r.lambda_max, "products": r.hvps["total"], "seconds": p.seconds, "gib": p.gib,
                         "converged": r.converged, "precision": r.precision, "error": r.errors[0]}
     print(f"  landscape top-1 {r.lambda_max:.6g} in {r.hvps['total']} products, {p.seconds:.1f} s", file=sys.stderr)
-    with Peak() as p:
-        e = pyhessian_eigen(one, 1, seed=0, tol=1e-4, max_iter=100, dtype=torch.float32, check=False)
-    out["pyhessian_top1"] = {"value": e.eigenvalues[0], "products": e.hvps, "seconds": p.seconds, "gib": p.gib}
-    print(f"  pyhessian top-1 {e.eigenvalues[0]:.6g} in {e.hvps} products, {p.seconds:.1f} s", file=sys.stderr)
+    out["pyhessian_top1"] = None
+    if peers:
+        with Peak() as p:
+            e = pyhessian_eigen(one, 1, seed=0, tol=1e-4, max_iter=100, dtype=torch.float32, check=False)
+        out["pyhessian_top1"] = {"value": e.eigenvalues[0], "products": e.hvps, "seconds": p.seconds, "gib": p.gib}
+        print(f"  pyhessian top-1 {e.eigenvalues[0]:.6g} in {e.hvps} products, {p.seconds:.1f} s", file=sys.stderr)
     if reference:
         with Peak() as p:
             ref = flatness(one, k=1, which="top", tol=1e-6, trace=False, precision="float64")
         out["reference"] = {"value": ref.lambda_max, "seconds": p.seconds}
         for key in ("ours_top1", "pyhessian_top1"):
-            out[key]["rel_diff"] = abs(out[key]["value"] - ref.lambda_max) / abs(ref.lambda_max)
+            if out[key] is not None:
+                out[key]["rel_diff"] = abs(out[key]["value"] - ref.lambda_max) / abs(ref.lambda_max)
 
     with Peak() as p:
         from landscape.precision import resolve
@@ -144,20 +148,32 @@ def row(size: str, reference: bool, probes_max: int) -> dict:
         del op
     out["ours_trace"] = {"value": tr.estimate, "stderr": tr.stderr, "products": tr.hvps, "seconds": p.seconds,
                          "gib": p.gib, "stop": tr.stop}
-    with Peak() as p:
-        pt = pyhessian_trace(one, probes=max(2, tr.probes), seed=0, dtype=torch.float32)
-    out["pyhessian_trace"] = {"value": pt.estimate, "stderr": pt.stderr, "products": pt.hvps, "seconds": p.seconds,
-                              "gib": p.gib}
-    print(f"  traces {tr.estimate:.5g} +- {tr.stderr:.2g} / {pt.estimate:.5g} +- {pt.stderr:.2g}", file=sys.stderr)
+    print(f"  landscape trace {tr.estimate:.5g} +- {tr.stderr:.2g} ({tr.probes} probes, {tr.stop}), "
+          f"{p.seconds:.1f} s", file=sys.stderr)
+    out["pyhessian_trace"] = None
+    if peers:
+        with Peak() as p:
+            pt = pyhessian_trace(one, probes=max(2, tr.probes), seed=0, dtype=torch.float32)
+        out["pyhessian_trace"] = {"value": pt.estimate, "stderr": pt.stderr, "products": pt.hvps,
+                                  "seconds": p.seconds, "gib": p.gib}
+        print(f"  pyhessian trace {pt.estimate:.5g} +- {pt.stderr:.2g}, {p.seconds:.1f} s", file=sys.stderr)
 
-    with Peak() as p:
-        gs = gradient_similarity(obj, resamples=0, per_layer=False)
-    out["ours_gradsim"] = {"seconds": p.seconds, "gib": p.gib, "precision": gs.settings["dtype"]}
-    with Peak() as p:
-        cos = plain_cosines(obj)
-    out["plain_gradsim"] = {"seconds": p.seconds, "gib": p.gib}
-    out["gradsim_max_diff"] = max(abs(a - b) for ra, rb in zip(gs.cosine, cos) for a, b in zip(ra, rb)
-                                  if a is not None)
+    with Peak() as p:  # the plain loop's question: the cosines (with their rounding error), no floors
+        gs = gradient_similarity(obj, resamples=0, per_layer=False, split_half=False)
+    out["ours_gradsim"] = {"seconds": p.seconds, "gib": p.gib, "precision": gs.settings["dtype"],
+                           "precision_error": gs.cosine_precision_error}
+    with Peak() as p:  # and with the split-half ceilings (each single batch in chunks)
+        gf = gradient_similarity(obj, resamples=0, per_layer=False)
+    out["ours_gradsim_floors"] = {"seconds": p.seconds, "gib": p.gib}
+    print(f"  landscape gradsim {out['ours_gradsim']['seconds']:.1f} s (with floors {p.seconds:.1f} s)",
+          file=sys.stderr)
+    out["plain_gradsim"] = None
+    if peers:
+        with Peak() as p:
+            cos = plain_cosines(obj)
+        out["plain_gradsim"] = {"seconds": p.seconds, "gib": p.gib}
+        out["gradsim_max_diff"] = max(abs(a - b) for ra, rb in zip(gs.cosine, cos) for a, b in zip(ra, rb)
+                                      if a is not None)
     return out
 
 
@@ -165,20 +181,26 @@ def table(rows: list, load: str) -> str:
     def f(x, d=3):
         return "-" if x is None else f"{x:.{d}g}"
 
+    def top(a):
+        return "-" if a is None else (f"{f(a['value'], 6)} ({a['products']}, {a['seconds']:.1f} s, {a['gib']:.2f}, "
+                                      f"{f(a.get('rel_diff'), 2)})")
+
+    def trace(t):
+        return "-" if t is None else (f"{t['value']:.5g} ± {t['stderr']:.2g} ({t['products']}, {t['seconds']:.1f} s, "
+                                      f"{t['gib']:.2f})")
+
+    def grad(g):
+        return "-" if g is None else f"{g['seconds']:.1f} s, {g['gib']:.2f}"
+
     lines = [f"load: {load}", "",
-             "| params | top-1: landscape (products, s, GiB, rel. diff) | PyHessian | trace: landscape (± se, "
-             "products, s, GiB) | PyHessian | gradsim: landscape (s, GiB) | plain loop |",
+             "| params | top-1 landscape (products, s, GiB, rel. diff) | top-1 PyHessian | trace landscape (± se, "
+             "products, s, GiB) | trace PyHessian (same probes) | gradsim landscape (with floors) | plain loop |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        a, b, ta, tb = r["ours_top1"], r["pyhessian_top1"], r["ours_trace"], r["pyhessian_trace"]
-        ga, gb = r["ours_gradsim"], r["plain_gradsim"]
-        lines.append(
-            f"| {r['params'] / 1e6:.1f}M | {f(a['value'], 6)} ({a['products']}, {a['seconds']:.1f}, {a['gib']:.2f}, "
-            f"{f(a.get('rel_diff'), 2)}) {a['precision']} | {f(b['value'], 6)} ({b['products']}, {b['seconds']:.1f}, "
-            f"{b['gib']:.2f}, {f(b.get('rel_diff'), 2)}) | {ta['value']:.5g} ± {ta['stderr']:.2g} ({ta['products']}, "
-            f"{ta['seconds']:.1f}, {ta['gib']:.2f}) | {tb['value']:.5g} ± {tb['stderr']:.2g} ({tb['products']}, "
-            f"{tb['seconds']:.1f}, {tb['gib']:.2f}) | {ga['seconds']:.1f}, {ga['gib']:.2f} | {gb['seconds']:.1f}, "
-            f"{gb['gib']:.2f} |")
+        fl = r.get("ours_gradsim_floors")
+        lines.append(f"| {r['params'] / 1e6:.1f}M | {top(r['ours_top1'])} {r['ours_top1']['precision']} | "
+                     f"{top(r['pyhessian_top1'])} | {trace(r['ours_trace'])} | {trace(r['pyhessian_trace'])} | "
+                     f"{grad(r['ours_gradsim'])} ({grad(fl)}) | {grad(r['plain_gradsim'])} |")
     return "\n".join(lines)
 
 
@@ -189,9 +211,11 @@ def main() -> None:
     ap.add_argument("--reference", action="store_true", help="a float64 tol-1e-6 reference top-1 per row")
     ap.add_argument("--trace-probes", type=int, default=60, help="landscape's most trace probes")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--no-peers", action="store_true", help="landscape only (no PyHessian, no plain loop)")
     a = ap.parse_args()
     sizes = a.sizes.split(",") if a.sizes else (["1m", "10m"] if a.quick else ["1m", "10m", "30m", "85m"])
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    importlib.import_module("torch.fx.experimental.symbolic_shapes")  # autograd's first use imports it (~1 s)
     rows = []
     for s in sizes:
         if s == "gpt2":
@@ -200,7 +224,9 @@ def main() -> None:
             except ImportError:
                 print("transformers not importable: gpt2 row skipped", file=sys.stderr)
                 continue
-        rows.append(row(s, a.reference, a.trace_probes))
+        rows.append(row(s, a.reference, a.trace_probes, peers=not a.no_peers))
+        if a.json:  # each row as it completes
+            Path(a.json).write_text(json.dumps({"rows": rows}, indent=1))
     load = f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)"
     print(table(rows, load))
     if a.json:

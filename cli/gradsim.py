@@ -81,6 +81,9 @@ def gradsim_cmd(
     trust_remote_code: bool = typer.Option(False, help="Allow a checkpoint's user model factory to be imported."),
     precision: str = typer.Option("auto", help="auto (float64 up to 100k parameters; the "
                                                "model's own float32 weights beyond), float64 or float32."),
+    split_half: bool = typer.Option(True, help="Measure each domain's split-half ceiling (on a single batch: "
+                                               "its chunks, one extra pass); --no-split-half: one backward per "
+                                               "batch, as a plain loop."),
 ):
     """Cosines between full-parameter domain gradients, with bootstrap error bars and each domain's split-half
     self-cosine: the ceiling its cosines can reach at its gradient noise (flagged as noise below 0.1)."""
@@ -96,7 +99,7 @@ def gradsim_cmd(
     results, labels, steps = analyse_each(
         checkpoints, lambda obj, bar: gradient_similarity(obj, seed=seed, domains=doms, resamples=resamples,
                                                           train_mode=train_mode, progress=bar,
-                                                          precision=precision),
+                                                          precision=precision, split_half=split_half),
         device, trust_remote_code)
     show = tables(json_out, csv_out)
     show.print(Columns([cosine_table(r, lab) for r, lab in zip(results, labels)], padding=(0, 3)))

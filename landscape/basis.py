@@ -1,89 +1,152 @@
-"""The Lanczos basis: rows on the CPU grown as a run needs them, float64 (or float32 where memory requires),
-with float64 inner products; released whole at a restart."""
+"""The Lanczos basis: rows in memory (float64, or float32 where the products are float32 or memory requires)
+or in a temporary file when even float32 rows do not fit; every inner product, update and restart is done in
+float64 over column chunks, so no full-length float64 temporary beyond one vector is ever made."""
 from __future__ import annotations
+
+import os
+import shutil
+import tempfile
 
 import numpy as np
 import torch
 
 
 class Basis:
-    """The Lanczos basis rows on the CPU, grown as the run needs them (blocks of 32 float64 rows, or single
-    float32 rows when memory requires them) and released whole at a restart: nothing is allocated ahead of
-    use. Inner products and updates are in float64 either way."""
+    """At most `cap` basis rows of n entries. In memory the rows are one torch.empty block (pages become resident
+    only as rows are written, so a run that converges early holds only what it used); on disk (`disk=True`)
+    they are float32 rows of a temporary file read and written a column chunk at a time (pread/pwrite: the
+    process's resident memory stays one chunk). Inner products, updates and restarts are float64 either way."""
 
-    BLOCK = 32
+    CHUNK_BYTES = 2 ** 24  # the float64 column chunk of all rows that one operation holds at a time
 
-    def __init__(self, n: int, dtype: torch.dtype, cap: int):
-        self.n, self.dtype, self.cap = int(n), dtype, int(cap)
-        self.blocks: list[torch.Tensor] = []
-        self.count = 0
+    def __init__(self, n: int, dtype: torch.dtype, cap: int, disk: bool = False, directory: str | None = None):
+        self.n, self.cap, self.count = int(n), int(cap), 0
+        self.disk = bool(disk)
+        self.dtype = torch.float32 if self.disk else dtype
+        self._dir = self._fd = self.X = self._buf = self._buf32 = None
+        if self.disk:
+            self._dir = tempfile.mkdtemp(prefix="landscape-basis-", dir=directory)
+            self._fd = os.open(os.path.join(self._dir, "rows.f32"), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        else:
+            self.X = torch.empty(self.cap, self.n, dtype=self.dtype)
 
     def __len__(self) -> int:
         return self.count
 
-    def _rows(self):
-        left = self.count
-        for b in self.blocks:
-            take = min(left, b.shape[0])
-            if take <= 0:
-                return
-            yield b[:take]
-            left -= take
+    def __del__(self):
+        self.close()
 
+    def close(self) -> None:
+        """Release the rows (and remove the file)."""
+        self.X = self._buf = self._buf32 = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    # -- storage ------------------------------------------------------------------------------
+    def _chunks(self, rows: int):
+        step = max(1024, int(self.CHUNK_BYTES // (8 * max(rows, 1))))
+        for a in range(0, self.n, step):
+            yield a, min(self.n, a + step)
+
+    def _scratch(self, rows: int, cols: int) -> torch.Tensor:
+        """A float64 (rows, cols) view of one reused chunk buffer (fresh chunks would cost page faults)."""
+        need = rows * cols
+        if self._buf is None or self._buf.numel() < need:
+            self._buf = torch.empty(max(need, self.CHUNK_BYTES // 8), dtype=torch.float64)
+        return self._buf[:need].view(rows, cols)
+
+    def _get(self, lo: int, hi: int, a: int, b: int) -> torch.Tensor:
+        """Rows lo..hi-1, columns a..b-1, as float64 (hi - lo, b - a): a view of the rows where they are float64
+        in memory, else the reused chunk buffer (valid until the next call)."""
+        if not self.disk and self.dtype == torch.float64:
+            return self.X[lo:hi, a:b]
+        out = self._scratch(hi - lo, b - a)
+        if not self.disk:
+            return out.copy_(self.X[lo:hi, a:b])
+        if self._buf32 is None or self._buf32.size < out.numel():
+            self._buf32 = np.empty(self._buf.numel(), dtype=np.float32)
+        buf = self._buf32[:out.numel()].reshape(hi - lo, b - a)
+        for r in range(lo, hi):
+            got = os.preadv(self._fd, [memoryview(buf[r - lo])], 4 * (r * self.n + a))
+            if got != 4 * (b - a):
+                raise OSError(f"short read from the Lanczos basis file ({got} of {4 * (b - a)} bytes)")
+        return out.copy_(torch.from_numpy(buf))
+
+    def _put(self, lo: int, a: int, b: int, T: torch.Tensor) -> None:
+        """Rows lo.. (as many as T has), columns a..b-1, from the float64 block T."""
+        if not self.disk:
+            self.X[lo:lo + T.shape[0], a:b] = T
+            return
+        blk = np.ascontiguousarray(T.to(torch.float32).numpy())
+        for r in range(T.shape[0]):
+            data = memoryview(blk[r]).cast("B")
+            done = os.pwrite(self._fd, data, 4 * ((lo + r) * self.n + a))
+            if done != len(data):
+                raise OSError("short write to the Lanczos basis file (disk full?)")
+
+    # -- the operations Lanczos needs ------------------------------------------------------------
     def append(self, v: torch.Tensor) -> None:
         """Add a unit row (float64 in; stored in the basis dtype)."""
-        used = sum(b.shape[0] for b in self.blocks)
-        if self.count == used:
-            size = 1 if self.dtype != torch.float64 else max(1, min(self.BLOCK, self.cap - used))
-            self.blocks.append(torch.empty(size, self.n, dtype=self.dtype))
-        row, b = self.count, 0
-        while row >= self.blocks[b].shape[0]:
-            row -= self.blocks[b].shape[0]
-            b += 1
-        self.blocks[b][row] = v
+        if self.count >= self.cap:
+            raise IndexError("the Lanczos basis is full")
+        self._put(self.count, 0, self.n, v.reshape(1, -1))
         self.count += 1
 
     def row(self, i: int) -> torch.Tensor:
-        for b in self._rows():
-            if i < b.shape[0]:
-                return b[i].to(torch.float64)
-            i -= b.shape[0]
-        raise IndexError(i)
+        if not 0 <= i < self.count:
+            raise IndexError(i)
+        return self._get(i, i + 1, 0, self.n)[0]
+
+    def _whole(self) -> torch.Tensor | None:
+        """The rows themselves where they are float64 in memory (no chunked conversion needed), else None."""
+        return self.X[:self.count] if not self.disk and self.dtype == torch.float64 else None
 
     def dots(self, w: torch.Tensor) -> torch.Tensor:
         """B w (float64, one entry per row)."""
-        if self.dtype == torch.float64:
-            return torch.cat([b @ w for b in self._rows()])
-        return torch.stack([torch.dot(r.to(torch.float64), w) for b in self._rows() for r in b])
+        X = self._whole()
+        if X is not None:
+            return X @ w
+        h = torch.zeros(self.count, dtype=torch.float64)
+        for a, b in self._chunks(self.count):
+            h += self._get(0, self.count, a, b) @ w[a:b]
+        return h
 
     def subtract(self, w: torch.Tensor, h: torch.Tensor) -> None:
         """w -= B^T h, in place."""
-        s = 0
-        for b in self._rows():
-            if self.dtype == torch.float64:
-                w -= b.T @ h[s:s + b.shape[0]]
-            else:
-                for i, r in enumerate(b):
-                    w.add_(r, alpha=-float(h[s + i]))
-            s += b.shape[0]
+        X = self._whole()
+        if X is not None:
+            w.addmv_(X.T, h, alpha=-1.0)
+            return
+        for a, b in self._chunks(self.count):
+            w[a:b].addmv_(self._get(0, self.count, a, b).T, h, alpha=-1.0)
 
     def combine(self, S: np.ndarray) -> torch.Tensor:
         """B^T S: the (n, c) float64 combinations of the rows with the columns of S (rows of S = basis rows)."""
         S = torch.from_numpy(np.ascontiguousarray(S, dtype=np.float64))
-        out = torch.zeros(self.n, S.shape[1], dtype=torch.float64)
-        s = 0
-        for b in self._rows():
-            if self.dtype == torch.float64:
-                out += b.T @ S[s:s + b.shape[0]]
-            else:
-                for i, r in enumerate(b):
-                    for c in range(S.shape[1]):
-                        out[:, c].add_(r, alpha=float(S[s + i, c]))
-            s += b.shape[0]
+        out = torch.empty(self.n, S.shape[1], dtype=torch.float64)
+        for a, b in self._chunks(self.count):
+            out[a:b] = self._get(0, self.count, a, b).T @ S
         return out
 
+    def restart(self, S: np.ndarray) -> None:
+        """Replace the rows by the combinations B^T S (thick restart), in place a column chunk at a time: no
+        (n, c) temporary."""
+        S = torch.from_numpy(np.ascontiguousarray(S, dtype=np.float64))
+        m, c = self.count, S.shape[1]
+        for a, b in self._chunks(m):
+            self._put(0, a, b, S.T @ self._get(0, m, a, b))
+        self.count = c
+
     def reset(self, Y: torch.Tensor) -> None:
-        """Release every row and start again from the columns of Y (n, c)."""
-        self.blocks, self.count = [], 0
+        """Start again from the columns of Y (n, c)."""
+        self.count = 0
         for c in range(Y.shape[1]):
             self.append(Y[:, c])
+
+    def resident_bytes(self) -> int:
+        """Bytes of rows held in memory (0 on disk)."""
+        return 0 if self.disk else self.count * self.n * self.X.element_size()

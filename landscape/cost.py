@@ -22,15 +22,17 @@ class CostEstimate(Result):
     model_bytes: float  # the private copy of the model (0 on its own weights)
     graph_bytes: float  # the cached gradient graph of one domain (measured: tensors saved for backward)
     product_bytes: float  # one product's temporaries (6 n-vectors and about half the graph per vector)
-    basis_bytes: float  # the Lanczos basis as the expected run grows it, with its restart block
+    basis_bytes: float  # the Lanczos basis as the expected run grows it, with the Ritz vectors it returns
     basis_max_bytes: float  # the basis at its largest (a long run)
     trace_bytes: float  # the trace's sketch and probe block (with the block product's extra vectors)
-    peak_bytes: float  # model + graph + product + max(basis, trace) + 4 working n-vectors
+    peak_bytes: float  # model + graph + product + max(basis, trace) + 4 working n-vectors + 2 basis chunks
     eigen_products: int  # expected for the eigenvalues (a rough figure: it depends on the spectrum)
     eigen_budget: int
     trace_products: int  # at most
     seconds_per_product: float | None
     seconds: float | None  # (eigen_products + trace_products) x seconds_per_product, per domain
+    basis_on_disk: bool = False  # the rows in a temporary file (they did not fit in memory)
+    basis_rows: int = 0  # the most rows a run keeps before it restarts
 
     def lines(self) -> list[str]:
         """The estimate as the CLI prints it."""
@@ -38,7 +40,8 @@ class CostEstimate(Result):
                + (" on the model's own weights" if self.own_weights else " on a private copy"),
                f"  memory ~ {self.peak_bytes / GiB:.2f} GiB = model copy {self.model_bytes / GiB:.2f} + graph "
                f"{self.graph_bytes / GiB:.2f} + product {self.product_bytes / GiB:.2f} + max(basis "
-               f"{self.basis_bytes / GiB:.2f} (at most {self.basis_max_bytes / GiB:.2f}), trace "
+               f"{self.basis_bytes / GiB:.2f} (at most {self.basis_max_bytes / GiB:.2f}; {self.basis_rows} rows"
+               f"{' in a temporary file' if self.basis_on_disk else ''}), trace "
                f"{self.trace_bytes / GiB:.2f}) + vectors"]
         t = "" if self.seconds is None else (f"; one product {self.seconds_per_product:.3g} s, about "
                                              f"{self.seconds / 60:.1f} min per domain")
@@ -106,13 +109,13 @@ def flatness_estimate(obj, *, domain=None, k: int = 5, which: str = "both", trac
             sec = time.perf_counter() - t0
     op.release()
     kw = k * len(_ends(which))
-    m_max, bdt = basis_plan(n, kw, basis_bytes)
-    bsize = torch.empty(0, dtype=bdt).element_size()
+    plan = basis_plan(n, kw, basis_bytes)
+    row = 0 if plan.disk else plan.row_bytes(n)  # rows in a file take no resident memory
     expect = expected_eigen_products(k, which)
     budget = int(max_hvps) if max_hvps else max(500, 20 * kw)
-    rows = min(m_max + 1, int(0.6 * expect) + 1)  # the main run's share; the check's own basis is smaller
-    basis = float((rows + kw) * bsize * n)
-    basis_max = float((m_max + 1 + kw) * bsize * n)
+    rows = min(plan.rows + 1, int(0.6 * expect) + 1)  # the main run's share; the check's own basis is smaller
+    basis = float(rows * row + kw * 8 * n)
+    basis_max = float(plan.resident_bytes(n, kw))
     per_vector = 6 * n * item + 0.5 * graph  # a batched backward's buffers per vector (about half the graph)
     product = float(per_vector)  # the eigenvalues multiply one vector at a time
     tr_products = 0 if not trace else int(trace_probes if trace_probes is not None else trace_max_probes)
@@ -122,8 +125,11 @@ def flatness_estimate(obj, *, domain=None, k: int = 5, which: str = "both", trac
         block = min(probe_block(n, 10), op.max_block)
         tr_bytes = float((4 * s * n * 8 if trace_method == "hutch++" and sketch_fits(n, s) else 0)
                          + 3 * block * n * 8 + (block - 1) * per_vector)  # the probes' block product
-    peak = model_bytes + graph + product + max(basis, tr_bytes) + 4 * n * 8
+    from .basis import Basis
+    # + 4 working float64 n-vectors and the basis's float64 column chunks (two live at a time)
+    peak = model_bytes + graph + product + max(basis, tr_bytes) + 4 * n * 8 + 2 * min(Basis.CHUNK_BYTES, 8 * n * plan.rows)
     return CostEstimate(num_params=n, precision=prec.name(dt), own_weights=bool(own), model_bytes=model_bytes,
+                        basis_on_disk=bool(plan.disk), basis_rows=int(plan.rows),
                         graph_bytes=float(graph), product_bytes=product, basis_bytes=basis, basis_max_bytes=basis_max,
                         trace_bytes=tr_bytes, peak_bytes=float(peak), eigen_products=expect, eigen_budget=budget,
                         trace_products=tr_products, seconds_per_product=sec,

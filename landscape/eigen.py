@@ -94,32 +94,59 @@ def _ends(which: str) -> list[str]:
 
 
 def _budget_basis(n: int, kw: int, basis_bytes: float | None) -> int:
-    """Default basis size (float64 rows): basis_plan's count."""
-    return basis_plan(n, kw, basis_bytes)[0]
+    """Default basis size: basis_plan's count."""
+    return basis_plan(n, kw, basis_bytes).rows
 
 
 MAX_BASIS = 200  # the most basis vectors a run keeps before it restarts
+STEP_BYTES = 2 ** 29  # a step re-orthogonalises against every row: rows beyond this many bytes (and beyond
+# the 2 kw + 10 a restart wants) cost more memory traffic per step than they save in products on a large model
 
 
-def basis_plan(n: int, kw: int, basis_bytes: float | None = None) -> tuple[int, torch.dtype]:
-    """(most basis vectors, their dtype) for a Lanczos run over n parameters with kw wanted pairs, within
-    `basis_bytes` (None: precision.BASIS_SHARE of the memory available now). The rows are counted with the kw
-    restart vectors that briefly live beside them. Float64 rows when at least min(n, 2 kw + 10) fit, else
-    float32 rows; the fewest a restart needs (kw + 2) in either, else a UserError saying what it would take.
-    No floor overrides the budget."""
+@dataclasses.dataclass(frozen=True)
+class BasisPlan:
+    """How a Lanczos run holds its basis: at most `rows` rows of `dtype`, in memory or (`disk`) in a file."""
+
+    rows: int
+    dtype: torch.dtype
+    disk: bool = False
+
+    def __iter__(self):  # (rows, dtype), as the older tuple
+        return iter((self.rows, self.dtype))
+
+    def row_bytes(self, n: int) -> int:
+        return int(n) * (4 if self.disk else torch.empty(0, dtype=self.dtype).element_size())
+
+    def resident_bytes(self, n: int, kw: int) -> float:
+        """The most memory the rows (with the kw Ritz vectors a run returns, float64) take."""
+        return (0.0 if self.disk else float((self.rows + 1) * self.row_bytes(n))) + 8.0 * kw * n
+
+
+def basis_plan(n: int, kw: int, basis_bytes: float | None = None) -> BasisPlan:
+    """How a Lanczos run over n parameters with kw wanted pairs holds its basis, within `basis_bytes` (None:
+    precision.BASIS_SHARE of the memory available now), the kw Ritz vectors it returns counted beside it.
+    Float64 rows when at least min(n, 2 kw + 10) fit (inner products straight on the rows: a float32 row
+    costs a conversion per use, which on the 10.8M bench GPT made the basis a third of the run), else float32
+    rows (their rounding is below float32 products' own); at most MAX_BASIS rows and, past
+    2 kw + 10, at most STEP_BYTES of them (each step touches every row). Where not even 2 kw + 10 float32 rows
+    fit, that many float32 rows in a temporary file (`disk`: fewer rows would cost more products than the
+    file costs in reads). No floor overrides the budget."""
     from .precision import BASIS_SHARE, available_bytes
 
     n = max(int(n), 1)
     budget = BASIS_SHARE * available_bytes() if basis_bytes is None else float(basis_bytes)
     want, least = min(n, 2 * kw + 10), min(n, kw + 2)
-    fits = {dt: int(budget // (size * n)) - kw - 1 for dt, size in ((torch.float64, 8), (torch.float32, 4))}
-    for need in (want, least):
-        for dt in (torch.float64, torch.float32):
-            if fits[dt] >= need:
-                return max(2, min(n, fits[dt], MAX_BASIS)), dt
-    raise UserError(f"the Lanczos basis needs at least {least + kw + 1} vectors of {n} float32 entries "
-                    f"({(least + kw + 1) * 4 * n / 2 ** 30:.2f} GiB) but {budget / 2 ** 30:.2f} GiB are allowed; "
-                    "free memory, ask for fewer eigenvalues (k, which='top') or pass basis_bytes")
+    for dt in (torch.float64, torch.float32):
+        size = torch.empty(0, dtype=dt).element_size() * n
+        fits = int((budget - 8.0 * kw * n) // size) - 1
+        if fits >= want:
+            cap = max(want, int(STEP_BYTES // size))
+            return BasisPlan(max(2, min(n, fits, cap, MAX_BASIS)), dt)
+    if least > n - 1 or budget < 8.0 * kw * n:
+        raise UserError(f"the Lanczos run returns {kw} float64 vectors of {n} entries "
+                        f"({8.0 * kw * n / 2 ** 30:.2f} GiB) but {budget / 2 ** 30:.2f} GiB are allowed; free memory, "
+                        "ask for fewer eigenvalues (k, which='top') or pass basis_bytes")
+    return BasisPlan(max(2, want), torch.float32, disk=True)
 
 
 def _result(which: str, out: dict[str, RitzPairs], ends, **info) -> EigenResult:

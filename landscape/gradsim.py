@@ -106,11 +106,13 @@ class _Rows:
         from .precision import BASIS_SHARE, available_bytes
 
         self.M, self.n = int(M), int(n)
-        fits = 8.0 * M * n <= min(BASIS_SHARE * available_bytes(), self.MEMORY_BYTES)
+        size = 4 if dtype == torch.float32 else 8
+        fits = float(size) * M * n <= min(BASIS_SHARE * available_bytes(), self.MEMORY_BYTES)
         self.in_memory = fits if in_memory is None else in_memory
         self.dir = None
+        self.row_dtype = torch.float32 if dtype == torch.float32 else torch.float64
         if self.in_memory:
-            self.X = torch.zeros(M, n, dtype=torch.float64, device=device)
+            self.X = torch.zeros(M, n, dtype=self.row_dtype, device=device)
         else:
             import tempfile
             self.dir = tempfile.mkdtemp(prefix="landscape-gradsim-")
@@ -129,15 +131,19 @@ class _Rows:
 
     def gram(self, sl: slice | None = None) -> np.ndarray:
         """X[:, sl] X[:, sl]^T (float64, M x M)."""
-        if self.in_memory:
+        if self.in_memory and self.row_dtype == torch.float64:
             Xs = self.X if sl is None else self.X[:, sl]
             return (Xs @ Xs.T).cpu().numpy()
         a, b = (0, self.n) if sl is None else (sl.start, sl.stop)
         step = max(1, int(self.CHUNK_BYTES // (8 * max(self.M, 1))))
         G = np.zeros((self.M, self.M))
         for c in range(a, b, step):
-            blk = np.asarray(self.X[:, c:min(b, c + step)], dtype=np.float64)
-            G += blk @ blk.T
+            if self.in_memory:  # float32 rows: each column chunk in float64
+                blk = self.X[:, c:min(b, c + step)].to(torch.float64)
+                G += (blk @ blk.T).cpu().numpy()
+            else:
+                blk = np.asarray(self.X[:, c:min(b, c + step)], dtype=np.float64)
+                G += blk @ blk.T
         return G
 
     def close(self) -> None:
@@ -151,7 +157,7 @@ class _Rows:
 def gradient_similarity(obj: Objective, *, domains=None, params: str | None = None, seed: int = 0,
                         progress: Progress | None = None, resamples: int = 200, per_layer: bool = True,
                         train_mode: bool = False, precision: str = "auto",
-                        in_memory: bool | None = None) -> GradSimResult:
+                        in_memory: bool | None = None, split_half: bool = True) -> GradSimResult:
     """Cosine matrix of full-parameter domain gradients at the current weights, with split-half noise floor.
 
     Each domain's gradient is its loss gradient over its fixed batches, weighted as `obj.terms` defines
@@ -174,7 +180,9 @@ def gradient_similarity(obj: Objective, *, domains=None, params: str | None = No
     one. `cosine_precision_error` bounds what rounding can move a cosine by (twice the measured relative
     noise of one batch gradient: one extra backward). Memory: the rows are held in memory when they fit, else
     in a memory-mapped temporary file (`in_memory` forces either), streamed in column chunks into the Gram
-    matrices, so memory is O(n) rather than O(rows x n).
+    matrices, so memory is O(n) rather than O(rows x n); rows are float32 for a float32 model (Gram sums in
+    float64). `split_half=False` skips the floors (and a single batch's chunks, so no bootstrap there): one
+    backward per batch, the cost of a plain loop of autograd calls.
     """
     t0 = time.perf_counter()
     obj = obj.select(params)
@@ -210,7 +218,9 @@ def gradient_similarity(obj: Objective, *, domains=None, params: str | None = No
         terms = obj.keyed_terms(d)
         full = [(add(d, k, b), c) for k, c, b in terms]
         entry = {"full": full, "units": full, "halves": None, "reason": None}
-        if len(terms) >= 2:
+        if not split_half:
+            entry["reason"] = "not asked for (split_half=False)"
+        elif len(terms) >= 2:
             entry["halves"] = (full[0::2], full[1::2])
             entry["reason"] = f"{len(terms)} batches split even/odd"
         else:

@@ -241,10 +241,12 @@ class HessianOperator(CurvatureOperator):
 
     def _products(self, V: torch.Tensor) -> torch.Tensor:
         b = V.shape[1]
+        self.hvps += b
+        if b <= self.max_block:  # one block: no output copy (fresh n-vectors cost page faults on large models)
+            return self._block(V)
         out = torch.empty_like(V)
         for s in range(0, b, self.max_block):
             out[:, s:s + self.max_block] = self._block(V[:, s:s + self.max_block])
-        self.hvps += b
         return out
 
     def _block(self, V: torch.Tensor) -> torch.Tensor:
@@ -321,7 +323,7 @@ class HessianOperator(CurvatureOperator):
             for j in range(V.shape[1]):
                 hv = torch.autograd.grad(g, inputs, grad_outputs=V[:, j], retain_graph=True, allow_unused=True)
                 cols.append(self._flat(hv, leaves))
-            return torch.stack(cols, dim=1)
+            return cols[0][:, None] if len(cols) == 1 else torch.stack(cols, dim=1)
 
     def _fwd_rev(self, V: torch.Tensor) -> torch.Tensor:
         """H V by vmapped forward-over-reverse (torch.func): no retained graph, one pass per block."""

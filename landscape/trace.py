@@ -34,19 +34,29 @@ class TraceEstimate(Result):
 
 
 
-def rademacher(n: int, count: int, seed: int, start: int = 0, salt: int = _SALT) -> torch.Tensor:
-    """Probes start..start+count-1 as an (n, count) float64 block of +-1, each from its own seeded stream."""
+def rademacher(n: int, count: int, seed: int, start: int = 0, salt: int = _SALT,
+               dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Probes start..start+count-1 as an (n, count) block of +-1 (exact in any float dtype), each from its own
+    seeded stream."""
     cols = [torch.randint(0, 2, (n,), generator=generator(seed, salt, start + i), dtype=torch.int8)
             for i in range(count)]
-    return (torch.stack(cols, dim=1).to(torch.float64) * 2.0 - 1.0) if cols else torch.zeros(n, 0, dtype=torch.float64)
+    if not cols:
+        return torch.zeros(n, 0, dtype=dtype)
+    return torch.stack(cols, dim=1).to(dtype).mul_(2.0).sub_(1.0)
 
 
 PROBE_BYTES = 2 ** 28  # the most memory one block of trace probes (and their products) may take
 
 
+SINGLE_PROBES = 500_000  # parameters from which probes go one at a time (as PyHessian's): a batched product
+# multiplies the backward's activations by the block and, on the bench GPTs, is no faster per probe there
+
+
 def probe_block(n: int, block: int) -> int:
     """Probes per block: at most `block`, and few enough that the block and its products (3 float64 n-vectors
-    per probe) stay within PROBE_BYTES: one at a time on a large model."""
+    per probe) stay within PROBE_BYTES; one at a time from SINGLE_PROBES parameters."""
+    if int(n) >= SINGLE_PROBES:
+        return 1
     return max(1, min(int(block), int(PROBE_BYTES // (24 * max(int(n), 1)))))
 
 
@@ -58,12 +68,13 @@ def sketch_fits(n: int, s: int) -> bool:
 
 
 def _quadratic_forms(op, Z: torch.Tensor, block: int, progress=None, done: int = 0, total: int = 0) -> np.ndarray:
-    """z^T H z for each column of Z (CPU float64), through op.matmat in blocks."""
+    """z^T H z for each column of Z, through op.matmat in blocks; the products' dtype, summed in float64 (no
+    float64 copy of a float32 block)."""
     out = []
     for s in range(0, Z.shape[1], block):
         Zb = Z[:, s:s + block]
-        HZ = op.matmat(Zb).detach().to("cpu", torch.float64)
-        out.append((Zb * HZ).sum(0).numpy())
+        HZ = op.matmat(Zb).detach()
+        out.append((Zb.to(HZ) * HZ).sum(0, dtype=torch.float64).cpu().numpy())
         if progress is not None:
             progress(done + s + Zb.shape[1], total)
     return np.concatenate(out) if out else np.zeros(0)
@@ -153,7 +164,9 @@ def adaptive(op, method: str = "hutch++", *, target: float = 0.01, max_probes: i
     stop = "budget"
     while used < max_probes:
         b = min(block, max_probes - used)
-        G = rademacher(n, b, seed, s + len(xs))
+        # plain probes in the products' dtype (+-1 is exact): no float64 block to convert per probe
+        G = rademacher(n, b, seed, s + len(xs), dtype=torch.float64 if Q is not None else
+                       getattr(op, "dtype", torch.float64))
         if Q is not None:
             G = G - Q @ (Q.T @ G)
         xs = np.concatenate([xs, _quadratic_forms(op, G, b)])

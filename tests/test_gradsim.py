@@ -134,6 +134,32 @@ def test_split_half_single_batch_cut_into_chunks(mix):
     assert np.all(se[~np.eye(4, dtype=bool)] > 0) and np.all(np.diag(se) == 0)
 
 
+def test_without_split_half_one_backward_per_batch_and_the_same_cosines(mix):
+    """split_half=False: the same cosines from one backward per batch (a single batch is not cut), no floors."""
+    from landscape import gradsim
+
+    obj, _ = mix
+    one = Objective(obj.model, {d: [{k: torch.cat([b[k] for b in bs]) for k in ("x", "y")}]
+                                for d, bs in obj.domains.items()}, obj.loss_fn, ood=obj.ood)
+    calls = []
+    orig = gradsim.batch_gradient
+
+    def counted(*a, **k):
+        calls.append(1)
+        return orig(*a, **k)
+
+    gradsim.batch_gradient = counted
+    try:
+        fast = gradient_similarity(one, resamples=0, per_layer=False, split_half=False)
+    finally:
+        gradsim.batch_gradient = orig
+    full = gradient_similarity(one, resamples=0, per_layer=False)
+    assert len(calls) == len(one.domains)  # one row per domain (the rounding probe is separate)
+    np.testing.assert_allclose(np.array(fast.cosine), np.array(full.cosine), atol=1e-12)
+    assert all(v is None for v in fast.split_half.values())
+    assert all("split_half=False" in fast.split_half_reason[d] for d in fast.domains)
+
+
 def test_bootstrap_is_seeded(mix):
     obj, _ = mix
     a = gradient_similarity(obj, seed=5, resamples=40, per_layer=False)

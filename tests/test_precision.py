@@ -170,21 +170,78 @@ def test_gradsim_rows_streamed_from_disk_equal_rows_in_memory():
 
 
 def test_basis_plan_keeps_to_its_budget_with_no_floor():
-    from landscape.eigen import basis_plan
+    from landscape.eigen import STEP_BYTES, basis_plan
 
     n = 10_000_000
-    m, dt = basis_plan(n, 1, basis_bytes=8 * n * 40)  # 40 float64 rows' worth
-    assert dt == torch.float64 and (m + 1 + 1) * 8 * n <= 8 * n * 40  # rows + restart block within budget
-    m, dt = basis_plan(n, 10, basis_bytes=8 * n * 22)  # 2 kw + 10 = 30 float64 rows do not fit: float32 rows
-    assert dt == torch.float32 and (m + 1 + 10) * 4 * n <= 8 * n * 22 and m >= 30
-    m, dt = basis_plan(n, 10, basis_bytes=8 * n * 12)  # only the least a restart needs (kw + 2), in float32
-    assert dt == torch.float32 and m >= 12 and (m + 1 + 10) * 4 * n <= 8 * n * 12
-    with pytest.raises(UserError, match="Lanczos basis needs"):
+    p = basis_plan(n, 1, basis_bytes=8 * n * 40)  # 40 float64 rows' worth, float64 products
+    assert p.dtype == torch.float64 and not p.disk and p.resident_bytes(n, 1) <= 8 * n * 40
+    assert p.rows == 12  # 2 kw + 10: more rows than STEP_BYTES would cost more traffic per step than they save
+    assert 12 * 8 * n > STEP_BYTES
+    p = basis_plan(n, 1, basis_bytes=4 * n * 20)  # 12 float64 rows do not fit: float32 rows
+    assert p.dtype == torch.float32 and p.rows == STEP_BYTES // (4 * n) and not p.disk
+    p = basis_plan(n, 10, basis_bytes=8 * n * 27)  # 30 float64 rows do not fit: float32 rows
+    assert p.dtype == torch.float32 and p.rows >= 30 and p.resident_bytes(n, 10) <= 8 * n * 27
+    p = basis_plan(n, 10, basis_bytes=8 * n * 12)  # not even 30 float32 rows: a file of them
+    assert p.disk and p.dtype == torch.float32 and p.rows == 30 and p.resident_bytes(n, 10) <= 8 * n * 12
+    with pytest.raises(UserError, match="returns 10 float64 vectors"):
         basis_plan(n, 10, basis_bytes=8 * n * 5)
+    assert basis_plan(50_000, 5, basis_bytes=2 ** 30).rows == 200  # small models: the full basis
+
+
+def test_lanczos_on_a_disk_basis_equals_the_memory_basis():
+    """Rows in a temporary file (pread/pwrite, float32) give the same eigenvalues as float32 rows in memory,
+    and the file is removed after."""
+    import glob
+    import tempfile
+
+    from landscape.lanczos import lanczos
+
+    class Diag:
+        n, hvps, dtype = 3000, 0, torch.float32
+        d = torch.linspace(-1.0, 1.0, 3000, dtype=torch.float64) ** 3
+        d[-3:] = torch.tensor([2.0, 2.0, 3.0], dtype=torch.float64)  # a repeated eigenvalue under the top
+
+        def matvec(self, v):
+            self.hvps += 1
+            return (self.d * v.double()).float()
+
+    before = set(glob.glob(f"{tempfile.gettempdir()}/landscape-basis-*"))
+    row = 4 * Diag.n
+    mem = lanczos(Diag(), 3, "top", tol=1e-5, basis_bytes=8 * 3 * Diag.n + row * 40)
+    disk = lanczos(Diag(), 3, "top", tol=1e-5, basis_bytes=8 * 3 * Diag.n + row * 5)
+    assert mem.all_converged and disk.all_converged
+    np.testing.assert_allclose(disk.eigenvalues, [3.0, 2.0, 2.0], atol=1e-4)
+    np.testing.assert_allclose(disk.eigenvalues, mem.eigenvalues, atol=1e-5)
+    assert set(glob.glob(f"{tempfile.gettempdir()}/landscape-basis-*")) == before
+
+
+def test_basis_operations_match_dense_algebra_in_memory_and_on_disk():
+    from landscape.basis import Basis
+
+    g = torch.Generator().manual_seed(0)
+    R = torch.randn(5, 5000, generator=g, dtype=torch.float64)
+    w = torch.randn(5000, generator=g, dtype=torch.float64)
+    S = np.random.default_rng(0).standard_normal((5, 3))
+    for disk in (False, True):
+        B = Basis(5000, torch.float32, 6, disk=disk)
+        B.CHUNK_BYTES = 8 * 5 * 1024  # several column chunks
+        for r in R:
+            B.append(r)
+        Rf = R.float().double()
+        np.testing.assert_allclose(B.dots(w).numpy(), (Rf @ w).numpy(), rtol=1e-12)
+        x = w.clone()
+        B.subtract(x, torch.arange(5, dtype=torch.float64))
+        np.testing.assert_allclose(x.numpy(), (w - Rf.T @ torch.arange(5, dtype=torch.float64)).numpy(), rtol=1e-12)
+        np.testing.assert_allclose(B.combine(S).numpy(), (Rf.T @ torch.from_numpy(S)).numpy(), rtol=1e-12)
+        B.restart(S)
+        assert len(B) == 3
+        np.testing.assert_allclose(B.row(1).numpy(), (Rf.T @ torch.from_numpy(S))[:, 1].float().double().numpy(),
+                                   rtol=1e-6)
+        B.close()
 
 
 def test_lanczos_basis_grows_only_as_far_as_the_run_goes():
-    """A top-1 run that converges in a few steps allocates a few rows, not the whole budget."""
+    """A top-1 run that converges in a few steps writes a few rows, not the whole budget."""
     from landscape.basis import Basis
     from landscape.lanczos import lanczos
 
@@ -193,7 +250,7 @@ def test_lanczos_basis_grows_only_as_far_as_the_run_goes():
 
     def spy(self, v):
         orig(self, v)
-        sizes.append(sum(b.shape[0] for b in self.blocks))
+        sizes.append(self.count)
 
     class Diag:
         n, hvps, dtype = 5000, 0, torch.float64
@@ -210,4 +267,4 @@ def test_lanczos_basis_grows_only_as_far_as_the_run_goes():
     finally:
         Basis.append = orig
     assert r.all_converged and abs(r.eigenvalues[0] - 2.0) < 1e-3
-    assert max(sizes) <= Basis.BLOCK and max(sizes) < 150  # one block of rows, of a budget of 150
+    assert max(sizes) < 40  # rows written (pages touched), of a budget of 150
