@@ -24,9 +24,13 @@ class Basis:
         self.disk = bool(disk)
         self.dtype = torch.float32 if self.disk else dtype
         self._dir = self._fd = self.X = self._buf = self._buf32 = None
-        if self.disk:
+        if self.disk:  # unlinked at once: the open descriptor keeps it, and no kill leaves gigabytes behind
             self._dir = tempfile.mkdtemp(prefix="landscape-basis-", dir=directory)
-            self._fd = os.open(os.path.join(self._dir, "rows.f32"), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            path = os.path.join(self._dir, "rows.f32")
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            os.unlink(path)
+            os.rmdir(self._dir)
+            self._dir = None
         else:
             self.X = torch.empty(self.cap, self.n, dtype=self.dtype)
 
