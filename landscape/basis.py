@@ -1,10 +1,9 @@
-"""The Lanczos basis: rows in memory (float64, or float32 where the products are float32 or memory requires)
-or in a temporary file when even float32 rows do not fit; every inner product, update and restart is done in
-float64 over column chunks, so no full-length float64 temporary beyond one vector is ever made."""
+"""The Lanczos basis: rows in memory (float64, or float32 where memory requires) or in a temporary file when
+even float32 rows do not fit; every inner product, update and restart is done in float64 (float32 rows a
+column chunk at a time), so no full-length float64 temporary beyond one vector is ever made."""
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 
 import numpy as np
@@ -23,14 +22,13 @@ class Basis:
         self.n, self.cap, self.count = int(n), int(cap), 0
         self.disk = bool(disk)
         self.dtype = torch.float32 if self.disk else dtype
-        self._dir = self._fd = self.X = self._buf = self._buf32 = None
+        self._fd = self.X = self._buf = self._buf32 = None
         if self.disk:  # unlinked at once: the open descriptor keeps it, and no kill leaves gigabytes behind
-            self._dir = tempfile.mkdtemp(prefix="landscape-basis-", dir=directory)
-            path = os.path.join(self._dir, "rows.f32")
+            folder = tempfile.mkdtemp(prefix="landscape-basis-", dir=directory)
+            path = os.path.join(folder, "rows.f32")
             self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             os.unlink(path)
-            os.rmdir(self._dir)
-            self._dir = None
+            os.rmdir(folder)
         else:
             self.X = torch.empty(self.cap, self.n, dtype=self.dtype)
 
@@ -41,14 +39,11 @@ class Basis:
         self.close()
 
     def close(self) -> None:
-        """Release the rows (and remove the file)."""
+        """Release the rows (closing the file frees its blocks)."""
         self.X = self._buf = self._buf32 = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
 
     # -- storage ------------------------------------------------------------------------------
     def _chunks(self, rows: int):
@@ -144,13 +139,3 @@ class Basis:
         for a, b in self._chunks(m):
             self._put(0, a, b, S.T @ self._get(0, m, a, b))
         self.count = c
-
-    def reset(self, Y: torch.Tensor) -> None:
-        """Start again from the columns of Y (n, c)."""
-        self.count = 0
-        for c in range(Y.shape[1]):
-            self.append(Y[:, c])
-
-    def resident_bytes(self) -> int:
-        """Bytes of rows held in memory (0 on disk)."""
-        return 0 if self.disk else self.count * self.n * self.X.element_size()

@@ -111,9 +111,6 @@ class BasisPlan:
     dtype: torch.dtype
     disk: bool = False
 
-    def __iter__(self):  # (rows, dtype), as the older tuple
-        return iter((self.rows, self.dtype))
-
     def row_bytes(self, n: int) -> int:
         return int(n) * (4 if self.disk else torch.empty(0, dtype=self.dtype).element_size())
 

@@ -106,11 +106,10 @@ class _Rows:
         from .precision import BASIS_SHARE, available_bytes
 
         self.M, self.n = int(M), int(n)
-        size = 4 if dtype == torch.float32 else 8
-        fits = float(size) * M * n <= min(BASIS_SHARE * available_bytes(), self.MEMORY_BYTES)
+        self.row_dtype = torch.float32 if dtype == torch.float32 else torch.float64
+        fits = float(self.row_dtype.itemsize) * M * n <= min(BASIS_SHARE * available_bytes(), self.MEMORY_BYTES)
         self.in_memory = fits if in_memory is None else in_memory
         self.dir = None
-        self.row_dtype = torch.float32 if dtype == torch.float32 else torch.float64
         if self.in_memory:
             self.X = torch.zeros(M, n, dtype=self.row_dtype, device=device)
         else:

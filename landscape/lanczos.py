@@ -90,17 +90,16 @@ def _lanczos_run(op, k: int = 5, which: str = "both", *, tol: float = 1e-8, max_
 
     V = _Basis(n_full, bdt, m_max + 1, disk=disk)  # rows are the basis vectors
     try:
-        return _iterate(op, V, T_size=m_max, k=k, ends=ends, which=which, n=n, n_full=n_full, tol=tol,
+        return _iterate(op, V, m_max=m_max, k=k, ends=ends, which=which, n=n, n_full=n_full, tol=tol,
                         max_hvps=max_hvps, strict=strict, seed=seed, v0=v0, project=project, gen=gen,
                         start_hvps=start_hvps, return_vectors=return_vectors, progress=progress)
     finally:
         V.close()
 
 
-def _iterate(op, V, *, T_size, k, ends, which, n, n_full, tol, max_hvps, strict, seed, v0, project, gen,
+def _iterate(op, V, *, m_max, k, ends, which, n, n_full, tol, max_hvps, strict, seed, v0, project, gen,
              start_hvps, return_vectors, progress) -> EigenResult:
-    """The thick-restart Lanczos iteration of _lanczos_run over the basis V."""
-    m_max, bdt = T_size, V.dtype
+    """The thick-restart Lanczos iteration of _lanczos_run over the basis V (at most m_max rows in use)."""
     T = np.zeros((m_max + 1, m_max + 1))
     v = start_vector(n_full, seed) if v0 is None else v0.detach().reshape(-1).to("cpu", torch.float64, copy=True)
     if v.numel() != n_full or not float(v.norm()) > 0:
