@@ -25,7 +25,7 @@ class CostEstimate(Result):
     basis_bytes: float  # the Lanczos basis as the expected run grows it, with the Ritz vectors it returns
     basis_max_bytes: float  # the basis at its largest (a long run)
     trace_bytes: float  # the trace's sketch and probe block (with the block product's extra vectors)
-    peak_bytes: float  # model + graph + product + max(basis, trace) + 4 working n-vectors + 2 basis chunks
+    peak_bytes: float  # model + graph + product + max(basis, trace) + working vectors + 2 basis chunks
     eigen_products: int  # expected for the eigenvalues (a rough figure: it depends on the spectrum)
     eigen_budget: int
     trace_products: int  # at most
@@ -86,7 +86,7 @@ def flatness_estimate(obj, *, domain=None, k: int = 5, which: str = "both", trac
     """The cost of flatness(obj, ...) on one domain (default the training loss), from one gradient graph (its
     saved tensors measured) and, with `time_one`, one timed product; nothing of it is kept."""
     from . import precision as prec
-    from .eigen import _ends, basis_plan
+    from .eigen import LEAN_MIN, _ends, basis_plan, lean_plan
     from .hvp import HessianOperator
     from .trace import probe_block, sketch_fits
 
@@ -109,12 +109,13 @@ def flatness_estimate(obj, *, domain=None, k: int = 5, which: str = "both", trac
             sec = time.perf_counter() - t0
     op.release()
     kw = k * len(_ends(which))
-    plan = basis_plan(n, kw, basis_bytes)
+    lean = n >= LEAN_MIN and dt != torch.float64  # lanczos._lanczos_run's choice
+    plan = lean_plan(n, kw, basis_bytes) if lean else basis_plan(n, kw, basis_bytes)
     row = 0 if plan.disk else plan.row_bytes(n)  # rows in a file take no resident memory
     expect = expected_eigen_products(k, which)
     budget = int(max_hvps) if max_hvps else max(500, 20 * kw)
     rows = min(plan.rows + 1, int(0.6 * expect) + 1)  # the main run's share; the check's own basis is smaller
-    basis = float(rows * row + kw * 8 * n)
+    basis = float(rows * row + kw * (4 if lean else 8) * n)
     basis_max = float(plan.resident_bytes(n, kw))
     per_vector = 6 * n * item + 0.5 * graph  # a batched backward's buffers per vector (about half the graph)
     product = float(per_vector)  # the eigenvalues multiply one vector at a time
@@ -126,8 +127,9 @@ def flatness_estimate(obj, *, domain=None, k: int = 5, which: str = "both", trac
         tr_bytes = float((4 * s * n * 8 if trace_method == "hutch++" and sketch_fits(n, s) else 0)
                          + 3 * block * n * 8 + (block - 1) * per_vector)  # the probes' block product
     from .basis import Basis
-    # + 4 working float64 n-vectors and the basis's float64 column chunks (two live at a time)
-    peak = model_bytes + graph + product + max(basis, tr_bytes) + 4 * n * 8 + 2 * min(Basis.CHUNK_BYTES, 8 * n * plan.rows)
+    # + the working vectors (lean: 2 float32; else 4 float64) and the basis's float64 column chunks (two at a time)
+    work_vectors = 2 * 4 * n if lean else 4 * 8 * n
+    peak = model_bytes + graph + product + max(basis, tr_bytes) + work_vectors + 2 * min(Basis.CHUNK_BYTES, 8 * n)
     return CostEstimate(num_params=n, precision=prec.name(dt), own_weights=bool(own), model_bytes=model_bytes,
                         basis_on_disk=bool(plan.disk), basis_rows=int(plan.rows),
                         graph_bytes=float(graph), product_bytes=product, basis_bytes=basis, basis_max_bytes=basis_max,

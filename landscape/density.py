@@ -5,11 +5,11 @@ import dataclasses
 from typing import Callable
 
 import numpy as np
+import torch
 from scipy.linalg import eigh_tridiagonal
 
 from nexus_opt.errors import UserError
 
-from .lanczos import lanczos_tridiagonals
 from .result import Result
 from .trace import rademacher
 
@@ -82,3 +82,61 @@ def spectral_density(op, probes: int = 4, steps: int = 80, *, seed: int = 0, sig
     return SpectralDensity(grid=grid.tolist(), values=dens.tolist(), nodes=[t.tolist() for t in nodes],
                            weights=[w.tolist() for w in weights], sigma=sig, probes=probes,
                            steps=max(len(a) for a, _ in runs), hvps=op.hvps - before, seed=seed)
+
+
+def lanczos_tridiagonals(op, starts: torch.Tensor, steps: int, *, reorth: bool | None = None,
+                         basis_bytes: float | None = None,
+                         progress: Callable[[int, int], None] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Plain Lanczos from each column of `starts` (n, b), all advanced together by one matmat per step.
+
+    Returns per start the tridiagonal (alpha, beta) after up to `steps` steps (fewer on breakdown). With
+    `reorth` (default: when the b bases fit in `basis_bytes`) each recurrence is re-orthogonalised in full
+    against its own basis, kept on the CPU in float64.
+    """
+    n, b = starts.shape
+    steps = max(1, min(int(steps), n))
+    if reorth is None:
+        from .precision import BASIS_SHARE, available_bytes
+        budget = BASIS_SHARE * available_bytes() if basis_bytes is None else basis_bytes
+        reorth = 8.0 * b * steps * n <= budget
+    Q = starts.detach().to("cpu", torch.float64).T.contiguous()  # (b, n): current vectors
+    Q = Q / Q.norm(dim=1, keepdim=True)
+    basis = torch.zeros(b, steps, n, dtype=torch.float64) if reorth else None
+    if reorth:
+        basis[:, 0] = Q
+    alphas: list[list[float]] = [[] for _ in range(b)]
+    betas: list[list[float]] = [[] for _ in range(b)]
+    active = list(range(b))
+    prev = torch.zeros_like(Q)
+    prev_beta = [0.0] * b
+    for step in range(steps):
+        W = op.matmat(Q[active].T).detach().to("cpu", torch.float64).T
+        still = []
+        for col, i in enumerate(active):
+            w = W[col].clone()
+            a = float(Q[i] @ w)
+            alphas[i].append(a)
+            if step == steps - 1:
+                continue
+            w -= a * Q[i] + prev_beta[i] * prev[i]
+            if reorth:
+                B = basis[i, :step + 1]
+                for _ in range(2):
+                    w -= B.T @ (B @ w)
+            bnorm = float(w.norm())
+            if bnorm <= 1e-10 * max(abs(a), max(betas[i], default=0.0), 1e-300):
+                continue  # invariant subspace: the quadrature is exact with the nodes so far
+            betas[i].append(bnorm)
+            prev[i] = Q[i]
+            prev_beta[i] = bnorm
+            Q[i] = w / bnorm
+            if reorth:
+                basis[i, step + 1] = Q[i]
+            still.append(i)
+        active = still
+        if progress is not None:
+            progress(step + 1, steps)
+        if not active:
+            break
+    return [(np.asarray(alphas[i]), np.asarray(betas[i][:len(alphas[i]) - 1])) for i in range(b)]
+

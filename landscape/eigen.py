@@ -71,11 +71,11 @@ def _which(which: str) -> str:
     return choose(which, WHICH, "eigenvalue selection", _ALIASES)
 
 
-def start_vector(n: int, seed: int) -> torch.Tensor:
-    """A deterministic Gaussian unit vector from a seed (CPU float64)."""
+def start_vector(n: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A deterministic Gaussian unit vector from a seed (CPU, float64 unless asked)."""
     g = torch.Generator().manual_seed(int(seed))
-    v = torch.randn(n, generator=g, dtype=torch.float64)
-    return v / v.norm()
+    v = torch.randn(n, generator=g, dtype=dtype)
+    return v.div_(v.norm())
 
 
 def _select(theta: np.ndarray, k: int, end: str) -> np.ndarray:
@@ -93,30 +93,55 @@ def _ends(which: str) -> list[str]:
     return ["top", "bottom"] if which == "both" else [which]
 
 
-def _budget_basis(n: int, kw: int, basis_bytes: float | None) -> int:
-    """Default basis size: basis_plan's count."""
-    return basis_plan(n, kw, basis_bytes).rows
-
-
 MAX_BASIS = 200  # the most basis vectors a run keeps before it restarts
 STEP_BYTES = 2 ** 29  # a step re-orthogonalises against every row: rows beyond this many bytes (and beyond
 # the 2 kw + 10 a restart wants) cost more memory traffic per step than they save in products on a large model
 
 
+LEAN_MIN = 500_000  # parameters from which a run with float32 (or lower) products is lean (basis_plan)
+LEAN_FILE_BYTES = 2 ** 33  # a lean run's basis file stays under this and half the temporary directory's free space
+
+
 @dataclasses.dataclass(frozen=True)
 class BasisPlan:
-    """How a Lanczos run holds its basis: at most `rows` rows of `dtype`, in memory or (`disk`) in a file."""
+    """How a Lanczos run holds its basis: at most `rows` rows of `dtype`, in memory or (`disk`) in a file;
+    `lean`: float32 recurrence vectors, the rows a cold store (see lanczos._iterate)."""
 
     rows: int
     dtype: torch.dtype
     disk: bool = False
+    lean: bool = False
 
     def row_bytes(self, n: int) -> int:
         return int(n) * (4 if self.disk else torch.empty(0, dtype=self.dtype).element_size())
 
     def resident_bytes(self, n: int, kw: int) -> float:
-        """The most memory the rows (with the kw Ritz vectors a run returns, float64) take."""
-        return (0.0 if self.disk else float((self.rows + 1) * self.row_bytes(n))) + 8.0 * kw * n
+        """The most memory the rows (with the kw Ritz vectors a run returns: float32 when lean, else float64) and,
+        when lean, its three float32 recurrence vectors take."""
+        rows = 0.0 if self.disk else float((self.rows + 1) * self.row_bytes(n))
+        return rows + (4.0 * (kw + 3) * n if self.lean else 8.0 * kw * n)
+
+
+def lean_plan(n: int, kw: int, basis_bytes: float | None = None, directory: str | None = None) -> BasisPlan:
+    """The basis of a lean run (LEAN_MIN parameters or more, products in float32): float32 rows in a temporary
+    file, as many as LEAN_FILE_BYTES and half the directory's free space allow (at most MAX_BASIS, at least
+    2 kw + 10), since a lean step reads only its last two rows (held in memory) and the file is read whole only
+    at restarts, re-orthogonalisations and the end; in memory (float32, within `basis_bytes`) where the
+    directory has no room."""
+    import shutil
+    import tempfile
+
+    n = max(int(n), 1)
+    want = min(n, 2 * kw + 10)
+    try:
+        free = shutil.disk_usage(directory or tempfile.gettempdir()).free
+    except OSError:
+        free = 0
+    rows = int(min(LEAN_FILE_BYTES, 0.5 * free) // (4 * n)) - 1
+    if rows >= want:
+        return BasisPlan(max(2, min(n, rows, MAX_BASIS)), torch.float32, disk=True, lean=True)
+    plan = basis_plan(n, kw, basis_bytes)
+    return BasisPlan(plan.rows, torch.float32, disk=plan.disk, lean=True)
 
 
 def basis_plan(n: int, kw: int, basis_bytes: float | None = None) -> BasisPlan:

@@ -296,7 +296,8 @@ def _one(obj: Objective, work: Objective, name: str, *, k, trace, density, seed,
     p_err = None
     if op.dtype != torch.float64 and vals:  # the rounding noise of the products, at the top eigenvector
         v = eig.vectors[:, 0] if eig.vectors is not None else start_vector(op.n, seed + 3)
-        noise, rel, spent = prec.product_noise(op, v)
+        eig.vectors = eig.bottom_vectors = None  # v is the probe's own now
+        noise, rel, spent = prec.product_noise(op, v, own=True)
         noise = rel * max(abs(x) for x in vals)  # relative noise at the largest |lambda|
         p_err = prec.eigen_error(vals, noise, op.dtype)
         hvps["precision"] = spent

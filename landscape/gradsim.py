@@ -96,33 +96,44 @@ def _matrix(a: np.ndarray) -> list:
 
 class _Rows:
     """The per-batch gradient rows (M x n): in memory when they take at most 1 GiB and fit in the Lanczos
-    basis's share of the memory available, else in a memory-mapped temporary file (float32 rows for a float32 model), so memory stays
-    O(n): one gradient plus a column chunk of the rows. Gram matrices are accumulated over column chunks."""
+    basis's share of the memory available, else in a temporary file (landscape.basis.Basis: pwrite/pread a
+    column chunk at a time, float32 rows for a float32 model), so resident memory stays O(n): one gradient plus
+    a column chunk of the rows. Gram matrices are accumulated over column chunks in float64."""
 
-    CHUNK_BYTES = 2 ** 27
+    MEMORY_CHUNK_BYTES = 2 ** 21  # in memory: small float64 chunks (reused heap blocks, no page faults)
     MEMORY_BYTES = 2 ** 30  # rows beyond this (or beyond the basis share of available memory) go to the file
 
-    def __init__(self, M: int, n: int, dtype: torch.dtype, device, in_memory: bool | None = None):
+    def __init__(self, M: int, n: int, dtype: torch.dtype, device, in_memory: bool | None = None,
+                 zeroed: bool = True):
+        from .basis import Basis
         from .precision import BASIS_SHARE, available_bytes
 
         self.M, self.n = int(M), int(n)
         self.row_dtype = torch.float32 if dtype == torch.float32 else torch.float64
         fits = float(self.row_dtype.itemsize) * M * n <= min(BASIS_SHARE * available_bytes(), self.MEMORY_BYTES)
         self.in_memory = fits if in_memory is None else in_memory
-        self.dir = None
-        if self.in_memory:
-            self.X = torch.zeros(M, n, dtype=self.row_dtype, device=device)
+        self.file = None
+        if self.in_memory:  # `zeroed=False`: every row will be written whole
+            self.X = (torch.zeros if zeroed else torch.empty)(M, n, dtype=self.row_dtype, device=device)
         else:
-            import tempfile
-            self.dir = tempfile.mkdtemp(prefix="landscape-gradsim-")
-            np_dt = np.float64 if dtype == torch.float64 else np.float32
-            self.X = np.lib.format.open_memmap(f"{self.dir}/rows.npy", mode="w+", dtype=np_dt, shape=(M, n))
+            self.file = Basis(n, self.row_dtype, M, disk=True)
 
     def set(self, i: int, row: torch.Tensor) -> None:
         if self.in_memory:
             self.X[i] = row
         else:
-            self.X[i] = row.detach().cpu().numpy().astype(self.X.dtype, copy=False)
+            self.file.write(i, 0, row)
+
+    def set_parts(self, i: int, parts) -> None:
+        """Row i from per-parameter tensors in order (None: zeros), each copied straight into its slice."""
+        a = 0
+        for g, size in parts:
+            if self.in_memory:
+                dst = self.X[i, a:a + size]
+                dst.zero_() if g is None else dst.copy_(g.reshape(-1))
+            else:
+                self.file.write(i, a, torch.zeros(size) if g is None else g)
+            a += size
 
     def allreduce_in_memory(self) -> None:
         from . import distributed as dist
@@ -130,27 +141,23 @@ class _Rows:
 
     def gram(self, sl: slice | None = None) -> np.ndarray:
         """X[:, sl] X[:, sl]^T (float64, M x M)."""
-        if self.in_memory and self.row_dtype == torch.float64:
+        a, b = (0, self.n) if sl is None else (sl.start, sl.stop)
+        if not self.in_memory:
+            return self.file.gram(a, b)
+        if self.row_dtype == torch.float64:
             Xs = self.X if sl is None else self.X[:, sl]
             return (Xs @ Xs.T).cpu().numpy()
-        a, b = (0, self.n) if sl is None else (sl.start, sl.stop)
-        step = max(1, int(self.CHUNK_BYTES // (8 * max(self.M, 1))))
+        step = max(1, int(self.MEMORY_CHUNK_BYTES // (8 * max(self.M, 1))))
         G = np.zeros((self.M, self.M))
-        for c in range(a, b, step):
-            if self.in_memory:  # float32 rows: each column chunk in float64
-                blk = self.X[:, c:min(b, c + step)].to(torch.float64)
-                G += (blk @ blk.T).cpu().numpy()
-            else:
-                blk = np.asarray(self.X[:, c:min(b, c + step)], dtype=np.float64)
-                G += blk @ blk.T
+        for c in range(a, b, step):  # float32 rows: each column chunk in float64
+            blk = self.X[:, c:min(b, c + step)].to(torch.float64)
+            G += (blk @ blk.T).cpu().numpy()
         return G
 
     def close(self) -> None:
-        if self.dir is not None:
-            import shutil
-            del self.X
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir = None
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 def gradient_similarity(obj: Objective, *, domains=None, params: str | None = None, seed: int = 0,
@@ -177,8 +184,9 @@ def gradient_similarity(obj: Objective, *, domains=None, params: str | None = No
     `precision` (landscape.precision): 'auto' differentiates a copy in float64 up to 100k parameters on the CPU
     (also 100k on an accelerator) and the model itself (its own float32 weights) beyond; 'float64'/'float32' force
     one. `cosine_precision_error` bounds what rounding can move a cosine by (twice the measured relative
-    noise of one batch gradient: one extra backward). Memory: the rows are held in memory when they fit, else
-    in a memory-mapped temporary file (`in_memory` forces either), streamed in column chunks into the Gram
+    rounding of a gradient, probed on an eighth of the first batch: one forward, two backwards of that size).
+    Memory: the rows are held in memory when they fit, else in a temporary file (`in_memory` forces either),
+    written straight from each backward's per-parameter gradients and streamed in column chunks into the Gram
     matrices, so memory is O(n) rather than O(rows x n); rows are float32 for a float32 model (Gram sums in
     float64). `split_half=False` skips the floors (and a single batch's chunks, so no bootstrap there): one
     backward per batch, the cost of a plain loop of autograd calls.
@@ -196,7 +204,11 @@ def gradient_similarity(obj: Objective, *, domains=None, params: str | None = No
     weights_ = obj.params()
     if not weights_:
         raise UserError("the model has no trainable parameters")
-    obj.validate(names, train_mode=train_mode)
+    from . import distributed as dist
+
+    rank, world = (dist.rank(), torch.distributed.get_world_size()) if dist.active() else (0, 1)
+    if world > 1:  # every rank checks every batch before the collectives (one process checks each as it goes)
+        obj.validate(names, train_mode=train_mode)
     from . import precision as prec
     requested = prec.check_precision(precision)
     n_par = sum(p.numel() for p in weights_.values())
@@ -209,13 +221,16 @@ def gradient_similarity(obj: Objective, *, domains=None, params: str | None = No
     plan = {}  # domain -> dict(full=[(row, coef)], units=[(row, coef)], halves=([...], [...]) | None, reason)
     jobs: list[tuple[str, int, object, int | None]] = []  # (domain, batch key, batch, chunk), in row order
 
-    def add(d, key, batch, chunk=None):
+    where: list[str] = []  # per job, for errors: "domain 'd', batch i" (chunk j)
+
+    def add(d, key, batch, chunk=None, index=0):
         jobs.append((d, key, batch, chunk))
+        where.append(f"domain '{d}', batch {index}" + ("" if chunk is None else f" (chunk {chunk})"))
         return len(jobs) - 1
 
     for d in names:
         terms = obj.keyed_terms(d)
-        full = [(add(d, k, b), c) for k, c, b in terms]
+        full = [(add(d, k, b, index=i), c) for i, (k, c, b) in enumerate(terms)]
         entry = {"full": full, "units": full, "halves": None, "reason": None}
         if not split_half:
             entry["reason"] = "not asked for (split_half=False)"
@@ -234,38 +249,44 @@ def gradient_similarity(obj: Objective, *, domains=None, params: str | None = No
                                    "split even/odd")
         plan[d] = entry
 
-    from . import distributed as dist
-
-    rank, world = (dist.rank(), torch.distributed.get_world_size()) if dist.active() else (0, 1)
-    rows = _Rows(len(jobs), n_par, obj.dtype, obj.device, in_memory=in_memory)
+    rows = _Rows(len(jobs), n_par, obj.dtype, obj.device, in_memory=in_memory, zeroed=world > 1)
     losses = torch.zeros(len(jobs), dtype=torch.float64, device=obj.device)
     rng = seed if train_mode else None
     try:
         with obj.preserved(train_mode, seed):
             for i, (d, key, b, chunk) in enumerate(jobs):
-                # under torchrun each rank differentiates rows i = rank mod world; the sum is every row
-                row = None
-                if i % world == rank:
-                    # a chunk of a single batch draws its own masks (shared masks would inflate the split-half floor)
-                    s = rng if rng is None or chunk is None else mix_seed(rng, key, chunk + 1) % 2 ** 40
+                # a chunk of a single batch draws its own masks (shared masks would inflate the split-half floor)
+                s = rng if rng is None or chunk is None else mix_seed(rng, key, chunk + 1) % 2 ** 40
+                if world == 1:  # checked as it goes, written straight into its row (no flat copy)
                     with batch_rng(s, key, obj.device):
-                        row, losses[i] = batch_gradient(obj, b, weights_)
-                if world > 1 and not rows.in_memory:  # streamed rows: each is summed over ranks as it comes
-                    row = dist.allreduce(row if row is not None else torch.zeros(n_par, dtype=torch.float64,
-                                                                                 device=obj.device))
-                if row is not None:
-                    rows.set(i, row)
-                del row
+                        losses[i] = _row_gradient(obj, b, weights_, rows, i, where[i])
+                else:  # under torchrun each rank differentiates rows i = rank mod world; the sum is every row
+                    row = None
+                    if i % world == rank:
+                        with batch_rng(s, key, obj.device):
+                            row, losses[i] = batch_gradient(obj, b, weights_)
+                    if not rows.in_memory:  # streamed rows: each is summed over ranks as it comes
+                        row = dist.allreduce(row if row is not None else torch.zeros(n_par, dtype=torch.float64,
+                                                                                     device=obj.device))
+                    if row is not None:
+                        rows.set(i, row)
+                    del row
                 if progress:
                     progress(i + 1, len(jobs), f"gradients {d}")
-            noise = prec.gradient_noise(obj, jobs[0][2], weights_) if obj.dtype != torch.float64 else \
-                8 * prec.eps(torch.float64)
+            if obj.dtype != torch.float64:  # its two evaluations are also eval mode's determinism check
+                noise = prec.gradient_noise(obj, jobs[0][2], weights_, check=None if train_mode else where[0])
+            else:
+                noise = 8 * prec.eps(torch.float64)
+                if world == 1 and not train_mode:  # eval mode promises one function of the weights
+                    with torch.no_grad():
+                        again = float(obj.loss_fn(obj.model, jobs[0][2]).detach().reshape(()))
+                    obj.check_deterministic(float(losses[0]), again, where[0])
         if world > 1:
             if rows.in_memory:
                 rows.allreduce_in_memory()
             losses = dist.allreduce(losses)
         result = _from_rows(rows, losses, jobs, plan, names, obj, weights_, seed, resamples, per_layer,
-                            train_mode, params, t0)
+                            train_mode, params, t0, where)
     finally:
         rows.close()
     result.settings.update(precision=requested, in_memory=bool(rows.in_memory))
@@ -273,14 +294,26 @@ def gradient_similarity(obj: Objective, *, domains=None, params: str | None = No
     return result
 
 
+def _row_gradient(obj: Objective, batch, params: dict, rows: "_Rows", i: int, where: str) -> float:
+    """Row i of `rows` = the batch's loss gradient (checked as Objective.validate checks it); returns the loss."""
+    loss = obj.checked_loss(batch, where)
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    obj.check_gradients(grads, where, finite=False)  # finiteness: from the Gram diagonal (_from_rows)
+    rows.set_parts(i, [(g, p.numel()) for g, p in zip(grads, params.values())])
+    return float(loss.detach())
+
+
 def _from_rows(rows: "_Rows", losses, jobs, plan, names, obj, weights_, seed, resamples, per_layer, train_mode,
-               params, t0) -> GradSimResult:
+               params, t0, where=None) -> GradSimResult:
     """The cosines, floors, bootstraps and per-layer matrices from the gradient rows' Gram matrices."""
     batch_loss = {i: float(v) for i, v in enumerate(losses.tolist())}
     M = rows.M
     slices = layer_slices(weights_)
     layer_grams = {name: rows.gram(sl) for name, sl in slices.items()} if per_layer else {}
     G = rows.gram() if rows.in_memory or not per_layer else sum(layer_grams.values())
+    bad = [i for i in range(M) if not np.isfinite(G[i, i])]  # a non-finite entry makes its squared norm so
+    if bad:
+        raise Objective.not_finite(where[bad[0]] if where else f"row {bad[0]}")
 
     def weights(pairs) -> np.ndarray:
         w = np.zeros(M)

@@ -5,67 +5,20 @@ import contextlib
 import math
 import time
 import warnings
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from nexus_opt.errors import UserError
 
+from .numerics import cpu_threads_for, math_sdpa, numerics  # noqa: F401  (re-exported)
 from .objective import Objective, reseed
 from .params import flatten, unflatten
 
 MODES = ("double_backward", "finite_difference")
 BATCHED = ("auto", "grads_batched", "fwd_rev", "loop")
-
-
-@contextlib.contextmanager
-def numerics() -> Iterator[None]:
-    """TF32 off and the math attention kernel (the fused ones have no double backward); restored after."""
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
-    try:
-        with math_sdpa():
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old[0], old[1]
-        torch.set_float32_matmul_precision(old[2])
-
-
-def math_sdpa():
-    """The context that restricts scaled_dot_product_attention to its math backend (any torch >= 2.1)."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        return sdpa_kernel(SDPBackend.MATH)
-    except ImportError:  # torch < 2.3
-        return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_math=True, enable_mem_efficient=False)
-
-
 BLOCK_BYTES = 2 ** 28  # the most memory one batched product block may take (HessianOperator.max_block)
-SMALL_MODEL = 100_000  # parameters: below this a CPU product is too small to share across threads
-
-
-@contextlib.contextmanager
-def cpu_threads_for(n_params: int, device) -> Iterator[None]:
-    """One intra-op thread for curvature work on a small model on the CPU, restored after: thread barriers
-    dominate products this small (flatness of a 1,377-parameter MLP took 4.5 s on one thread and 153 s on
-    two busy cores). `LANDSCAPE_THREADS=N` sets the count instead."""
-    import os
-
-    want = os.environ.get("LANDSCAPE_THREADS")
-    cpu = torch.device(device).type == "cpu" if device is not None else True
-    n = int(want) if want and want.isdigit() and int(want) > 0 else (1 if cpu and n_params < SMALL_MODEL else None)
-    old = torch.get_num_threads()
-    if n is None or n == old:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 class CurvatureOperator:
@@ -173,6 +126,22 @@ class HessianOperator(CurvatureOperator):
             raise UserError(f"matmat takes an (n, b) block, got shape {tuple(V.shape)}")
         return self._products(self._as_block(V))
 
+    def matvec_into(self, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """H v written into `out` (n entries in the operator's dtype, on its device): a product without a fresh
+        n-vector, whose page faults cost a large model more than the copy (the lean Lanczos recycles its
+        vectors). Falls back to matvec where the product does not come from the cached graph."""
+        if self.mode != "double_backward" or not self.cache or out.dtype != self.dtype or out.device != self.device:
+            return out.copy_(self.matvec(v))
+        V = self._as_block(v.reshape(-1, 1))
+        self.hvps += 1
+        leaves, g = self._cached_graph()
+        if g is None:
+            return out.zero_()
+        with numerics():
+            hv = torch.autograd.grad(g, list(leaves.values()), grad_outputs=V[:, 0], retain_graph=True,
+                                     allow_unused=True)
+        return self._flat(hv, leaves, out=out)
+
     def loss(self) -> float:
         """The loss over the operator's batches (weighted like the Hessian), in the operator's mode."""
         total = 0.0
@@ -213,11 +182,12 @@ class HessianOperator(CurvatureOperator):
                     reseed(self.seed, key, self.device)
                 yield
 
-    def _flat(self, grads: Sequence[torch.Tensor | None], like: dict[str, torch.Tensor], batch_shape=()) -> torch.Tensor:
-        """Flatten per-parameter tensors into (*batch_shape, n), zeros where a parameter is unused."""
+    def _flat(self, grads: Sequence[torch.Tensor | None], like: dict[str, torch.Tensor], batch_shape=(),
+              out: torch.Tensor | None = None) -> torch.Tensor:
+        """Flatten per-parameter tensors into (*batch_shape, n) (into `out` when given), zeros where unused."""
         parts = [(torch.zeros(*batch_shape, t.numel(), dtype=self.dtype, device=self.device) if g is None
                   else g.reshape(*batch_shape, -1)) for g, t in zip(grads, like.values())]
-        return torch.cat(parts, dim=-1)
+        return torch.cat(parts, dim=-1) if out is None else torch.cat(parts, dim=-1, out=out)
 
     def _leaves(self) -> dict[str, torch.Tensor]:
         return {k: t.detach().requires_grad_(True) for k, t in self._theta.items()}

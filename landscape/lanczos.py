@@ -1,6 +1,7 @@
-"""Extreme Hessian eigenvalues by thick-restart Lanczos (float64, full re-orthogonalisation), the deflated check
-for missing multiplicities, and batched Lanczos tridiagonals (spectral density). Result types and the dense
-and eigsh backends are in landscape.eigen (re-exported here)."""
+"""Extreme Hessian eigenvalues by thick-restart Lanczos (float64 with full re-orthogonalisation; lean float32
+vectors with partial re-orthogonalisation on large models) and the deflated check for missing multiplicities.
+Result types and the dense and eigsh backends are in landscape.eigen (re-exported here); the batched
+tridiagonals of the spectral density are in landscape.density."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,8 +15,9 @@ import torch
 from nexus_opt.errors import UserError
 
 from .basis import Basis as _Basis
+from .basis import dot64, dots64, norm64
 from .eigen import (DENSE_MAX_N, WHICH, EigenResult, RitzPairs, _all_converged, _converged, _ends, _keep,  # noqa: F401
-                    _budget_basis, _result, basis_plan, _select, _thresh, _which, dense, eigsh, error_estimates, start_vector)
+                    LEAN_MIN, _result, basis_plan, lean_plan, _select, _thresh, _which, dense, eigsh, error_estimates, start_vector)
 
 
 def lanczos(op, k: int = 5, which: str = "both", *, tol: float = 1e-8, max_hvps: int | None = None,
@@ -62,7 +64,9 @@ def _lanczos_run(op, k: int = 5, which: str = "both", *, tol: float = 1e-8, max_
     """
     which = _which(which)
     n_full = int(op.n)
-    D = None if deflate is None or deflate.shape[1] == 0 else deflate.detach().to("cpu", torch.float64)
+    D = None if deflate is None or deflate.shape[1] == 0 else deflate.detach().to("cpu")
+    if D is not None and D.dtype not in (torch.float32, torch.float64):
+        D = D.to(torch.float64)
     n = n_full - (0 if D is None else D.shape[1])  # dimension of the searched space
     if k < 1:
         raise UserError(f"k must be at least 1, got {k}")
@@ -71,84 +75,159 @@ def _lanczos_run(op, k: int = 5, which: str = "both", *, tol: float = 1e-8, max_
     k = min(int(k), n)
     ends = _ends(which)
     kw = min(n, k * len(ends))
+    lean = False
     if max_basis:
         m_max, bdt, disk = min(n, int(max_basis)), torch.float64, False
     else:
-        plan = basis_plan(n_full, kw, basis_bytes)
+        lean = n_full >= LEAN_MIN and getattr(op, "dtype", torch.float64) != torch.float64
+        plan = lean_plan(n_full, kw, basis_bytes) if lean else basis_plan(n_full, kw, basis_bytes)
         m_max, bdt, disk = min(plan.rows, n), plan.dtype, plan.disk
     if m_max < min(n, kw + 2):
         raise UserError(f"max_basis {m_max} is too small for {kw} wanted eigenvalues; use at least {kw + 2}")
     max_hvps = int(max_hvps) if max_hvps else max(500, 20 * kw)
     start_hvps = getattr(op, "hvps", 0)
     gen = torch.Generator().manual_seed(int(seed) + 1)
+    rows = None if D is None else D.T  # the deflated directions as rows (a view)
 
     def project(x: torch.Tensor) -> torch.Tensor:  # remove the deflated directions (twice: to working
-        if D is not None:  # precision), in place: x is always the run's own vector
-            for _ in range(2):
+        if D is None:  # precision), in place: x is always the run's own vector
+            return x
+        for _ in range(2):
+            if x.dtype == torch.float64 and D.dtype == torch.float64:
                 x.addmv_(D, D.T @ x, alpha=-1.0)
+            else:  # float32 vectors: float64 dots, one direction at a time
+                for r in rows:
+                    x.add_(r, alpha=-dot64(r, x))
         return x
 
     V = _Basis(n_full, bdt, m_max + 1, disk=disk)  # rows are the basis vectors
     try:
         return _iterate(op, V, m_max=m_max, k=k, ends=ends, which=which, n=n, n_full=n_full, tol=tol,
                         max_hvps=max_hvps, strict=strict, seed=seed, v0=v0, project=project, gen=gen,
-                        start_hvps=start_hvps, return_vectors=return_vectors, progress=progress)
+                        start_hvps=start_hvps, return_vectors=return_vectors, progress=progress, lean=lean)
     finally:
         V.close()
 
 
+ORTH_EVERY = 10  # a lean run measures its loss of orthogonality (one read of the rows) at least this often,
+ORTH_LEVEL = 2.0 ** -12  # re-orthogonalises in full from the step it exceeds this (sqrt of float32's eps), or
+ORTH_RESIDUAL = 1e-3  # from the step a Ritz residual falls below this share of |theta|max (Paige: the basis
+# loses orthogonality towards converged Ritz vectors, by about eps ||H|| / residual)
+
+
+def _local(w: torch.Tensor, pairs) -> tuple[dict[int, float], float]:
+    """Lean step: w minus its components along the (index, row) pairs (orthonormal rows), classical
+    Gram-Schmidt with float64 dots in one sweep over w, a second pass only where the first lost digits (DGKS,
+    as ARPACK); returns the coefficients by row index and the norm of what is left."""
+    rows = [r for _, r in pairs]
+    h: dict[int, float] = {}
+    c = dots64(w, rows)
+    for _ in range(2):
+        for (i, r), ci in zip(pairs, c[:-1]):
+            w.add_(r, alpha=-float(ci))
+            h[i] = h.get(i, 0.0) + float(ci)
+        left = float(c[-1]) - float(np.sum(c[:-1] ** 2))  # Pythagoras (unit, orthogonal rows)
+        if left >= 0.5 * float(c[-1]):
+            return h, math.sqrt(left)
+        c = dots64(w, rows)  # cancellation: measure again and take out what is left
+    return h, math.sqrt(max(float(c[-1]), 0.0))
+
+
 def _iterate(op, V, *, m_max, k, ends, which, n, n_full, tol, max_hvps, strict, seed, v0, project, gen,
-             start_hvps, return_vectors, progress) -> EigenResult:
-    """The thick-restart Lanczos iteration of _lanczos_run over the basis V (at most m_max rows in use)."""
+             start_hvps, return_vectors, progress, lean=False) -> EigenResult:
+    """The thick-restart Lanczos iteration of _lanczos_run over the basis V (at most m_max rows in use).
+
+    Full (`lean=False`): every step re-orthogonalises against every row, in float64. Lean (large models with
+    float32 products): the recurrence vectors are float32 (the current row and the product, all the run holds
+    in memory; coefficients and T in float64); a step is the three-term recurrence, v_{j-1} streamed from V
+    (usually a file) with the known beta, then against v_j (twice where the first pass lost digits); it goes against every row right after a
+    restart, at least every ORTH_EVERY steps to measure the loss of orthogonality, and at every step once that
+    exceeds ORTH_LEVEL or a Ritz residual falls below ORTH_RESIDUAL |theta|max (partial
+    re-orthogonalisation: the basis stays semi-orthogonal, so the Ritz values and bounds are those of full
+    re-orthogonalisation)."""
     T = np.zeros((m_max + 1, m_max + 1))
-    v = start_vector(n_full, seed) if v0 is None else v0.detach().reshape(-1).to("cpu", torch.float64, copy=True)
-    if v.numel() != n_full or not float(v.norm()) > 0:
+    vdt = torch.float32 if lean else torch.float64  # lean: no float64 n-vector at all
+    v = start_vector(n_full, seed, vdt) if v0 is None else v0.detach().reshape(-1).to("cpu", vdt, copy=True)
+    if v.numel() != n_full or not norm64(v) > 0:
         raise UserError(f"start vector must be a non-zero vector of {n_full} entries")
     v = project(v)
-    V.append(v / v.norm())
+    v.div_(norm64(v))
+    V.append(v)
+    cur = v if lean else V.row(0)
     del v
-    cur = V.row(0)
+    local = lean  # lean: may this step use the three-term recurrence (False right after a restart)
+    into = getattr(op, "matvec_into", None) if lean else None
+    spare = None  # lean: the last row's vector, reused for the next product (no fresh n-vector per step)
     # the product lands in one float64 work vector reused by every step: a fresh n-vector per step costs its
     # page faults (0.5 s for the 85M GPT's 680 MB on the bench box, more than the arithmetic on it)
-    w = torch.empty(n_full, dtype=torch.float64)
+    w = None if lean else torch.empty(n_full, dtype=torch.float64)
     j, used, restarts, iterations = 0, 0, 0, 0
     theta = S = res = None
     beta = 0.0
+    full_mode, since_full = False, 0
     while True:
-        w.copy_(op.matvec(cur).detach().reshape(-1))
+        if not lean:
+            w.copy_(op.matvec(cur).detach().reshape(-1))
+        elif into is not None and getattr(op, "device", None) == torch.device("cpu") and op.dtype == torch.float32:
+            w = into(cur, spare if spare is not None else torch.empty(n_full, dtype=torch.float32))
+        else:
+            w = op.matvec(cur).detach().reshape(-1).to("cpu", torch.float32)
+        spare = None
         project(w)
-        del cur
         used += 1
         iterations += 1
-        before = float(w.norm())
-        h = V.dots(w)
-        V.subtract(w, h)
-        if float(w.norm()) < 0.7071 * before:  # DGKS: a second pass only where the first lost digits (ARPACK)
-            h2 = V.dots(w)
-            V.subtract(w, h2)
-            h = h + h2
-        h = h.numpy()
+        h = np.zeros(j + 1)
+        if lean and local:
+            if j > 0:  # w -= beta_{j-1} v_{j-1}, the row read from V in chunks
+                V.add_row(w, j - 1, -beta)
+                h[j - 1] = beta
+            hl, beta = _local(w, [(j, cur)])
+            h[j] += hl[j]
+            since_full += 1
+            if full_mode or since_full >= ORTH_EVERY:  # measure (one read of the rows); subtract where needed
+                hf = V.dots(w)
+                since_full = 0
+                if float(hf.abs().max()) > ORTH_LEVEL * max(beta, np.finfo(float).tiny):
+                    full_mode = True
+                if full_mode:
+                    V.subtract(w, hf)
+                    h += hf.numpy()
+                    beta = None
+        else:
+            before = norm64(w)
+            hf = V.dots(w)
+            V.subtract(w, hf)
+            if norm64(w) < 0.7071 * before:  # DGKS: a second pass only where the first lost digits (ARPACK)
+                h2 = V.dots(w)
+                V.subtract(w, h2)
+                hf = hf + h2
+            h += hf.numpy()
+            since_full, beta = 0, None
         T[:j + 1, j] = h
         T[j, :j + 1] = h
-        beta = float(w.norm())
+        beta = norm64(w) if beta is None else beta
         m = j + 1
         theta, S = scipy.linalg.eigh(T[:m, :m], check_finite=False)  # numpy's eigh oversubscribes threads
         res = beta * np.abs(S[m - 1, :])
         scale = max(float(np.max(np.abs(theta))), np.finfo(float).tiny)
+        if lean and float(np.min(res)) < ORTH_RESIDUAL * scale:
+            full_mode = True
         done = _all_converged(theta, res, k, ends, tol, scale, strict)
         if progress is not None:
             progress(used, max_hvps)
         if done or m == n or used >= max_hvps:
             break
+        fresh = False
         if beta <= 64 * np.finfo(float).eps * scale * math.sqrt(m):  # invariant subspace: continue elsewhere
             w.copy_(torch.randn(n_full, generator=gen, dtype=torch.float64))
             project(w)
             for _ in range(2):
                 V.subtract(w, V.dots(w))
-            if float(w.norm()) <= 1e-8:
+            if norm64(w) <= 1e-8:
                 break
             beta = 0.0
             res = np.zeros_like(res)
+            fresh = True
         if m == m_max:  # thick restart: keep the wanted Ritz vectors and the best of the rest
             keep = _keep(theta, k, ends, m)
             kk = len(keep)
@@ -157,11 +236,16 @@ def _iterate(op, V, *, m_max, k, ends, which, n, n_full, tol, max_hvps, strict, 
             T[np.arange(kk), np.arange(kk)] = theta[keep]
             j = kk
             restarts += 1
+            fresh, full_mode = True, False
         else:
             j = m
-        w.div_(float(w.norm()))
-        V.append(w)
-        cur = V.row(j)  # the stored row (float64: a view; float32: the rounded row, so the recurrence is consistent)
+        w.div_(beta if beta > 0 else norm64(w))
+        V.append(w, background=lean)
+        if lean:  # a fresh row (restart, breakdown) is coupled to more than its predecessor: a full step next
+            local, spare, cur, w = not fresh, cur, w, None
+        else:
+            cur = V.row(j)  # the stored row (float64: a view; float32: the rounded row, so the recurrence is consistent)
+    cur = spare = w = None  # the run's vectors go before the Ritz vectors are formed
 
     m = len(theta)
     scale = max(float(np.max(np.abs(theta))), np.finfo(float).tiny)
@@ -172,7 +256,7 @@ def _iterate(op, V, *, m_max, k, ends, which, n, n_full, tol, max_hvps, strict, 
         conv = [_converged(theta, res, est, i, tol, scale, strict) for i in idx]
         if m == n and beta <= 1e-6 * scale:  # the whole space: Ritz pairs are eigenpairs
             conv = [True] * len(conv)
-        vecs = V.combine(S[:, idx]) if return_vectors else None
+        vecs = V.combine(S[:, idx], torch.float32 if lean else torch.float64) if return_vectors else None
         out[end] = RitzPairs(theta[idx].tolist(), res[idx].tolist(), est[idx].tolist(), conv, vecs)
     hvps = getattr(op, "hvps", start_hvps + used) - start_hvps
     return _result(which, out, ends, hvps=hvps, iterations=iterations, restarts=restarts, backend="lanczos")
@@ -227,12 +311,15 @@ def verify_extremes(op, res: EigenResult, k: int, which: str, *, tol: float = 1e
     spent = 0
     ok = True
     while True:
-        Vs = torch.cat([lists[e].vectors.to("cpu", torch.float64) for e in ends], dim=1)
-        U, sv, _ = torch.linalg.svd(Vs, full_matrices=False)  # the span (both ends may share a vector)
-        rank = int((sv > 1e-6 * float(sv.max())).sum()) if sv.numel() else 0
-        if rank >= n:
-            break  # every direction is found
-        D = U[:, :rank]
+        if len(ends) == 1 and lists[ends[0]].vectors.shape[1] == 1 and n > 1:
+            D = lists[ends[0]].vectors.to("cpu")  # one unit vector (float32 from a lean run): no float64 copy
+        else:
+            Vs = torch.cat([lists[e].vectors.to("cpu", torch.float64) for e in ends], dim=1)
+            U, sv, _ = torch.linalg.svd(Vs, full_matrices=False)  # the span (both ends may share a vector)
+            rank = int((sv > 1e-6 * float(sv.max())).sum()) if sv.numel() else 0
+            if rank >= n:
+                break  # every direction is found
+            D = U[:, :rank]
         left = None if max_hvps is None else max_hvps - spent
         if left is not None and left < 4:
             ok = False
@@ -293,62 +380,3 @@ def verify_extremes(op, res: EigenResult, k: int, which: str, *, tol: float = 1e
     out = {e: dataclasses.replace(lists[e], converged=[bool(c) and ok for c in lists[e].converged]) for e in ends}
     return _result(which, out, ends, hvps=res.hvps + spent, iterations=res.iterations + spent,
                    restarts=res.restarts + rounds, backend=res.backend)
-
-
-
-def lanczos_tridiagonals(op, starts: torch.Tensor, steps: int, *, reorth: bool | None = None,
-                         basis_bytes: float | None = None,
-                         progress: Callable[[int, int], None] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Plain Lanczos from each column of `starts` (n, b), all advanced together by one matmat per step.
-
-    Returns per start the tridiagonal (alpha, beta) after up to `steps` steps (fewer on breakdown). With
-    `reorth` (default: when the b bases fit in `basis_bytes`) each recurrence is re-orthogonalised in full
-    against its own basis, kept on the CPU in float64.
-    """
-    n, b = starts.shape
-    steps = max(1, min(int(steps), n))
-    if reorth is None:
-        from .precision import BASIS_SHARE, available_bytes
-        budget = BASIS_SHARE * available_bytes() if basis_bytes is None else basis_bytes
-        reorth = 8.0 * b * steps * n <= budget
-    Q = starts.detach().to("cpu", torch.float64).T.contiguous()  # (b, n): current vectors
-    Q = Q / Q.norm(dim=1, keepdim=True)
-    basis = torch.zeros(b, steps, n, dtype=torch.float64) if reorth else None
-    if reorth:
-        basis[:, 0] = Q
-    alphas: list[list[float]] = [[] for _ in range(b)]
-    betas: list[list[float]] = [[] for _ in range(b)]
-    active = list(range(b))
-    prev = torch.zeros_like(Q)
-    prev_beta = [0.0] * b
-    for step in range(steps):
-        W = op.matmat(Q[active].T).detach().to("cpu", torch.float64).T
-        still = []
-        for col, i in enumerate(active):
-            w = W[col].clone()
-            a = float(Q[i] @ w)
-            alphas[i].append(a)
-            if step == steps - 1:
-                continue
-            w -= a * Q[i] + prev_beta[i] * prev[i]
-            if reorth:
-                B = basis[i, :step + 1]
-                for _ in range(2):
-                    w -= B.T @ (B @ w)
-            bnorm = float(w.norm())
-            if bnorm <= 1e-10 * max(abs(a), max(betas[i], default=0.0), 1e-300):
-                continue  # invariant subspace: the quadrature is exact with the nodes so far
-            betas[i].append(bnorm)
-            prev[i] = Q[i]
-            prev_beta[i] = bnorm
-            Q[i] = w / bnorm
-            if reorth:
-                basis[i, step + 1] = Q[i]
-            still.append(i)
-        active = still
-        if progress is not None:
-            progress(step + 1, steps)
-        if not active:
-            break
-    return [(np.asarray(alphas[i]), np.asarray(betas[i][:len(alphas[i]) - 1])) for i in range(b)]
-

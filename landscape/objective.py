@@ -256,44 +256,64 @@ class Objective:
             for d in names:
                 for i, batch in enumerate(self.domains[d]):
                     where = f"domain '{d}', batch {i}"
-                    try:
-                        loss = self.loss_fn(self.model, batch)
-                    except UserError:
-                        raise
-                    except Exception as e:  # the user's loss_fn itself fails: say where, in one line
-                        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                        raise UserError(f"the loss failed on {where}: {type(e).__name__}: {msg}") from None
-                    if not isinstance(loss, torch.Tensor):
-                        raise UserError(f"the loss on {where} is a {type(loss).__name__}, not a tensor; loss_fn "
-                                        "must return a scalar tensor built from the model's output")
-                    if loss.is_complex() or not (loss.is_floating_point()):
-                        raise UserError(f"the loss on {where} has dtype {str(loss.dtype).replace('torch.', '')}; "
-                                        "a loss must be a real floating-point scalar")
-                    if loss.numel() != 1:
-                        raise UserError(f"the loss on {where} has shape {tuple(loss.shape)}, not a scalar; reduce "
-                                        "it in loss_fn (e.g. reduction='mean')")
+                    loss = self.checked_loss(batch, where)
                     value = float(loss.detach().reshape(()))
-                    if not torch.isfinite(torch.tensor(value)):
-                        raise UserError(f"the loss on {where} is {value}; fix the model, data or loss_fn before "
-                                        "analysing it")
-                    if not loss.requires_grad or loss.grad_fn is None:
-                        raise UserError(f"the loss on {where} does not depend on the trainable parameters (no "
-                                        "gradient); build it from the model's output")
-                    grads = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
-                    if all(g is None for g in grads):
-                        raise UserError(f"the loss on {where} does not depend on the trainable parameters; build "
-                                        "it from the model's output")
-                    bad = [g for g in grads if g is not None and not bool(torch.isfinite(g).all())]
-                    if bad:
-                        raise UserError(f"the loss gradient on {where} is not finite; fix the model, data or "
-                                        "loss_fn before analysing it")
+                    self.check_gradients(torch.autograd.grad(loss.reshape(()), params, allow_unused=True), where)
                     if i == 0 and not train_mode:  # eval mode promises one function of the weights: check it
                         with torch.no_grad():
                             again = float(self.loss_fn(self.model, batch).detach().reshape(()))
-                        if abs(again - value) > 1e-5 * max(1.0, abs(value)):
-                            raise UserError(f"two evaluations of the same batch disagree on {where} ({value:.6g} vs "
-                                            f"{again:.6g}): the model's eval forward is not deterministic (dropout or "
-                                            "random ops left on?); make it deterministic, or use train mode with a seed")
+                        self.check_deterministic(value, again, where)
+
+    def checked_loss(self, batch, where: str) -> torch.Tensor:
+        """loss_fn(model, batch), or a one-line UserError naming `where` if it fails or is not a finite real
+        scalar that depends on the trainable parameters (the per-batch half of `validate`)."""
+        try:
+            loss = self.loss_fn(self.model, batch)
+        except UserError:
+            raise
+        except Exception as e:  # the user's loss_fn itself fails: say where, in one line
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise UserError(f"the loss failed on {where}: {type(e).__name__}: {msg}") from None
+        if not isinstance(loss, torch.Tensor):
+            raise UserError(f"the loss on {where} is a {type(loss).__name__}, not a tensor; loss_fn "
+                            "must return a scalar tensor built from the model's output")
+        if loss.is_complex() or not (loss.is_floating_point()):
+            raise UserError(f"the loss on {where} has dtype {str(loss.dtype).replace('torch.', '')}; "
+                            "a loss must be a real floating-point scalar")
+        if loss.numel() != 1:
+            raise UserError(f"the loss on {where} has shape {tuple(loss.shape)}, not a scalar; reduce "
+                            "it in loss_fn (e.g. reduction='mean')")
+        value = float(loss.detach().reshape(()))
+        if not torch.isfinite(torch.tensor(value)):
+            raise UserError(f"the loss on {where} is {value}; fix the model, data or loss_fn before "
+                            "analysing it")
+        if not loss.requires_grad or loss.grad_fn is None:
+            raise UserError(f"the loss on {where} does not depend on the trainable parameters (no "
+                            "gradient); build it from the model's output")
+        return loss.reshape(())
+
+    @staticmethod
+    def check_gradients(grads, where: str, finite: bool = True) -> None:
+        """UserError unless some gradient exists and (`finite`) every one is finite (a caller that squares the
+        gradient anyway may check its squared norm instead: Objective.not_finite)."""
+        if all(g is None for g in grads):
+            raise UserError(f"the loss on {where} does not depend on the trainable parameters; build "
+                            "it from the model's output")
+        if finite and any(g is not None and not bool(torch.isfinite(g).all()) for g in grads):
+            raise Objective.not_finite(where)
+
+    @staticmethod
+    def not_finite(where: str) -> UserError:
+        return UserError(f"the loss gradient on {where} is not finite; fix the model, data or loss_fn before "
+                         "analysing it")
+
+    @staticmethod
+    def check_deterministic(value: float, again: float, where: str) -> None:
+        """UserError if two eval-mode evaluations of one batch disagree beyond rounding."""
+        if abs(again - value) > 1e-5 * max(1.0, abs(value)):
+            raise UserError(f"two evaluations of the same batch disagree on {where} ({value:.6g} vs "
+                            f"{again:.6g}): the model's eval forward is not deterministic (dropout or "
+                            "random ops left on?); make it deterministic, or use train mode with a seed")
 
     # -- copies --------------------------------------------------------------------------------
     def to(self, device=None, dtype: torch.dtype | None = None) -> "Objective":

@@ -15,6 +15,7 @@ PRECISIONS = ("auto", "float64", "float32")
 # float64 throughput is a small fraction of float32's.
 AUTO_FLOAT64_MAX_CPU = 100_000
 AUTO_FLOAT64_MAX_ACCEL = 100_000
+PROBE_STRIDE = 16  # gradient_noise compares every 16th entry of the gradients
 NOISE_SCALE = 3.0  # the product of c v / c differs from that of v only by rounding (c not a power of two)
 
 
@@ -49,19 +50,27 @@ def eps(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps) if dtype.is_floating_point else 0.0
 
 
-def product_noise(op, v: torch.Tensor) -> tuple[float, float, int]:
+def product_noise(op, v: torch.Tensor, own: bool = False) -> tuple[float, float, int]:
     """(absolute, relative) rounding noise of op's products at the vector v, and the products spent: the
-    difference of H v and H (c v) / c (c = 3: equal in exact arithmetic, rounded differently), over sqrt(2).
-    Float64 operators are not probed (their noise, ~1e-16 relative, is far below any tolerance): the stated
-    eps-level figure is returned for 0 products."""
-    v = v.detach().reshape(-1).to("cpu", torch.float64)
+    difference of H v and H (c v) / c (c = 3: equal in exact arithmetic, rounded differently), over sqrt(2),
+    from two single products in the operator's dtype (no float64 or batched copies: on a large model this
+    probe must not be what sets the peak). `own`: v may be overwritten. Float64 operators are not probed
+    (their noise, ~1e-16 relative, is far below any tolerance): the stated eps-level figure is returned for
+    0 products."""
+    from .basis import norm64
+
     dt = getattr(op, "dtype", torch.float64)
     if dt == torch.float64:
         return 0.0, 8 * eps(torch.float64), 0
-    HV = op.matmat(torch.stack([v, NOISE_SCALE * v], dim=1)).detach().to("cpu", torch.float64)
-    a, b = HV[:, 0], HV[:, 1] / NOISE_SCALE
-    absolute = float((a - b).norm()) / math.sqrt(2.0)
-    size = max(float(a.norm()), float(torch.finfo(torch.float64).tiny))
+    v = v.detach().reshape(-1)
+    v = v.to("cpu", dt) if own else v.to("cpu", dt, copy=True)
+    a = op.matvec(v).detach().reshape(-1).to("cpu")
+    v.mul_(NOISE_SCALE)
+    b = op.matvec(v).detach().reshape(-1).to("cpu")
+    del v
+    b.div_(NOISE_SCALE).sub_(a)
+    absolute = norm64(b) / math.sqrt(2.0)
+    size = max(norm64(a), float(torch.finfo(torch.float64).tiny))
     return absolute, absolute / size, 2
 
 
@@ -72,11 +81,12 @@ def eigen_error(values, noise_abs: float, dtype: torch.dtype) -> float:
     return max(float(noise_abs), 16.0 * eps(dtype) * scale)
 
 
-def gradient_noise(obj, batch, params) -> float:
-    """Relative rounding noise of a gradient in the model's dtype: the gradient of 3 L / 3 against that of L on
-    an eighth of the batch's examples where it can be cut (two backwards of that size, a quarter of one full
-    pass), floored at 4 eps."""
-    from .gradients import batch_gradient
+def gradient_noise(obj, batch, params, check: str | None = None) -> float:
+    """Relative rounding noise of a gradient in the model's dtype: one forward on an eighth of the batch's
+    examples (where it can be cut) and two backwards through it, seeded with 1 and with 3 (the gradients of
+    L and 3 L, equal after /3 in exact arithmetic, rounded differently), floored at 4 eps. `check` (eval mode):
+    a second, gradient-free forward must give the same loss (Objective.check_deterministic, `check` naming
+    the batch in its error)."""
     from .gradsim import _split_examples
 
     dt = next(iter(params.values())).dtype
@@ -87,14 +97,21 @@ def gradient_noise(obj, batch, params) -> float:
         batch = chunks[0][0]
     with torch.random.fork_rng(devices=[]):  # the same dropout masks in both passes (train mode)
         torch.manual_seed(0)
-        g, _ = batch_gradient(obj, batch, params)
-        torch.manual_seed(0)
-        loss = obj.loss_fn(obj.model, batch) * NOISE_SCALE
-        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-    g3 = torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1).to(torch.float64)
-                    for x, p in zip(grads, params.values())]) / NOISE_SCALE
-    nrm = float(g.norm())
-    rel = float((g - g3).norm()) / math.sqrt(2.0) / nrm if nrm > 0 else 0.0
+        loss = obj.loss_fn(obj.model, batch)
+        ps = list(params.values())
+        g1 = torch.autograd.grad(loss, ps, retain_graph=True, allow_unused=True)
+        g3 = torch.autograd.grad(loss, ps, grad_outputs=torch.full_like(loss, NOISE_SCALE), allow_unused=True)
+        if check is not None:
+            with torch.no_grad():
+                again = float(obj.loss_fn(obj.model, batch).detach().reshape(()))
+            obj.check_deterministic(float(loss.detach().reshape(())), again, check)
+    diff = size = 0.0
+    for a, b in zip(g1, g3):  # every PROBE_STRIDE-th entry (a norm ratio needs no more; float64 copies cost)
+        if a is not None and b is not None:
+            a, b = a.reshape(-1)[::PROBE_STRIDE].double(), b.reshape(-1)[::PROBE_STRIDE].double()
+            diff += float((a - b / NOISE_SCALE).pow(2).sum())
+            size += float(a.pow(2).sum())
+    rel = math.sqrt(diff) / math.sqrt(2.0) / math.sqrt(size) if size > 0 else 0.0
     return max(rel, 4 * eps(dt))
 
 

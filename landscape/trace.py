@@ -74,7 +74,11 @@ def _quadratic_forms(op, Z: torch.Tensor, block: int, progress=None, done: int =
     for s in range(0, Z.shape[1], block):
         Zb = Z[:, s:s + block]
         HZ = op.matmat(Zb).detach()
-        out.append((Zb.to(HZ) * HZ).sum(0, dtype=torch.float64).cpu().numpy())
+        if Zb.shape[1] == 1:  # one probe (large models): a float64 dot in chunks, no n-length temporary
+            from .basis import dot64
+            out.append(np.array([dot64(Zb[:, 0].to(HZ), HZ[:, 0])]))
+        else:
+            out.append((Zb.to(HZ) * HZ).sum(0, dtype=torch.float64).cpu().numpy())
         if progress is not None:
             progress(done + s + Zb.shape[1], total)
     return np.concatenate(out) if out else np.zeros(0)

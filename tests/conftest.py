@@ -150,6 +150,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _exit_after(rank: int, worker, *args) -> None:
+    """Run one spawned worker; on success leave at once (os._exit), skipping interpreter teardown, where gloo's
+    threads have aborted a finished rank ("terminate called without an active exception", SIGABRT)."""
+    import os
+    import sys
+
+    worker(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def spawn_and_wait(worker, args: tuple, nprocs: int, timeout: float, what: str) -> None:
     """Run worker(rank, *args) in `nprocs` spawned processes (spawn, not fork: a forked child of a process whose
     OpenMP pool already ran can deadlock); fail the test if they do not finish within `timeout` seconds."""
@@ -157,7 +169,8 @@ def spawn_and_wait(worker, args: tuple, nprocs: int, timeout: float, what: str) 
 
     import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    ctx = mp.start_processes(_exit_after, args=(worker,) + tuple(args), nprocs=nprocs, join=False,
+                             start_method="spawn")
     deadline = time.monotonic() + timeout
     try:
         while not ctx.join(timeout=1):

@@ -142,17 +142,17 @@ def test_without_split_half_one_backward_per_batch_and_the_same_cosines(mix):
     one = Objective(obj.model, {d: [{k: torch.cat([b[k] for b in bs]) for k in ("x", "y")}]
                                 for d, bs in obj.domains.items()}, obj.loss_fn, ood=obj.ood)
     calls = []
-    orig = gradsim.batch_gradient
+    orig = gradsim._row_gradient
 
     def counted(*a, **k):
         calls.append(1)
         return orig(*a, **k)
 
-    gradsim.batch_gradient = counted
+    gradsim._row_gradient = counted
     try:
         fast = gradient_similarity(one, resamples=0, per_layer=False, split_half=False)
     finally:
-        gradsim.batch_gradient = orig
+        gradsim._row_gradient = orig
     full = gradient_similarity(one, resamples=0, per_layer=False)
     assert len(calls) == len(one.domains)  # one row per domain (the rounding probe is separate)
     np.testing.assert_allclose(np.array(fast.cosine), np.array(full.cosine), atol=1e-12)

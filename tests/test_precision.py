@@ -145,7 +145,7 @@ def test_cli_estimate_prints_the_formula_and_stops(tmp_path, tiny_mix_run):
 
 
 def test_gradsim_rows_streamed_from_disk_equal_rows_in_memory():
-    """The O(n)-memory path (rows in a memory-mapped file, Gram matrices accumulated over column chunks) gives
+    """The O(n)-memory path (rows in a temporary file, Gram matrices accumulated over column chunks) gives
     the in-memory numbers."""
     from landscape import gradsim
 
@@ -154,12 +154,14 @@ def test_gradsim_rows_streamed_from_disk_equal_rows_in_memory():
     three = Objective(obj.model, {"a": [{"tokens": text[:2]}, {"tokens": text[2:3]}], "b": [{"tokens": text[3:]}]},
                       obj.loss_fn)
     mem = gradient_similarity(three, resamples=10, in_memory=True)
-    old = gradsim._Rows.CHUNK_BYTES
-    gradsim._Rows.CHUNK_BYTES = 8 * 4 * 100  # many chunks
+    from landscape.basis import Basis
+
+    old = Basis.CHUNK_BYTES
+    Basis.CHUNK_BYTES = 8 * 4 * 1024  # many chunks
     try:
         disk = gradient_similarity(three, resamples=10, in_memory=False)
     finally:
-        gradsim._Rows.CHUNK_BYTES = old
+        Basis.CHUNK_BYTES = old
     assert mem.settings["in_memory"] and not disk.settings["in_memory"]
     np.testing.assert_allclose(np.array(disk.cosine, dtype=float), np.array(mem.cosine, dtype=float), atol=1e-12)
     np.testing.assert_allclose(np.array(disk.cosine_stderr, dtype=float), np.array(mem.cosine_stderr, dtype=float),
@@ -248,8 +250,8 @@ def test_lanczos_basis_grows_only_as_far_as_the_run_goes():
     sizes = []
     orig = Basis.append
 
-    def spy(self, v):
-        orig(self, v)
+    def spy(self, v, background=False):
+        orig(self, v, background)
         sizes.append(self.count)
 
     class Diag:
