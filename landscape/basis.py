@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import torch
 
-DOT_STEP = 2 ** 16  # entries per chunk of dot64: its float64 temporaries stay small heap blocks (no page faults)
+DOT_STEP = 2 ** 14  # entries per chunk of dot64: its float64 temporaries stay small heap blocks (no page faults)
 
 
 def dot64(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -80,8 +80,9 @@ class Basis:
 
     # -- storage ------------------------------------------------------------------------------
     def _chunk_bytes(self) -> int:
-        """CHUNK_BYTES, or two float32 rows' worth where that is less (a small model's chunk stays small)."""
-        return min(self.CHUNK_BYTES, 8 * self.n)
+        """CHUNK_BYTES, or half a float32 row's worth where that is less (a small model's chunk stays small:
+        beside two float32 vectors, a lean run's whole resident share)."""
+        return max(2 ** 16, min(self.CHUNK_BYTES, 2 * self.n))
 
     def _chunks(self, rows: int):
         step = max(1024, int(self._chunk_bytes() // (8 * max(rows, 1))))
@@ -100,7 +101,7 @@ class Basis:
         if w.dtype == torch.float64:
             return w[a:b]
         if self._wbuf is None or self._wbuf.numel() < b - a:
-            self._wbuf = torch.empty(max(b - a, 2 ** 16), dtype=torch.float64)
+            self._wbuf = torch.empty(b - a, dtype=torch.float64)
         return self._wbuf[:b - a].copy_(w[a:b])
 
     def _join(self) -> None:

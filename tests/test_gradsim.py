@@ -239,6 +239,45 @@ def test_bad_input(mix):
         gradient_similarity(frozen)
 
 
+class _Noisy(nn.Module):
+    """A model whose eval forward is random (dropout left on): not one function of the weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.lin(F.dropout(x, 0.5, training=True))
+
+
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_checks_each_batch_as_it_differentiates_it(precision):
+    """One process: no separate validation pass, yet the same refusals (a bad loss named by domain and batch,
+    a non-finite gradient, a random eval forward), in float64 and in float32 (where the rounding probe's two
+    evaluations are the determinism check)."""
+    g = torch.Generator().manual_seed(0)
+    b = {"x": torch.randn(8, 4, generator=g), "y": torch.randn(8, 1, generator=g)}
+
+    def loss(m, batch):
+        return ((m(batch["x"]) - batch["y"]) ** 2).mean()
+
+    torch.manual_seed(0)
+    with pytest.raises(UserError, match="not deterministic"):
+        gradient_similarity(Objective(_Noisy(), {"a": [b], "b": [b]}, loss), resamples=0, precision=precision)
+    good = nn.Linear(4, 1)
+    bad_shape = Objective(good, {"a": [b], "b": [b]}, lambda m, batch: (m(batch["x"]) - batch["y"]) ** 2)
+    with pytest.raises(UserError, match="domain 'a', batch 0.*not a scalar"):
+        gradient_similarity(bad_shape, resamples=0, precision=precision)
+    def nan_grad(m, batch):  # a finite loss whose gradient is not (d sqrt|u| at u = 0), on the 2nd batch of b
+        out = m(batch["x"])
+        kink = torch.sqrt((out - out.detach()).abs()).sum() if batch.get("kink") else 0.0
+        return ((out - batch["y"]) ** 2).mean() + kink
+    kinked = dict(b, kink=True)
+    with pytest.raises(UserError, match="gradient on domain 'b', batch 1 is not finite"):
+        gradient_similarity(Objective(good, {"a": [b], "b": [b, kinked]}, nan_grad), resamples=0,
+                            precision=precision)
+
+
 def test_figure_and_cli(tmp_path, mix):
     from typer.testing import CliRunner
 
