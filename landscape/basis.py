@@ -10,18 +10,26 @@ import threading
 import numpy as np
 import torch
 
-DOT_STEP = 2 ** 14  # entries per chunk of dot64: its float64 temporaries stay small heap blocks (no page faults)
+DOT_STEP = 2 ** 16  # entries per chunk of dot64, converted into two reused 512 KiB float64 buffers
+_LOCAL = threading.local()  # those buffers, one pair per thread
+
+
+def _as64(x: torch.Tensor, a: int, slot: int) -> torch.Tensor:
+    """x[a:a+DOT_STEP] in float64, in reused buffer `slot` (a fresh block per chunk would cost allocations)."""
+    xs = x[a:a + DOT_STEP]
+    bufs = getattr(_LOCAL, "chunks", None)
+    if bufs is None:
+        bufs = _LOCAL.chunks = [torch.empty(DOT_STEP, dtype=torch.float64) for _ in range(2)]
+    return bufs[slot][:xs.numel()].copy_(xs)
 
 
 def dot64(x: torch.Tensor, y: torch.Tensor) -> float:
-    """x . y accumulated in float64 for vectors of any float dtype, a chunk at a time (no n-length float64
-    temporary): a float32 dot over millions of entries loses digits the Lanczos recurrence needs."""
+    """x . y in float64 for CPU vectors of any float dtype, a chunk at a time (no n-length float64 temporary):
+    a float32 dot over millions of entries loses digits the Lanczos recurrence needs. Float64 and accelerator
+    tensors: one dot."""
     if (x.dtype == torch.float64 and y.dtype == torch.float64) or x.device.type != "cpu":
         return float(torch.dot(x.double(), y.double()))  # an accelerator: one kernel beats a loop of syncs
-    total = 0.0
-    for a in range(0, x.numel(), DOT_STEP):
-        total += float(torch.dot(x[a:a + DOT_STEP].double(), y[a:a + DOT_STEP].double()))
-    return total
+    return float(sum(float(torch.dot(_as64(x, a, 0), _as64(y, a, 1))) for a in range(0, x.numel(), DOT_STEP)))
 
 
 def norm64(x: torch.Tensor) -> float:
@@ -32,12 +40,11 @@ def dots64(w: torch.Tensor, rows) -> np.ndarray:
     """[r . w for r in rows] + [w . w] in float64, in one sweep over w (each chunk of w converted once)."""
     out = np.zeros(len(rows) + 1)
     for a in range(0, w.numel(), DOT_STEP):
-        c = w[a:a + DOT_STEP].double()
+        c = _as64(w, a, 0)
         for i, r in enumerate(rows):
-            out[i] += float(torch.dot(r[a:a + DOT_STEP].double(), c))
+            out[i] += float(torch.dot(_as64(r, a, 1), c))
         out[-1] += float(torch.dot(c, c))
     return out
-
 
 
 class Basis:
