@@ -11,15 +11,20 @@ import numpy as np
 import torch
 
 DOT_STEP = 2 ** 16  # entries per chunk of dot64, converted into two reused 512 KiB float64 buffers
-_LOCAL = threading.local()  # those buffers, one pair per thread
+_LOCAL = threading.local()  # the reused float64 chunk buffers, per thread
 
 
-def _as64(x: torch.Tensor, a: int, slot: int) -> torch.Tensor:
-    """x[a:a+DOT_STEP] in float64, in reused buffer `slot` (a fresh block per chunk would cost allocations)."""
-    xs = x[a:a + DOT_STEP]
+def _as64(x: torch.Tensor, a: int, slot: int, b: int | None = None) -> torch.Tensor:
+    """x[a:b] (default a chunk of DOT_STEP) in float64: a view where x is float64, else a copy in reused buffer
+    `slot` (a fresh block per chunk would cost allocations; slots 0 and 1 serve dot64, 2 the basis)."""
+    xs = x[a:a + DOT_STEP if b is None else b]
+    if xs.dtype == torch.float64:
+        return xs
     bufs = getattr(_LOCAL, "chunks", None)
     if bufs is None:
-        bufs = _LOCAL.chunks = [torch.empty(DOT_STEP, dtype=torch.float64) for _ in range(2)]
+        bufs = _LOCAL.chunks = [None, None, None]
+    if bufs[slot] is None or bufs[slot].numel() < xs.numel():
+        bufs[slot] = torch.empty(max(xs.numel(), DOT_STEP), dtype=torch.float64)
     return bufs[slot][:xs.numel()].copy_(xs)
 
 
@@ -60,7 +65,7 @@ class Basis:
         self.disk = bool(disk)
         self.dtype = dtype if dtype == torch.float64 or not self.disk else torch.float32  # a file: float32 or 64
         self._item = self.dtype.itemsize
-        self._fd = self.X = self._buf = self._buf32 = self._wbuf = None
+        self._fd = self.X = self._buf = self._buf32 = None
         self._pending = None  # the background write of the last appended row (disk), joined before any read
         if self.disk:  # unlinked at once: the open descriptor keeps it, and no kill leaves gigabytes behind
             folder = tempfile.mkdtemp(prefix="landscape-basis-", dir=directory)
@@ -80,7 +85,7 @@ class Basis:
     def close(self) -> None:
         """Release the rows (closing the file frees its blocks)."""
         self._join()
-        self.X = self._buf = self._buf32 = self._wbuf = None
+        self.X = self._buf = self._buf32 = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -103,14 +108,6 @@ class Basis:
             self._buf = torch.empty(max(need, self._chunk_bytes() // 8), dtype=torch.float64)
         return self._buf[:need].view(rows, cols)
 
-    def _w64(self, w: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        """Columns a..b-1 of the vector w in float64: a view where w is float64, else a reused buffer."""
-        if w.dtype == torch.float64:
-            return w[a:b]
-        if self._wbuf is None or self._wbuf.numel() < b - a:
-            self._wbuf = torch.empty(b - a, dtype=torch.float64)
-        return self._wbuf[:b - a].copy_(w[a:b])
-
     def _join(self) -> None:
         """Wait for the background write (and raise what it raised)."""
         t, self._pending = self._pending, None
@@ -119,7 +116,7 @@ class Basis:
             if t.error is not None:
                 raise t.error
 
-    def _read32(self, lo: int, hi: int, a: int, b: int) -> np.ndarray:
+    def _read(self, lo: int, hi: int, a: int, b: int) -> np.ndarray:
         """Rows lo..hi-1, columns a..b-1 of the file, in its dtype, in the reused read buffer."""
         need, item = (hi - lo) * (b - a), self._item
         np_dt = np.float32 if item == 4 else np.float64
@@ -141,7 +138,7 @@ class Basis:
         out = self._scratch(hi - lo, b - a)
         if not self.disk:
             return out.copy_(self.X[lo:hi, a:b])
-        return out.copy_(torch.from_numpy(self._read32(lo, hi, a, b)))
+        return out.copy_(torch.from_numpy(self._read(lo, hi, a, b)))
 
     def _put(self, lo: int, a: int, b: int, T: torch.Tensor) -> None:
         """Rows lo.. (as many as T has), columns a..b-1, from the float64 block T."""
@@ -186,7 +183,7 @@ class Basis:
             return
         self._join()
         for a, b in self._chunks(1):
-            w[a:b].add_(torch.from_numpy(self._read32(i, i + 1, a, b)[0]), alpha=alpha)
+            w[a:b].add_(torch.from_numpy(self._read(i, i + 1, a, b)[0]), alpha=alpha)
 
     def write(self, i: int, a: int, values: torch.Tensor) -> None:
         """Row i, columns a.. (as many as `values` has) from a 1-D tensor: rows written piecewise (gradients
@@ -222,7 +219,7 @@ class Basis:
             return X @ w
         h = torch.zeros(self.count, dtype=torch.float64)
         for a, b in self._chunks(self.count):
-            h += self._get(0, self.count, a, b) @ self._w64(w, a, b)
+            h += self._get(0, self.count, a, b) @ _as64(w, a, 2, b)
         return h
 
     def subtract(self, w: torch.Tensor, h: torch.Tensor) -> None:
@@ -235,7 +232,7 @@ class Basis:
             if w.dtype == torch.float64:
                 w[a:b].addmv_(self._get(0, self.count, a, b).T, h, alpha=-1.0)
             else:
-                t = self._w64(w, a, b).addmv_(self._get(0, self.count, a, b).T, h, alpha=-1.0)
+                t = _as64(w, a, 2, b).addmv_(self._get(0, self.count, a, b).T, h, alpha=-1.0)
                 w[a:b].copy_(t)
 
     def combine(self, S: np.ndarray, dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -86,7 +86,7 @@ def flatness_estimate(obj, *, domain=None, k: int = 5, which: str = "both", trac
     """The cost of flatness(obj, ...) on one domain (default the training loss), from one gradient graph (its
     saved tensors measured) and, with `time_one`, one timed product; nothing of it is kept."""
     from . import precision as prec
-    from .eigen import LEAN_MIN, _ends, basis_plan, lean_plan
+    from .eigen import _ends, run_plan
     from .hvp import HessianOperator
     from .trace import probe_block, sketch_fits
 
@@ -109,8 +109,8 @@ def flatness_estimate(obj, *, domain=None, k: int = 5, which: str = "both", trac
             sec = time.perf_counter() - t0
     op.release()
     kw = k * len(_ends(which))
-    lean = n >= LEAN_MIN and dt != torch.float64  # lanczos._lanczos_run's choice
-    plan = lean_plan(n, kw, basis_bytes) if lean else basis_plan(n, kw, basis_bytes)
+    plan = run_plan(n, kw, dt, basis_bytes)  # lanczos._lanczos_run's
+    lean = plan.lean
     row = 0 if plan.disk else plan.row_bytes(n)  # rows in a file take no resident memory
     expect = expected_eigen_products(k, which)
     budget = int(max_hvps) if max_hvps else max(500, 20 * kw)

@@ -98,7 +98,7 @@ STEP_BYTES = 2 ** 29  # a step re-orthogonalises against every row: rows beyond 
 # the 2 kw + 10 a restart wants) cost more memory traffic per step than they save in products on a large model
 
 
-LEAN_MIN = 500_000  # parameters from which a run with float32 (or lower) products is lean (basis_plan)
+LEAN_MIN = 500_000  # parameters from which a run with float32 (or lower) products is lean (run_plan)
 LEAN_FILE_BYTES = 2 ** 33  # a lean run's basis file stays under this and half the temporary directory's free space
 
 
@@ -125,9 +125,9 @@ class BasisPlan:
 def lean_plan(n: int, kw: int, basis_bytes: float | None = None, directory: str | None = None) -> BasisPlan:
     """The basis of a lean run (LEAN_MIN parameters or more, products in float32): float32 rows in a temporary
     file, as many as LEAN_FILE_BYTES and half the directory's free space allow (at most MAX_BASIS, at least
-    2 kw + 10), since a lean step reads only its last two rows (held in memory) and the file is read whole only
-    at restarts, re-orthogonalisations and the end; in memory (float32, within `basis_bytes`) where the
-    directory has no room."""
+    2 kw + 10), since a lean step holds only its current row and streams the one before, and the file is read
+    whole only at restarts, re-orthogonalisations and the end; in memory (float32, within `basis_bytes`) where
+    the directory has no room."""
     import shutil
     import tempfile
 
@@ -142,6 +142,14 @@ def lean_plan(n: int, kw: int, basis_bytes: float | None = None, directory: str 
         return BasisPlan(max(2, min(n, rows, MAX_BASIS)), torch.float32, disk=True, lean=True)
     plan = basis_plan(n, kw, basis_bytes)
     return BasisPlan(plan.rows, torch.float32, disk=plan.disk, lean=True)
+
+
+def run_plan(n: int, kw: int, dtype: torch.dtype, basis_bytes: float | None = None) -> BasisPlan:
+    """The plan of a Lanczos run over n parameters whose products are in `dtype`: lean (lean_plan) from LEAN_MIN
+    parameters unless the products are float64, else basis_plan."""
+    if int(n) >= LEAN_MIN and dtype != torch.float64:
+        return lean_plan(n, kw, basis_bytes)
+    return basis_plan(n, kw, basis_bytes)
 
 
 def basis_plan(n: int, kw: int, basis_bytes: float | None = None) -> BasisPlan:

@@ -17,7 +17,7 @@ from nexus_opt.errors import UserError
 from .basis import Basis as _Basis
 from .basis import dot64, dots64, norm64
 from .eigen import (DENSE_MAX_N, WHICH, EigenResult, RitzPairs, _all_converged, _converged, _ends, _keep,  # noqa: F401
-                    LEAN_MIN, _result, basis_plan, lean_plan, _select, _thresh, _which, dense, eigsh, error_estimates, start_vector)
+                    _result, basis_plan, run_plan, _select, _thresh, _which, dense, eigsh, error_estimates, start_vector)
 
 
 def lanczos(op, k: int = 5, which: str = "both", *, tol: float = 1e-8, max_hvps: int | None = None,
@@ -79,9 +79,8 @@ def _lanczos_run(op, k: int = 5, which: str = "both", *, tol: float = 1e-8, max_
     if max_basis:
         m_max, bdt, disk = min(n, int(max_basis)), torch.float64, False
     else:
-        lean = n_full >= LEAN_MIN and getattr(op, "dtype", torch.float64) != torch.float64
-        plan = lean_plan(n_full, kw, basis_bytes) if lean else basis_plan(n_full, kw, basis_bytes)
-        m_max, bdt, disk = min(plan.rows, n), plan.dtype, plan.disk
+        plan = run_plan(n_full, kw, getattr(op, "dtype", torch.float64), basis_bytes)
+        m_max, bdt, disk, lean = min(plan.rows, n), plan.dtype, plan.disk, plan.lean
     if m_max < min(n, kw + 2):
         raise UserError(f"max_basis {m_max} is too small for {kw} wanted eigenvalues; use at least {kw + 2}")
     max_hvps = int(max_hvps) if max_hvps else max(500, 20 * kw)
@@ -115,22 +114,19 @@ ORTH_RESIDUAL = 1e-3  # from the step a Ritz residual falls below this share of 
 # loses orthogonality towards converged Ritz vectors, by about eps ||H|| / residual)
 
 
-def _local(w: torch.Tensor, pairs) -> tuple[dict[int, float], float]:
-    """Lean step: w minus its components along the (index, row) pairs (orthonormal rows), classical
-    Gram-Schmidt with float64 dots in one sweep over w, a second pass only where the first lost digits (DGKS,
-    as ARPACK); returns the coefficients by row index and the norm of what is left."""
-    rows = [r for _, r in pairs]
-    h: dict[int, float] = {}
-    c = dots64(w, rows)
+def _against(w: torch.Tensor, v: torch.Tensor) -> tuple[float, float]:
+    """Lean step: w minus its component along the unit vector v, float64 dots in one sweep over w, a second
+    pass only where the first lost digits (DGKS, as ARPACK); returns the coefficient and the norm left."""
+    coef = 0.0
+    c = dots64(w, [v])
     for _ in range(2):
-        for (i, r), ci in zip(pairs, c[:-1]):
-            w.add_(r, alpha=-float(ci))
-            h[i] = h.get(i, 0.0) + float(ci)
-        left = float(c[-1]) - float(np.sum(c[:-1] ** 2))  # Pythagoras (unit, orthogonal rows)
-        if left >= 0.5 * float(c[-1]):
-            return h, math.sqrt(left)
-        c = dots64(w, rows)  # cancellation: measure again and take out what is left
-    return h, math.sqrt(max(float(c[-1]), 0.0))
+        w.add_(v, alpha=-float(c[0]))
+        coef += float(c[0])
+        left = float(c[1]) - float(c[0]) ** 2  # Pythagoras (v a unit vector)
+        if left >= 0.5 * float(c[1]):
+            return coef, math.sqrt(left)
+        c = dots64(w, [v])  # cancellation: measure again and take out what is left
+    return coef, math.sqrt(max(float(c[1]), 0.0))
 
 
 def _iterate(op, V, *, m_max, k, ends, which, n, n_full, tol, max_hvps, strict, seed, v0, project, gen,
@@ -168,7 +164,7 @@ def _iterate(op, V, *, m_max, k, ends, which, n, n_full, tol, max_hvps, strict, 
     while True:
         if not lean:
             w.copy_(op.matvec(cur).detach().reshape(-1))
-        elif into is not None and getattr(op, "device", None) == torch.device("cpu") and op.dtype == torch.float32:
+        elif into is not None:  # (it copies where the operator's dtype or device differ)
             w = into(cur, spare if spare is not None else torch.empty(n_full, dtype=torch.float32))
         else:
             w = op.matvec(cur).detach().reshape(-1).to("cpu", torch.float32)
@@ -181,8 +177,8 @@ def _iterate(op, V, *, m_max, k, ends, which, n, n_full, tol, max_hvps, strict, 
             if j > 0:  # w -= beta_{j-1} v_{j-1}, the row read from V in chunks
                 V.add_row(w, j - 1, -beta)
                 h[j - 1] = beta
-            hl, beta = _local(w, [(j, cur)])
-            h[j] += hl[j]
+            alpha, beta = _against(w, cur)
+            h[j] += alpha
             since_full += 1
             if full_mode or since_full >= ORTH_EVERY:  # measure (one read of the rows); subtract where needed
                 hf = V.dots(w)

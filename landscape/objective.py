@@ -260,9 +260,7 @@ class Objective:
                     value = float(loss.detach().reshape(()))
                     self.check_gradients(torch.autograd.grad(loss.reshape(()), params, allow_unused=True), where)
                     if i == 0 and not train_mode:  # eval mode promises one function of the weights: check it
-                        with torch.no_grad():
-                            again = float(self.loss_fn(self.model, batch).detach().reshape(()))
-                        self.check_deterministic(value, again, where)
+                        self.check_deterministic(batch, value, where)
 
     def checked_loss(self, batch, where: str) -> torch.Tensor:
         """loss_fn(model, batch), or a one-line UserError naming `where` if it fails or is not a finite real
@@ -307,9 +305,11 @@ class Objective:
         return UserError(f"the loss gradient on {where} is not finite; fix the model, data or loss_fn before "
                          "analysing it")
 
-    @staticmethod
-    def check_deterministic(value: float, again: float, where: str) -> None:
-        """UserError if two eval-mode evaluations of one batch disagree beyond rounding."""
+    def check_deterministic(self, batch, value: float, where: str) -> None:
+        """Evaluate the batch's loss again (no gradient): UserError if it disagrees with `value`, its loss from
+        an earlier evaluation, beyond rounding (an eval forward that is not one function of the weights)."""
+        with torch.no_grad():
+            again = float(self.loss_fn(self.model, batch).detach().reshape(()))
         if abs(again - value) > 1e-5 * max(1.0, abs(value)):
             raise UserError(f"two evaluations of the same batch disagree on {where} ({value:.6g} vs "
                             f"{again:.6g}): the model's eval forward is not deterministic (dropout or "

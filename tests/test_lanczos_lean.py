@@ -31,7 +31,7 @@ class Diag:
 
 @pytest.fixture
 def lean(monkeypatch):
-    monkeypatch.setattr(lz, "LEAN_MIN", 0)
+    monkeypatch.setattr(eigen, "LEAN_MIN", 0)
     return monkeypatch
 
 
@@ -67,7 +67,7 @@ def test_lean_equals_full_reorthogonalisation_both_ends(lean, restarts):
     if restarts:  # a file of just 2k + 10 rows: the run must restart (in place, in the file)
         lean.setattr(eigen, "LEAN_FILE_BYTES", (2 * 4 + 10 + 1) * 4 * d.numel())
     r = lz.lanczos(Diag(d), 2, "both", tol=1e-6, seed=1)
-    lean.setattr(lz, "LEAN_MIN", 10 ** 12)
+    lean.setattr(eigen, "LEAN_MIN", 10 ** 12)
     f = lz.lanczos(Diag(d), 2, "both", tol=1e-6, seed=1)
     assert r.all_converged and f.all_converged
     if restarts:
