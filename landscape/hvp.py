@@ -132,15 +132,9 @@ class HessianOperator(CurvatureOperator):
         vectors). Falls back to matvec where the product does not come from the cached graph."""
         if self.mode != "double_backward" or not self.cache or out.dtype != self.dtype or out.device != self.device:
             return out.copy_(self.matvec(v))
-        V = self._as_block(v.reshape(-1, 1))
         self.hvps += 1
         leaves, g = self._cached_graph()
-        if g is None:
-            return out.zero_()
-        with numerics():
-            hv = torch.autograd.grad(g, list(leaves.values()), grad_outputs=V[:, 0], retain_graph=True,
-                                     allow_unused=True)
-        return self._flat(hv, leaves, out=out)
+        return self._from_graph(leaves, g, self._as_block(v.reshape(-1, 1)), "loop", out=out)
 
     def loss(self) -> float:
         """The loss over the operator's batches (weighted like the Hessian), in the operator's mode."""
@@ -274,10 +268,11 @@ class HessianOperator(CurvatureOperator):
         best = min(self._timing, key=self._timing.get)
         return "loop" if math.isinf(self._timing[best]) else best
 
-    def _from_graph(self, leaves, g, V: torch.Tensor, method: str) -> torch.Tensor:
-        """H V from a flat gradient graph: one batched backward, or a loop of backwards."""
+    def _from_graph(self, leaves, g, V: torch.Tensor, method: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """H V from a flat gradient graph: one batched backward, or a loop of backwards; `out` (one vector, the
+        loop): H v written into it (an n-vector) and returned."""
         if g is None:  # the loss is (at most) linear in the parameters
-            return torch.zeros_like(V)
+            return torch.zeros_like(V) if out is None else out.zero_()
         inputs = list(leaves.values())
         with numerics():
             if method == "grads_batched":
@@ -292,7 +287,9 @@ class HessianOperator(CurvatureOperator):
             cols = []
             for j in range(V.shape[1]):
                 hv = torch.autograd.grad(g, inputs, grad_outputs=V[:, j], retain_graph=True, allow_unused=True)
-                cols.append(self._flat(hv, leaves))
+                cols.append(self._flat(hv, leaves, out=out))
+            if out is not None:
+                return out
             return cols[0][:, None] if len(cols) == 1 else torch.stack(cols, dim=1)
 
     def _fwd_rev(self, V: torch.Tensor) -> torch.Tensor:
