@@ -1,5 +1,5 @@
 """Benchmark at the scale users bring: the project's GPT (vocab 256, block 64, one eval batch of 8 per domain) at
-about 1M, 10M, 30M and 85M parameters (and a randomly initialised Hugging Face GPT-2 124M where transformers is
+about 1M, 10M, 30M and 85M parameters (and a randomly initialised Hugging Face GPT-2 small, its released config: 124M parameters, where transformers is
 importable and --sizes names it), landscape against PyHessian in the same process, per row:
 
   top-1 eigenvalue at tol 1e-4: products, seconds, peak memory (resident, above the row's start), and the
@@ -89,7 +89,7 @@ def objective(size: str) -> Objective:
     if size == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=64))
+        model = GPT2LMHeadModel(GPT2Config())  # GPT-2 small as released: vocab 50257, 1024 positions, 124M
 
         def loss(m, b):
             tok = b["tokens"]

@@ -97,6 +97,12 @@ class ShardedOperator(CurvatureOperator):
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         return allreduce(self.op.matmat(V))
 
+    def matvec_into(self, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The lean Lanczos's product into `out`, all-reduced in place (defined here: __getattr__ would hand
+        out the wrapped operator's, this rank's share only)."""
+        inner = getattr(self.op, "matvec_into", None)
+        return allreduce(inner(v, out) if inner is not None else out.copy_(self.op.matvec(v)))
+
     def loss(self) -> float:
         return float(allreduce(torch.tensor([self.op.loss()], dtype=torch.float64))[0])
 

@@ -107,3 +107,71 @@ def test_lean_plan_puts_the_rows_in_a_file_within_its_cap(tmp_path):
     assert 2 * kw + 10 <= p.rows <= eigen.MAX_BASIS
     assert p.rows * 4 * n <= eigen.LEAN_FILE_BYTES
     assert p.resident_bytes(n, kw) == 4.0 * (kw + 3) * n  # no rows resident: three vectors and the Ritz vector
+
+
+def _two_batch_gpt():
+    """The tiny GPT with its 6 sequences in two batches (one per rank under 2 processes)."""
+    obj = tiny_gpt_objective()
+    (b,) = obj.domains["text"]
+    t = b["tokens"]
+    return type(obj)(obj.model, {"text": [{"tokens": t[:3]}, {"tokens": t[3:]}]}, obj.loss_fn)
+
+
+def _lean_top2(obj):
+    return flatness(obj, k=2, which="top", tol=1e-5, trace=False, precision="float32")
+
+
+def _lean_worker(rank: int, port: int, d: str) -> None:
+    import json
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    import landscape.distributed as ld
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    eigen.LEAN_MIN = 0  # the lean path on a small model (a spawned interpreter: no monkeypatch here)
+    calls = [0]
+    inner = ld.ShardedOperator.matvec_into
+
+    def counted(self, v, out):
+        calls[0] += 1
+        return inner(self, v, out)
+    ld.ShardedOperator.matvec_into = counted
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    try:
+        r = _lean_top2(_two_batch_gpt())
+        with open(os.path.join(d, f"lean{rank}.json"), "w") as f:
+            json.dump({"eig": r.eigenvalues, "converged": r.converged, "calls": calls[0]}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned interpreters import torch: ~10-20 s on 2 busy cores
+def test_lean_lanczos_under_two_gloo_processes_equals_one(lean, tmp_path):
+    import json
+
+    import torch.distributed as dist
+
+    from conftest import free_port, spawn_and_wait
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    obj = _two_batch_gpt()
+    H = HessianOperator(obj, precision="float32", copy=False).to_dense().double().numpy()
+    truth = np.linalg.eigvalsh(0.5 * (H + H.T))[::-1][:2]
+    scale = abs(truth[0])
+    one = _lean_top2(obj)
+    spawn_and_wait(_lean_worker, (free_port(), str(tmp_path)), 2, 180, "lean workers")
+    ranks = [json.loads((tmp_path / f"lean{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["eig"] == ranks[1]["eig"]  # every rank ran on the same all-reduced products
+    assert all(r["converged"] and r["calls"] > 0 for r in ranks)  # lean steps, through the sharded product
+    np.testing.assert_allclose(ranks[0]["eig"], truth, atol=1e-4 * scale)
+    np.testing.assert_allclose(ranks[0]["eig"], one.eigenvalues, atol=1e-4 * scale)
+    # the control: one rank's share alone (what an unreduced product would give) has another top eigenvalue
+    half = type(obj)(obj.model, {"text": obj.domains["text"][:1]}, obj.loss_fn)
+    Hh = HessianOperator(half, precision="float32", copy=False).to_dense().double().numpy()
+    assert abs(np.linalg.eigvalsh(0.5 * (Hh + Hh.T))[-1] - truth[0]) > 1e-2 * scale
