@@ -1,6 +1,7 @@
 """Benchmark at the scale users bring: the project's GPT (vocab 256, block 64, one eval batch of 8 per domain) at
-about 1M, 10M, 30M and 85M parameters (and a randomly initialised Hugging Face GPT-2 small, its released config: 124M parameters, where transformers is
-importable and --sizes names it), landscape against PyHessian in the same process, per row:
+about 1M, 10M, 30M and 85M parameters (and a randomly initialised Hugging Face GPT-2 small in its released config,
+vocab 50257 and 1024 positions: 124M parameters, where transformers is importable and --sizes names it), landscape
+against PyHessian in the same process, per row:
 
   top-1 eigenvalue at tol 1e-4: products, seconds, peak memory (resident, above the row's start), and the
       relative difference to a float64 reference (landscape, tol 1e-6) where one is computed (--reference);
