@@ -118,8 +118,16 @@ class Objective:
     # -- parameters ----------------------------------------------------------------------------
     def params(self) -> dict[str, torch.nn.Parameter]:
         """The trainable parameters by name (shared tensors listed once)."""
+        return dict(self._named_params())
+
+    def _named_params(self):
         keep = getattr(self, "param_regex", None)  # [ownmodel] set by select(): a parameter subset
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad and (keep is None or keep.search(n))}
+        return ((n, p) for n, p in self.model.named_parameters()
+                if p.requires_grad and (keep is None or keep.search(n)))
+
+    def _first_param(self) -> torch.nn.Parameter | None:
+        """The first trainable parameter (device and dtype read it: no dict of every parameter per read)."""
+        return next(self._named_params(), (None, None))[1]
 
     def select(self, regex: str | None) -> "Objective":  # [ownmodel] parameter subsets (landscape.selection)
         """A view of this objective whose params() are only those whose name matches `regex` (re.search)."""
@@ -128,12 +136,12 @@ class Objective:
 
     @property
     def device(self) -> torch.device:
-        p = next(iter(self.params().values()), None)
+        p = self._first_param()
         return p.device if p is not None else torch.device("cpu")
 
     @property
     def dtype(self) -> torch.dtype:
-        p = next(iter(self.params().values()), None)
+        p = self._first_param()
         return p.dtype if p is not None else torch.get_default_dtype()
 
     def num_params(self) -> int:
@@ -216,10 +224,14 @@ class Objective:
         """`evaluating(train_mode)` plus the buffers (e.g. BatchNorm statistics) and the RNG as they were, whatever
         the block does; the block runs with the RNG seeded by `seed` (None: not reseeded)."""
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
-        devices = [self.device] if self.device.type == "cuda" else []
+        device = self.device
+        devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), self.evaluating(train_mode), _restoring(buffers):
             if seed is not None:
-                torch.manual_seed(seed)
+                if device.type == "cpu":  # the one generator forked (torch.manual_seed also seeds every backend's)
+                    torch.default_generator.manual_seed(seed)
+                else:
+                    torch.manual_seed(seed)
             yield self
 
     def loss(self, domain: str | None = None) -> float:
