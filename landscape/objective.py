@@ -22,9 +22,13 @@ def batch_seed(seed: int, key: int) -> int:
 
 
 def reseed(seed: int, key: int, device=None) -> None:
-    """Seed the generators batch `key`'s random ops draw from with batch_seed(seed, key): the CPU one and, for an
-    accelerator `device`, that device's (other devices' generators are left alone: callers fork only these)."""
-    s = batch_seed(seed, key)
+    """Seed the generators batch `key`'s random ops draw from with batch_seed(seed, key) (seed_generators)."""
+    seed_generators(batch_seed(seed, key), device)
+
+
+def seed_generators(s: int, device=None) -> None:
+    """Seed the CPU generator and, for an accelerator `device`, that device's with `s` (other devices'
+    generators are left alone: callers fork only these; torch.manual_seed would seed every backend's)."""
     torch.default_generator.manual_seed(s)
     dev = torch.device(device) if device is not None else None
     if dev is not None and dev.type == "cuda":
@@ -228,10 +232,7 @@ class Objective:
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), self.evaluating(train_mode), _restoring(buffers):
             if seed is not None:
-                if device.type == "cpu":  # the one generator forked (torch.manual_seed also seeds every backend's)
-                    torch.default_generator.manual_seed(seed)
-                else:
-                    torch.manual_seed(seed)
+                seed_generators(seed, device)  # the generators forked, no others
             yield self
 
     def loss(self, domain: str | None = None) -> float:

@@ -95,8 +95,11 @@ def gradient_noise(obj, batch, params, check: str | None = None) -> float:
     chunks = _split_examples(batch, 8)
     if not isinstance(chunks, str):
         batch = chunks[0][0]
-    with torch.random.fork_rng(devices=[]):  # the same dropout masks in both passes (train mode)
-        torch.manual_seed(0)
+    from .objective import seed_generators
+
+    device = next(iter(params.values())).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # seeded masks (train mode)
+        seed_generators(0, device)
         loss = obj.loss_fn(obj.model, batch)
         ps = list(params.values())
         g1 = torch.autograd.grad(loss, ps, retain_graph=True, allow_unused=True)
